@@ -1,0 +1,126 @@
+"""Elementwise activations, each followed by its hand-derived VJP ``NAME_vjp(x, dy) -> dx``.
+
+For an elementwise ``y = f(x)`` the Jacobian is diagonal, so every rule is ``dx = dy * f'(x)``; the comment
+under each forward states ``f'``. At kinks (ReLU and leaky ReLU at 0) the derivative of the ``x > 0`` branch
+test is used: ``relu'(0) = 0`` and ``leaky_relu'(0) = negative_slope``, as in JAX and PyTorch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.scipy.special import erf
+
+from jaxcnn.functional._registry import register
+
+
+def relu(x: jax.Array) -> jax.Array:
+    """``max(x, 0)``, any shape."""
+    return jnp.where(x > 0, x, jnp.zeros((), x.dtype))
+
+
+def relu_vjp(x: jax.Array, dy: jax.Array) -> jax.Array:
+    """``dx`` of :func:`relu`, shape of ``x``."""
+    # relu'(x) = 1 if x > 0 else 0
+    return jnp.where(x > 0, dy, jnp.zeros((), dy.dtype))
+
+
+def leaky_relu(x: jax.Array, negative_slope: float = 0.01) -> jax.Array:
+    """``x`` if ``x > 0`` else ``negative_slope * x``, any shape."""
+    return jnp.where(x > 0, x, negative_slope * x)
+
+
+def leaky_relu_vjp(x: jax.Array, dy: jax.Array, negative_slope: float = 0.01) -> jax.Array:
+    """``dx`` of :func:`leaky_relu`, shape of ``x``."""
+    # leaky_relu'(x) = 1 if x > 0 else negative_slope
+    return jnp.where(x > 0, dy, negative_slope * dy)
+
+
+def elu(x: jax.Array, alpha: float = 1.0) -> jax.Array:
+    """``x`` if ``x > 0`` else ``alpha * (exp(x) - 1)``, any shape."""
+    return jnp.where(x > 0, x, alpha * jnp.expm1(jnp.minimum(x, 0)))
+
+
+def elu_vjp(x: jax.Array, dy: jax.Array, alpha: float = 1.0) -> jax.Array:
+    """``dx`` of :func:`elu`, shape of ``x``."""
+    # elu'(x) = 1 if x > 0 else alpha * exp(x)
+    return jnp.where(x > 0, dy, dy * alpha * jnp.exp(jnp.minimum(x, 0)))
+
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_GELU_CUBIC = 0.044715
+
+
+def gelu(x: jax.Array, approximate: bool = True) -> jax.Array:
+    """Gaussian error linear unit, any shape.
+
+    ``approximate=True`` (the default, as in ``jax.nn`` and Flax): ``x/2 (1 + tanh(c (x + 0.044715 x^3)))`` with
+    ``c = sqrt(2/pi)``; ``approximate=False``: the exact ``x Phi(x) = x/2 (1 + erf(x / sqrt 2))``.
+    """
+    if approximate:
+        inner = _SQRT_2_OVER_PI * (x + _GELU_CUBIC * x**3)
+        return 0.5 * x * (1 + jnp.tanh(inner))
+    return 0.5 * x * (1 + erf(x / math.sqrt(2.0)))
+
+
+def gelu_vjp(x: jax.Array, dy: jax.Array, approximate: bool = True) -> jax.Array:
+    """``dx`` of :func:`gelu`, shape of ``x``."""
+    if approximate:
+        # with t = tanh(u), u = c (x + 0.044715 x^3): gelu' = (1 + t)/2 + x/2 (1 - t^2) c (1 + 3 * 0.044715 x^2)
+        t = jnp.tanh(_SQRT_2_OVER_PI * (x + _GELU_CUBIC * x**3))
+        slope = 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * _SQRT_2_OVER_PI * (1 + 3 * _GELU_CUBIC * x * x)
+        return dy * slope
+    # gelu = x Phi(x), so gelu' = Phi(x) + x phi(x) with phi(x) = exp(-x^2/2) / sqrt(2 pi)
+    cdf = 0.5 * (1 + erf(x / math.sqrt(2.0)))
+    pdf = jnp.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
+    return dy * (cdf + x * pdf)
+
+
+def sigmoid(x: jax.Array) -> jax.Array:
+    """``1 / (1 + exp(-x))``, any shape (``lax.logistic``, stable for large ``|x|``)."""
+    return lax.logistic(x)
+
+
+def sigmoid_vjp(x: jax.Array, dy: jax.Array) -> jax.Array:
+    """``dx`` of :func:`sigmoid`, shape of ``x``."""
+    # sigmoid' = s (1 - s)
+    s = lax.logistic(x)
+    return dy * s * (1 - s)
+
+
+def tanh(x: jax.Array) -> jax.Array:
+    """Hyperbolic tangent, any shape."""
+    return jnp.tanh(x)
+
+
+def tanh_vjp(x: jax.Array, dy: jax.Array) -> jax.Array:
+    """``dx`` of :func:`tanh`, shape of ``x``."""
+    # tanh' = 1 - tanh^2
+    t = jnp.tanh(x)
+    return dy * (1 - t * t)
+
+
+def softplus(x: jax.Array) -> jax.Array:
+    """``log(1 + exp(x))``, any shape, computed as ``max(x, 0) + log1p(exp(-|x|))`` (no overflow)."""
+    return jnp.maximum(x, 0) + jnp.log1p(jnp.exp(-jnp.abs(x)))
+
+
+def softplus_vjp(x: jax.Array, dy: jax.Array) -> jax.Array:
+    """``dx`` of :func:`softplus`, shape of ``x``."""
+    # softplus' = exp(x) / (1 + exp(x)) = sigmoid(x)
+    return dy * lax.logistic(x)
+
+
+for _forward, _vjp in [
+    (relu, relu_vjp),
+    (leaky_relu, leaky_relu_vjp),
+    (elu, elu_vjp),
+    (gelu, gelu_vjp),
+    (sigmoid, sigmoid_vjp),
+    (tanh, tanh_vjp),
+    (softplus, softplus_vjp),
+]:
+    register(_forward, lambda args, dy, _vjp=_vjp, **options: (_vjp(args[0], dy, *args[1:], **options),))

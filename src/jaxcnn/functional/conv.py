@@ -1,0 +1,193 @@
+"""2-D convolution (NHWC input, HWIO kernel) and its hand-derived backward rule.
+
+Forward, one spatial axis, written as the correlation XLA computes (``x_pad`` is ``x`` with the padding)::
+
+    y[n, o, c_out] = b[c_out] + sum_{j, c_in} x_pad[n, o * stride + j * dilation, c_in] * w[j, c_in, c_out]
+
+Everything below follows from reading that sum backwards: each ``x_pad`` cell and each kernel tap collects the
+``dy`` of every output it fed.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxcnn.functional._args import (
+    ExplicitPadding,
+    Padding,
+    Pair,
+    check_rank,
+    check_window_fits,
+    explicit_padding,
+    output_size,
+    pair,
+)
+from jaxcnn.functional._registry import register
+
+_DIMENSIONS = ("NHWC", "HWIO", "NHWC")
+
+
+def conv_geometry(
+    x_shape: tuple[int, ...],
+    w_shape: tuple[int, ...],
+    *,
+    stride: int | Pair,
+    padding: Padding,
+    dilation: int | Pair,
+    groups: int,
+    op: str = "conv2d",
+) -> tuple[Pair, Pair, ExplicitPadding, Pair]:
+    """Validate a convolution's arguments; return ``(stride, dilation, explicit padding, output (H, W))``.
+
+    Args:
+      x_shape: ``(N, H, W, C)``.
+      w_shape: ``(KH, KW, C // groups, F)``.
+
+    Raises ValueError naming the argument and its value when the call cannot work.
+    """
+    check_rank(op, "x", x_shape, 4, "N, H, W, C")
+    check_rank(op, "w", w_shape, 4, "KH, KW, C_in / groups, C_out")
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        raise ValueError(f"{op}: `groups` must be a positive int, got {groups!r}")
+    channels = x_shape[3]
+    kh, kw, in_per_group, features = w_shape
+    if channels % groups:
+        raise ValueError(f"{op}: input channels (={channels}) must be divisible by `groups` (={groups})")
+    if features % groups:
+        raise ValueError(f"{op}: output features (={features}) must be divisible by `groups` (={groups})")
+    if in_per_group * groups != channels:
+        raise ValueError(
+            f"{op}: kernel shape {tuple(w_shape)} expects {in_per_group * groups} input channels "
+            f"({in_per_group} per group x {groups} groups), but x has {channels} (x shape {tuple(x_shape)})"
+        )
+    stride = pair(stride, "stride")
+    dilation = pair(dilation, "dilation")
+    in_size = (x_shape[1], x_shape[2])
+    pads = explicit_padding(padding, in_size, (kh, kw), stride, dilation)
+    check_window_fits(op, in_size, (kh, kw), dilation, pads)
+    out = tuple(output_size(n, k, s, d, p) for n, k, s, d, p in zip(in_size, (kh, kw), stride, dilation, pads))
+    return stride, dilation, pads, out
+
+
+def conv2d(
+    x: jax.Array,
+    w: jax.Array,
+    b: jax.Array | None = None,
+    *,
+    stride: int | Pair = 1,
+    padding: Padding = "VALID",
+    dilation: int | Pair = 1,
+    groups: int = 1,
+) -> jax.Array:
+    """2-D convolution (cross-correlation, as in every deep-learning framework).
+
+    Args:
+      x: input, ``(N, H, W, C)``.
+      w: kernel, ``(KH, KW, C // groups, F)`` (HWIO).
+      b: optional bias, ``(F,)``.
+      stride: int or ``(sh, sw)``.
+      padding: ``"SAME"``, ``"VALID"``, an int, ``(ph, pw)`` or ``((top, bottom), (left, right))``.
+      dilation: kernel dilation, int or ``(dh, dw)``.
+      groups: feature groups; ``groups == C`` gives a depthwise convolution.
+
+    Returns:
+      ``(N, OH, OW, F)``.
+    """
+    stride, dilation, pads, _ = conv_geometry(
+        x.shape, w.shape, stride=stride, padding=padding, dilation=dilation, groups=groups
+    )
+    y = lax.conv_general_dilated(
+        x, w, stride, pads, rhs_dilation=dilation, dimension_numbers=_DIMENSIONS, feature_group_count=groups
+    )
+    if b is not None:
+        y = y + b.reshape(1, 1, 1, -1)
+    return y
+
+
+def conv2d_vjp(
+    x: jax.Array,
+    w: jax.Array,
+    dy: jax.Array,
+    *,
+    stride: int | Pair = 1,
+    padding: Padding = "VALID",
+    dilation: int | Pair = 1,
+    groups: int = 1,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Hand-derived VJP of :func:`conv2d`: cotangents ``(dx, dw, db)`` of ``x``, ``w`` and the bias.
+
+    Args:
+      x: the forward input, ``(N, H, W, C)``.
+      w: the kernel, ``(KH, KW, C // groups, F)``.
+      dy: cotangent of the output, ``(N, OH, OW, F)``.
+
+    Returns:
+      ``dx`` ``(N, H, W, C)``, ``dw`` ``(KH, KW, C // groups, F)``, ``db`` ``(F,)`` (``dy`` summed; returned
+      whether or not the forward had a bias).
+    """
+    stride, dilation, pads, out = conv_geometry(
+        x.shape, w.shape, stride=stride, padding=padding, dilation=dilation, groups=groups
+    )
+    n, height, width, channels = x.shape
+    kh, kw, in_per_group, features = w.shape
+    if dy.shape != (n, out[0], out[1], features):
+        raise ValueError(f"conv2d_vjp: `dy` must have shape {(n, *out, features)}, got {tuple(dy.shape)}")
+
+    # db: the bias is added to every output cell, so it collects dy from all of them.
+    db = jnp.sum(dy, axis=(0, 1, 2))
+
+    # dx: x[i] fed y[o] through tap j exactly when i + pad_lo = o * stride + j * dilation. Spread dy back onto
+    # a stride-dilated grid (lhs_dilation) and correlate it with the spatially flipped kernel whose in/out
+    # roles are swapped (per group): a "full" correlation, i.e. the transposed convolution.
+    # Padding per axis: lo = (K - 1) * d - pad_lo, hi = in - 1 - (out - 1) * s + pad_lo (either may be < 0).
+    per_group = features // groups
+    w_flipped = (
+        w.reshape(kh, kw, in_per_group, groups, per_group)
+        .transpose(0, 1, 4, 3, 2)
+        .reshape(kh, kw, per_group, groups * in_per_group)[::-1, ::-1]
+    )
+    dx_pads = [
+        ((k - 1) * d - p[0], size - 1 - (o - 1) * s + p[0])
+        for k, d, p, size, o, s in zip((kh, kw), dilation, pads, (height, width), out, stride)
+    ]
+    dx = lax.conv_general_dilated(
+        dy,
+        w_flipped,
+        (1, 1),
+        dx_pads,
+        lhs_dilation=stride,
+        rhs_dilation=dilation,
+        dimension_numbers=_DIMENSIONS,
+        feature_group_count=groups,
+    )
+
+    # dw[j] = sum over batch and outputs of x_pad[o * stride + j * dilation] (x) dy[o]: for each kernel tap,
+    # take the strided slice of x_pad that tap saw and contract it with dy over (n, oh, ow) -- one GEMM per
+    # tap, per group.
+    zero = jnp.zeros((), x.dtype)
+    x_pad = lax.pad(x, zero, [(0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)])
+    dy_groups = dy.reshape(n, out[0], out[1], groups, per_group)
+    taps = []
+    for i in range(kh):
+        for j in range(kw):
+            top, left = i * dilation[0], j * dilation[1]
+            seen = lax.slice(
+                x_pad,
+                (0, top, left, 0),
+                (n, top + (out[0] - 1) * stride[0] + 1, left + (out[1] - 1) * stride[1] + 1, channels),
+                (1, stride[0], stride[1], 1),
+            ).reshape(n, out[0], out[1], groups, in_per_group)
+            taps.append(jnp.einsum("nhwgi,nhwgo->igo", seen, dy_groups).reshape(in_per_group, features))
+    dw = jnp.stack(taps).reshape(kh, kw, in_per_group, features)
+    return dx, dw, db
+
+
+def _conv2d_vjp(args, dy, **options):
+    x, w, b = (list(args) + [None])[:3]
+    dx, dw, db = conv2d_vjp(x, w, dy, **options)
+    return (dx, dw) if b is None else (dx, dw, db)
+
+
+register(conv2d, _conv2d_vjp, differentiable=(0, 1, 2))

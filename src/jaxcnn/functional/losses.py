@@ -1,0 +1,78 @@
+"""Losses (scalar, mean over the batch) and their hand-derived VJPs ``NAME_vjp(..., dloss=1.0)``."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxcnn.functional._registry import register
+
+
+def _check_labels(op: str, logits: jax.Array, labels: jax.Array) -> None:
+    if logits.ndim != 2:
+        raise ValueError(f"{op}: `logits` must have rank 2 (N, classes), got shape {tuple(logits.shape)}")
+    if labels.shape != logits.shape[:1]:
+        raise ValueError(
+            f"{op}: `labels` must be integer class indices of shape ({logits.shape[0]},), "
+            f"got shape {tuple(labels.shape)}"
+        )
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise ValueError(f"{op}: `labels` must be integer class indices, got dtype {labels.dtype}")
+
+
+def log_softmax(logits: jax.Array) -> jax.Array:
+    """Log-probabilities along the last axis, shifted by the max for stability; shape of ``logits``."""
+    shifted = logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    return shifted - jnp.log(jnp.sum(jnp.exp(shifted), axis=-1, keepdims=True))
+
+
+def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Mean cross-entropy between ``softmax(logits)`` and integer labels.
+
+    Args:
+      logits: ``(N, classes)``.
+      labels: integer class indices ``(N,)``, each in ``[0, classes)``.
+
+    Returns:
+      A scalar: ``-mean_n log softmax(logits_n)[labels_n]``.
+    """
+    _check_labels("softmax_cross_entropy", logits, labels)
+    picked = jnp.take_along_axis(log_softmax(logits), labels[:, None], axis=1)
+    return -jnp.mean(picked)
+
+
+def softmax_cross_entropy_vjp(logits: jax.Array, labels: jax.Array, dloss: jax.Array | float = 1.0) -> jax.Array:
+    """Hand-derived VJP of :func:`softmax_cross_entropy`: ``dlogits`` ``(N, classes)``."""
+    _check_labels("softmax_cross_entropy_vjp", logits, labels)
+    # loss = -(1/N) sum_n (z_{n,y_n} - logsumexp(z_n)), and d logsumexp(z)/dz = softmax(z), so
+    # dloss/dz_n = (softmax(z_n) - onehot(y_n)) / N.
+    probs = jnp.exp(log_softmax(logits))
+    onehot = (labels[:, None] == jnp.arange(logits.shape[1])[None, :]).astype(logits.dtype)
+    return (probs - onehot) * (jnp.asarray(dloss, logits.dtype) / logits.shape[0])
+
+
+def mean_squared_error(predictions: jax.Array, targets: jax.Array) -> jax.Array:
+    """Mean over every element of ``(predictions - targets) ** 2``; both of the same shape. Returns a scalar."""
+    if predictions.shape != targets.shape:
+        raise ValueError(
+            f"mean_squared_error: `predictions` {tuple(predictions.shape)} and `targets` "
+            f"{tuple(targets.shape)} must have the same shape"
+        )
+    return jnp.mean((predictions - targets) ** 2)
+
+
+def mean_squared_error_vjp(
+    predictions: jax.Array, targets: jax.Array, dloss: jax.Array | float = 1.0
+) -> jax.Array:
+    """Hand-derived VJP of :func:`mean_squared_error` with respect to ``predictions`` (same shape)."""
+    if predictions.shape != targets.shape:
+        raise ValueError(
+            f"mean_squared_error_vjp: `predictions` {tuple(predictions.shape)} and `targets` "
+            f"{tuple(targets.shape)} must have the same shape"
+        )
+    # loss = (1/M) sum (p - t)^2 over all M elements, so dloss/dp = 2 (p - t) / M.
+    return (predictions - targets) * (2 * jnp.asarray(dloss, predictions.dtype) / predictions.size)
+
+
+register(softmax_cross_entropy, lambda args, dy: (softmax_cross_entropy_vjp(args[0], args[1], dy),))
+register(mean_squared_error, lambda args, dy: (mean_squared_error_vjp(args[0], args[1], dy),))

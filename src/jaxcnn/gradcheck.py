@@ -1,0 +1,507 @@
+"""The three-way gradient check: hand-derived rules vs JAX autodiff vs finite differences.
+
+:func:`check_model` compares, for one batch:
+
+* **per layer** -- each leaf layer's ``backward`` against ``jax.vjp`` of its own forward, at the input the layer
+  actually receives inside the model, for a random output cotangent: the input cotangent and every parameter;
+  plus a central finite difference of ``<forward(p, x), dy>`` along one random direction per quantity;
+* **per parameter, whole model** -- the gradient of the loss from the explicit reverse pass (``engine``,
+  :func:`jaxcnn.backprop.value_and_grad`) and from ``jax.grad`` through the ``gradients="manual"`` custom_vjp
+  bridge (``bridge``), each against ``jax.grad`` through the plain forward (``autodiff``); plus a central
+  finite difference of the loss along a random direction in each parameter.
+
+:func:`check_op` does the same for one functional op.
+
+Tolerances (:data:`TOLERANCES`), by the dtype the gradients are computed in:
+
+==========  ==================================  ==================================
+dtype       hand vs autodiff (max rel. error)   finite differences (rel. error)
+==========  ==================================  ==================================
+float64     1e-10                               1e-5  (step 1e-6)
+float32     1e-4                                1e-3  (step 1e-6, evaluated in float64)
+==========  ==================================  ==================================
+
+The relative error of two arrays is ``max|a - b| / max(max|a|, max|b|)`` (0 when both are 0); for a finite
+difference it is ``|fd - <g, v>| / max(|fd|, |<g, v>|)``, and differences below ``1e-9 * (1 + |f|)`` in absolute
+terms always pass (float64 round-off of ``f`` divided by the step). Finite differences are always evaluated in
+float64 (they resolve only about three digits in float32), and layer-level ones at the recorded input plus a
+little noise, so that ties and kinks (exact zeros after a ReLU, equal values in a max-pool window) do not sit
+under the step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jaxcnn.functional as F
+from jaxcnn import backprop
+from jaxcnn.nn.layer import Layer
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Pass thresholds for one dtype: ``exact`` for hand vs autodiff, ``finite_difference`` for FD checks."""
+
+    exact: float
+    finite_difference: float
+    step: float = 1e-6
+
+
+TOLERANCES: dict[str, Tolerance] = {
+    "float64": Tolerance(exact=1e-10, finite_difference=1e-5),
+    "float32": Tolerance(exact=1e-4, finite_difference=1e-3),
+}
+
+
+@dataclass(frozen=True)
+class Check:
+    """One comparison: where (``layer``, ``quantity``), how (``method``), and the measured errors."""
+
+    scope: str  # "layer" (one layer's backward) or "model" (gradient of the loss)
+    layer: str  # the layer's path in the model, or the op's name
+    quantity: str  # "input", a parameter name such as "kernel", or "loss"
+    method: str  # e.g. "hand vs autodiff", "engine vs autodiff", "bridge vs autodiff", "hand vs finite diff"
+    max_abs: float
+    max_rel: float
+    cosine: float | None
+    worst_index: tuple[int, ...] | None
+    tolerance: float
+    ok: bool
+
+
+@dataclass
+class Report:
+    """All checks of one :func:`check_model` or :func:`check_op` call.
+
+    Attributes:
+      checks: every comparison made.
+      dtype: the dtype gradients were computed in.
+      ok: True when every check passed.
+    """
+
+    checks: list[Check] = field(default_factory=list)
+    dtype: str = "float64"
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.checks) and all(check.ok for check in self.checks)
+
+    def failures(self) -> list[Check]:
+        """The checks that did not pass."""
+        return [check for check in self.checks if not check.ok]
+
+    def table(self) -> str:
+        """A plain-text table, one row per check."""
+        headers = ("scope", "layer", "quantity", "check", "max abs err", "max rel err", "cosine", "worst index", "ok")
+        rows = [
+            (
+                check.scope,
+                check.layer,
+                check.quantity,
+                check.method,
+                f"{check.max_abs:.2e}",
+                f"{check.max_rel:.2e}",
+                "" if check.cosine is None else f"{check.cosine:.12f}",
+                "" if check.worst_index is None else str(check.worst_index),
+                "ok" if check.ok else "FAIL",
+            )
+            for check in self.checks
+        ]
+        widths = [max(len(str(row[i])) for row in (headers, *rows)) for i in range(len(headers))]
+        lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip() for row in (headers, *rows)]
+        lines.insert(1, "  ".join("-" * width for width in widths))
+        verdict = "all checks passed" if self.ok else f"{len(self.failures())} of {len(self.checks)} checks FAILED"
+        lines.append(f"{len(self.checks)} checks in {self.dtype}: {verdict}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+# -- helpers --------------------------------------------------------------------------------------------------
+
+
+def _dtype_name(dtype: Any) -> str:
+    name = jnp.dtype(dtype).name
+    if name not in TOLERANCES:
+        raise ValueError(f"`dtype` must be float64 or float32, got {name}")
+    return name
+
+
+@contextlib.contextmanager
+def _x64(needed: bool) -> Iterator[None]:
+    """Enable 64-bit types inside the block when needed and not already on."""
+    if needed and not jax.config.jax_enable_x64:
+        with jax.enable_x64(True):
+            yield
+    else:
+        yield
+
+
+def _cast(tree: Any, dtype: Any) -> Any:
+    """Cast the floating-point leaves of a pytree to ``dtype``; leave integer leaves (labels, keys) alone."""
+
+    def cast(leaf):
+        leaf = jnp.asarray(leaf) if isinstance(leaf, (np.ndarray, float)) else leaf
+        if isinstance(leaf, jax.Array) and jnp.issubdtype(leaf.dtype, jnp.floating):
+            return leaf.astype(dtype)
+        return leaf
+
+    return jax.tree.map(cast, tree)
+
+
+def compare(candidate: Any, reference: Any) -> tuple[float, float, float | None, tuple[int, ...] | None]:
+    """``(max_abs, max_rel, cosine, worst_index)`` between two arrays of the same shape (computed in float64)."""
+    a = np.asarray(candidate, dtype=np.float64)
+    b = np.asarray(reference, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"cannot compare arrays of shapes {a.shape} and {b.shape}")
+    if a.size == 0:
+        return 0.0, 0.0, None, None
+    diff = np.abs(a - b)
+    worst = np.unravel_index(int(np.argmax(diff)), diff.shape) if diff.ndim else ()
+    max_abs = float(diff.max())
+    scale = max(float(np.abs(a).max()), float(np.abs(b).max()))
+    max_rel = max_abs / scale if scale > 0 else 0.0
+    norms = float(np.linalg.norm(a) * np.linalg.norm(b))
+    cosine = float(np.sum(a * b) / norms) if norms > 0 else (1.0 if max_abs == 0 else 0.0)
+    return max_abs, max_rel, cosine, tuple(int(i) for i in worst)
+
+
+def _leaves_with_names(tree: Any) -> list[tuple[str, str, Any]]:
+    """``(layer path, parameter name, leaf)`` for every leaf of a nested-dict parameter tree."""
+    out = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        keys = [str(getattr(entry, "key", getattr(entry, "idx", entry))) for entry in path]
+        out.append(("/".join(keys[:-1]) or "-", keys[-1] if keys else "-", leaf))
+    return out
+
+
+def _replace_leaf(tree: Any, index: int, value: Any) -> Any:
+    leaves, treedef = jax.tree.flatten(tree)
+    leaves[index] = value
+    return jax.tree.unflatten(treedef, leaves)
+
+
+def _direction(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """A random unit-norm direction in float64."""
+    v = jax.random.normal(key, shape, jnp.float64)
+    return v / jnp.maximum(jnp.linalg.norm(v.ravel()), 1e-300)
+
+
+def _finite_difference_check(
+    f: Callable[[jax.Array], jax.Array],
+    point: jax.Array,
+    gradient: jax.Array,
+    key: jax.Array,
+    tolerance: Tolerance,
+) -> tuple[float, float, bool]:
+    """Central difference of scalar ``f`` at ``point`` along a random direction vs ``<gradient, v>``.
+
+    Returns ``(abs error, rel error, ok)``; everything is evaluated in float64.
+    """
+    point = jnp.asarray(point, jnp.float64)
+    v = _direction(key, point.shape)
+    h = tolerance.step
+    f_plus, f_minus, f_0 = float(f(point + h * v)), float(f(point - h * v)), float(f(point))
+    numeric = (f_plus - f_minus) / (2 * h)
+    analytic = float(jnp.sum(jnp.asarray(gradient, jnp.float64) * v))
+    error = abs(numeric - analytic)
+    scale = max(abs(numeric), abs(analytic))
+    relative = error / scale if scale > 0 else 0.0
+    ok = relative <= tolerance.finite_difference or error <= 1e-9 * (1 + abs(f_0))
+    return error, relative, ok
+
+
+def _array_check(scope, layer, quantity, method, candidate, reference, tolerance: float) -> Check:
+    max_abs, max_rel, cosine, worst = compare(candidate, reference)
+    ok = bool(np.isfinite(max_rel)) and max_rel <= tolerance and np.all(np.isfinite(np.asarray(candidate)))
+    return Check(scope, layer, quantity, method, max_abs, max_rel, cosine, worst, tolerance, bool(ok))
+
+
+def _fd_row(scope, layer, quantity, method, result, tolerance: float) -> Check:
+    error, relative, ok = result
+    return Check(scope, layer, quantity, method, error, relative, None, None, tolerance, ok)
+
+
+# -- checks ---------------------------------------------------------------------------------------------------
+
+
+def check_layers(
+    model: Layer,
+    params: Any,
+    state: Any,
+    x: jax.Array,
+    *,
+    dtype: Any = jnp.float64,
+    train: bool = True,
+    key: jax.Array | None = None,
+    seed: int = 0,
+    finite_differences: bool = True,
+) -> Report:
+    """Layer by layer: each leaf layer's hand-derived ``backward`` vs ``jax.vjp`` of its forward (and FD).
+
+    Args:
+      model: any layer or container; ``params``/``state`` from its ``init``; ``x`` a batch ``(N, *input_shape)``.
+      dtype: float64 (default) or float32.
+      train, key: the mode and random key the forward runs with.
+      seed: seeds the random cotangents and finite-difference directions.
+    """
+    name = _dtype_name(dtype)
+    tolerance = TOLERANCES[name]
+    report = Report(dtype=name)
+    with _x64(True):
+        params, state, x = _cast((params, state, x), dtype)
+        _, _, calls = model.trace(params, state, x, train=train, key=key)
+        rng = jax.random.key(seed)
+        for number, call in enumerate(calls):
+            layer_rng = jax.random.fold_in(rng, number)
+            report.checks.extend(_check_call(call, train, layer_rng, tolerance, finite_differences, dtype))
+    return report
+
+
+def _check_call(call, train, rng, tolerance: Tolerance, finite_differences: bool, dtype) -> list[Check]:
+    layer = call.layer
+
+    def forward(p, x_in):
+        return layer.forward_with_state(p, call.state, x_in, train=train, key=call.key)[0]
+
+    y, residuals, _ = layer.forward_with_state(call.params, call.state, call.x, train=train, key=call.key)
+    dy = jax.random.normal(jax.random.fold_in(rng, 0), y.shape, jnp.float64).astype(y.dtype)
+    dx_hand, dparams_hand = layer.backward(call.params, residuals, dy)
+    _, pullback = jax.vjp(forward, call.params, call.x)
+    dparams_auto, dx_auto = pullback(dy)
+    checks = [_array_check("layer", call.path, "input", "hand vs autodiff", dx_hand, dx_auto, tolerance.exact)]
+    hand_leaves = jax.tree.leaves(dparams_hand)
+    auto_named = _leaves_with_names(dparams_auto)
+    if len(hand_leaves) != len(auto_named):
+        raise ValueError(
+            f"{call.path}: backward returned {len(hand_leaves)} parameter cotangents for "
+            f"{len(auto_named)} parameters; dparams must have the structure of params"
+        )
+    for hand, (_, quantity, auto) in zip(hand_leaves, auto_named):
+        checks.append(_array_check("layer", call.path, quantity, "hand vs autodiff", hand, auto, tolerance.exact))
+    if not finite_differences:
+        return checks
+
+    # Finite differences in float64, at the recorded input plus a little noise (off ties and kinks).
+    params64, state64 = _cast((call.params, call.state), jnp.float64)
+    x64 = jnp.asarray(call.x, jnp.float64)
+    spread = jnp.maximum(jnp.std(x64), 1e-3)
+    x64 = x64 + 1e-2 * spread * jax.random.normal(jax.random.fold_in(rng, 1), x64.shape, jnp.float64)
+    y64, residuals64, _ = layer.forward_with_state(params64, state64, x64, train=train, key=call.key)
+    dy64 = jax.random.normal(jax.random.fold_in(rng, 2), y64.shape, jnp.float64)
+    # the analytic side is the hand rule in the checked dtype, at the same (noisy) point
+    p_d, x_d, dy_d = _cast((params64, x64, dy64), dtype)
+    _, residuals_d, _ = layer.forward_with_state(p_d, _cast(state64, dtype), x_d, train=train, key=call.key)
+    dx_d, dparams_d = layer.backward(p_d, residuals_d, dy_d)
+
+    def projected(p, x_in):
+        out = layer.forward_with_state(p, state64, x_in, train=train, key=call.key)[0]
+        return jnp.sum(out * dy64)
+
+    fd_key = jax.random.fold_in(rng, 3)
+    result = _finite_difference_check(lambda xv: projected(params64, xv), x64, dx_d, fd_key, tolerance)
+    checks.append(_fd_row("layer", call.path, "input", "hand vs finite diff", result, tolerance.finite_difference))
+    for index, ((_, quantity, leaf), grad) in enumerate(zip(_leaves_with_names(params64), jax.tree.leaves(dparams_d))):
+        result = _finite_difference_check(
+            lambda value, index=index: projected(_replace_leaf(params64, index, value), x64),
+            leaf,
+            grad,
+            jax.random.fold_in(fd_key, index + 1),
+            tolerance,
+        )
+        checks.append(_fd_row("layer", call.path, quantity, "hand vs finite diff", result, tolerance.finite_difference))
+    return checks
+
+
+def check_model(
+    model: Layer,
+    params: Any,
+    state: Any,
+    x: jax.Array,
+    y: jax.Array,
+    *,
+    loss_fn: Callable[[jax.Array, jax.Array], jax.Array] = F.softmax_cross_entropy,
+    loss_vjp: Callable[..., jax.Array] | None = None,
+    dtype: Any = jnp.float64,
+    train: bool = True,
+    key: jax.Array | None = None,
+    seed: int = 0,
+    layers: bool = True,
+    finite_differences: bool = True,
+) -> Report:
+    """Check a model's gradients three ways, per layer and per parameter; see the module docstring.
+
+    Args:
+      model: the model (any :class:`jaxcnn.nn.Layer`); ``params``, ``state`` from its ``init``.
+      x: a batch ``(N, *input_shape)``; y: its targets (integer labels ``(N,)`` for the default loss).
+      loss_fn: ``loss_fn(predictions, y) -> scalar``; ``loss_vjp`` its hand-derived VJP when it is not a
+        registered functional op.
+      dtype: float64 (default; 64-bit types are switched on inside the check) or float32.
+      train, key: the mode and random key every path runs with (the same for all, so dropout masks agree).
+      seed: seeds the random cotangents and finite-difference directions.
+      layers: include the layer-by-layer checks; finite_differences: include the finite-difference checks.
+
+    Returns:
+      A :class:`Report`; ``report.ok`` is True when every check passed, ``print(report.table())`` shows them.
+    """
+    name = _dtype_name(dtype)
+    tolerance = TOLERANCES[name]
+    report = Report(dtype=name)
+    if layers:
+        report.checks.extend(
+            check_layers(
+                model, params, state, x, dtype=dtype, train=train, key=key, seed=seed,
+                finite_differences=finite_differences,
+            ).checks
+        )
+    with _x64(True):
+        params, state, x = _cast((params, state, x), dtype)
+        y = _cast(y, dtype)
+        hand_loss = backprop.manual_loss(loss_fn, loss_vjp)
+
+        def autodiff_loss(p):
+            predictions, _ = model.apply(p, state, x, train=train, key=key, gradients="autodiff")
+            return loss_fn(predictions, y)
+
+        def bridge_loss(p):
+            predictions, _ = model.apply(p, state, x, train=train, key=key, gradients="manual")
+            return hand_loss(predictions, y)
+
+        loss_auto, grads_auto = jax.value_and_grad(autodiff_loss)(params)
+        loss_bridge, grads_bridge = jax.value_and_grad(bridge_loss)(params)
+        engine = backprop.value_and_grad(model, loss_fn, loss_vjp=loss_vjp, train=train)
+        (loss_engine, _), grads_engine = engine(params, state, x, y, key=key)
+
+        for method, loss in (("engine vs autodiff", loss_engine), ("bridge vs autodiff", loss_bridge)):
+            report.checks.append(_array_check("model", "-", "loss", method, loss, loss_auto, tolerance.exact))
+        auto_named = _leaves_with_names(grads_auto)
+        for method, grads in (("engine vs autodiff", grads_engine), ("bridge vs autodiff", grads_bridge)):
+            if jax.tree.structure(grads) != jax.tree.structure(grads_auto):
+                raise ValueError(
+                    f"{method.split()[0]} gradients have structure {jax.tree.structure(grads)}, "
+                    f"expected that of params {jax.tree.structure(grads_auto)}"
+                )
+            for (layer, quantity, auto), grad in zip(auto_named, jax.tree.leaves(grads)):
+                report.checks.append(_array_check("model", layer, quantity, method, grad, auto, tolerance.exact))
+
+        if finite_differences:
+            params64, state64, x64 = _cast((params, state, x), jnp.float64)
+            y64 = _cast(y, jnp.float64)
+
+            def loss64(p):
+                predictions, _ = model.apply(p, state64, x64, train=train, key=key, gradients="autodiff")
+                return loss_fn(predictions, y64)
+
+            fd_key = jax.random.fold_in(jax.random.key(seed), 1_000_003)
+            for index, ((layer, quantity, leaf), grad) in enumerate(
+                zip(_leaves_with_names(params64), jax.tree.leaves(grads_engine))
+            ):
+                result = _finite_difference_check(
+                    lambda value, index=index: loss64(_replace_leaf(params64, index, value)),
+                    leaf,
+                    grad,
+                    jax.random.fold_in(fd_key, index),
+                    tolerance,
+                )
+                report.checks.append(
+                    _fd_row("model", layer, quantity, "engine vs finite diff", result, tolerance.finite_difference)
+                )
+    return report
+
+
+def check_op(
+    forward: Callable[..., jax.Array],
+    *args: Any,
+    vjp: Callable[..., Any] | None = None,
+    argnums: Sequence[int] | None = None,
+    dtype: Any = jnp.float64,
+    seed: int = 0,
+    finite_differences: bool = True,
+    **options: Any,
+) -> Report:
+    """Check one functional op's hand-derived VJP against ``jax.vjp`` and finite differences.
+
+    Args:
+      forward: the op, called as ``forward(*args, **options)``.
+      args: its positional arguments (arrays; None for an absent optional one such as a bias).
+      vjp: the hand rule, as ``vjp(*args, dy, **options)`` returning the cotangent of each argument in
+        ``argnums`` (a single array when there is one). Omit it for ops registered in
+        :mod:`jaxcnn.functional`, whose registered rule is used.
+      argnums: the differentiable arguments; default: the registered ones, or every floating-point array.
+      dtype: float64 (default) or float32; floating-point arguments are cast to it.
+      options: keyword options of the op (stride, padding, ...).
+
+    Returns:
+      A :class:`Report` with one ``hand vs autodiff`` and one ``hand vs finite diff`` row per argument.
+    """
+    name = _dtype_name(dtype)
+    tolerance = TOLERANCES[name]
+    report = Report(dtype=name)
+    op_name = getattr(forward, "__name__", "op")
+    with _x64(True):
+        args = tuple(_cast(list(args), dtype))
+        if vjp is None:
+            rule = F.hand_rule(forward)
+            positions = tuple(argnums) if argnums is not None else rule.present(args)
+
+            def hand(dy, at):
+                cotangents = dict(zip(rule.present(at), rule.vjp(at, dy, **options)))
+                return tuple(cotangents[i] for i in positions)
+        else:
+            positions = (
+                tuple(argnums)
+                if argnums is not None
+                else tuple(
+                    i for i, a in enumerate(args)
+                    if isinstance(a, jax.Array) and jnp.issubdtype(a.dtype, jnp.floating)
+                )
+            )
+
+            def hand(dy, at):
+                result = vjp(*at, dy, **options)
+                return tuple(result) if isinstance(result, (tuple, list)) else (result,)
+
+        def call(*diff, at=args):
+            full = list(at)
+            for i, value in zip(positions, diff):
+                full[i] = value
+            return forward(*full, **options)
+
+        rng = jax.random.key(seed)
+        y, pullback = jax.vjp(call, *(args[i] for i in positions))
+        dy = jax.random.normal(jax.random.fold_in(rng, 0), jnp.shape(y), jnp.float64).astype(jnp.result_type(y))
+        auto = pullback(dy)
+        got = hand(dy, args)
+        if len(got) != len(positions):
+            raise ValueError(f"{op_name}: the hand VJP returned {len(got)} cotangents for arguments {positions}")
+        for i, g, a in zip(positions, got, auto):
+            report.checks.append(_array_check("op", op_name, f"arg {i}", "hand vs autodiff", g, a, tolerance.exact))
+        if finite_differences:
+            args64 = tuple(_cast(list(args), jnp.float64))
+            dy64 = jnp.asarray(dy, jnp.float64)
+            for n, i in enumerate(positions):
+
+                def projected(value, i=i):
+                    full = list(args64)
+                    full[i] = value
+                    return jnp.sum(forward(*full, **options) * dy64)
+
+                result = _finite_difference_check(
+                    projected, args64[i], got[n], jax.random.fold_in(rng, n + 1), tolerance
+                )
+                report.checks.append(
+                    _fd_row("op", op_name, f"arg {i}", "hand vs finite diff", result, tolerance.finite_difference)
+                )
+    return report
+
+

@@ -1,0 +1,214 @@
+"""The layer protocol, the custom_vjp bridge behind ``gradients="manual"``, and small shared helpers.
+
+A layer is an immutable description (its hyperparameters); parameters and state live outside it, in plain
+pytrees, so every model is a pure function. A layer provides four things:
+
+* ``init(key, input_shape, *, dtype) -> (params, state)`` -- ``input_shape`` excludes the batch axis;
+* ``output_shape(input_shape) -> shape`` -- shape inference without running data, validating the input;
+* ``forward(params, x) -> (y, residuals)`` -- the forward pass, returning what its backward needs;
+* ``backward(params, residuals, dy) -> (dx, dparams)`` -- the hand-derived backward pass.
+
+Layers that keep state (running statistics) or need ``train`` / a random key override
+``forward_with_state(params, state, x, *, train, key) -> (y, residuals, new_state)`` instead of ``forward``.
+Everything else -- ``apply`` with both gradient modes, the explicit reverse pass in :mod:`jaxcnn.backprop` and
+the checks in :mod:`jaxcnn.gradcheck` -- is derived from these methods, so a new layer needs nothing more.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any, ClassVar, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+Params = Any  # a pytree of arrays; {} for a layer without parameters
+State = Any  # a pytree of arrays; {} for a layer without state
+Residuals = Any  # a pytree of arrays (and Static leaves) saved by forward for backward
+Shape = tuple[int, ...]
+
+GRADIENT_MODES = ("autodiff", "manual")
+
+
+@jax.tree_util.register_static
+class Static:
+    """A hashable Python value carried through pytrees as static data (not an array), e.g. a saved shape."""
+
+    def __init__(self, value: Any):
+        self.value = value
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Static) and self.value == other.value
+
+    def __hash__(self) -> int:
+        return hash(self.value)
+
+    def __repr__(self) -> str:
+        return f"Static({self.value!r})"
+
+
+class LayerCall(NamedTuple):
+    """One leaf layer's call inside a model, as recorded by :meth:`Layer.trace` (used by the gradient checker).
+
+    ``path`` names the layer inside the model (``"Conv_0"``, ``"block/Dense_1"``), and ``params``, ``state``,
+    ``x`` and ``key`` are exactly what it received.
+    """
+
+    path: str
+    layer: Layer
+    params: Params
+    state: State
+    x: jax.Array
+    key: jax.Array | None
+
+
+def check_gradients_mode(gradients: str) -> None:
+    """Raise ValueError unless ``gradients`` is ``"autodiff"`` or ``"manual"``."""
+    if gradients not in GRADIENT_MODES:
+        raise ValueError(f"`gradients` must be 'autodiff' or 'manual', got {gradients!r}")
+
+
+def check_input_shape(input_shape: Any) -> Shape:
+    """Normalise ``input_shape`` (batch axis excluded) to a tuple of positive ints."""
+    try:
+        shape = tuple(int(n) for n in input_shape)
+    except TypeError:
+        raise ValueError(f"`input_shape` must be a tuple of ints (batch axis excluded), got {input_shape!r}") from None
+    if any(n < 1 for n in shape) or any(isinstance(n, bool) for n in input_shape):
+        raise ValueError(f"`input_shape` must hold positive ints (batch axis excluded), got {input_shape!r}")
+    return shape
+
+
+@contextlib.contextmanager
+def named(name: str) -> Iterator[None]:
+    """Prefix a ValueError raised inside with the layer's name, so errors say where in a model they happened."""
+    try:
+        yield
+    except ValueError as error:
+        raise ValueError(f"{name}: {error}") from None
+
+
+class Layer:
+    """Base class of every layer; see the module docstring for the protocol.
+
+    ``name_prefix`` is the stem of the layer's automatic name inside a container (``Conv_0``, ``Dense_1``);
+    it defaults to the class name and matches Flax linen's auto-names for layers with parameters, so that
+    parameter trees line up with the equivalent Flax module's.
+    """
+
+    name_prefix: ClassVar[str | None] = None
+
+    @classmethod
+    def prefix(cls) -> str:
+        return cls.name_prefix or cls.__name__
+
+    # -- what a layer defines ------------------------------------------------------------------------------
+
+    def init(self, key: jax.Array, input_shape: Shape, *, dtype: Any = jnp.float32) -> tuple[Params, State]:
+        """Initial ``(params, state)`` for inputs of ``input_shape`` (batch axis excluded). Default: none."""
+        self.output_shape(check_input_shape(input_shape))
+        return {}, {}
+
+    def output_shape(self, input_shape: Shape) -> Shape:
+        """The output shape for ``input_shape`` (batch axis excluded). Default: unchanged (elementwise)."""
+        return tuple(input_shape)
+
+    def forward(self, params: Params, x: jax.Array) -> tuple[jax.Array, Residuals]:
+        """``(y, residuals)`` for a batch ``x``; residuals are whatever :meth:`backward` needs."""
+        raise NotImplementedError(f"{type(self).__name__} must define forward(params, x) or forward_with_state")
+
+    def backward(self, params: Params, residuals: Residuals, dy: jax.Array) -> tuple[jax.Array, Params]:
+        """Hand-derived backward pass: ``(dx, dparams)`` from the output cotangent ``dy``.
+
+        ``dparams`` has the structure of ``params`` (``{}`` for a layer without parameters).
+        """
+        raise NotImplementedError(f"{type(self).__name__} must define backward(params, residuals, dy)")
+
+    def forward_with_state(
+        self, params: Params, state: State, x: jax.Array, *, train: bool = False, key: jax.Array | None = None
+    ) -> tuple[jax.Array, Residuals, State]:
+        """``(y, residuals, new_state)``; the default calls :meth:`forward` and passes ``state`` through."""
+        y, residuals = self.forward(params, x)
+        return y, residuals, state
+
+    # -- what every layer gets -----------------------------------------------------------------------------
+
+    def apply(
+        self,
+        params: Params,
+        state: State,
+        x: jax.Array,
+        *,
+        train: bool = False,
+        key: jax.Array | None = None,
+        gradients: str = "autodiff",
+    ) -> tuple[jax.Array, State]:
+        """Run the layer on a batch: ``(y, new_state)``.
+
+        Args:
+          params, state: as returned by :meth:`init`.
+          x: a batch, ``(N, *input_shape)``.
+          train: training mode (dropout active, batch statistics used); False for evaluation.
+          key: a ``jax.random`` key, needed only by layers that draw random numbers in training.
+          gradients: ``"autodiff"`` differentiates the forward with JAX; ``"manual"`` routes the layer through
+            ``jax.custom_vjp`` so that ``jax.grad`` (and jit, vmap, sharding) use the hand-derived backward.
+        """
+        check_gradients_mode(gradients)
+        if gradients == "manual":
+            return manual_apply(self, params, state, x, train=train, key=key)
+        y, _, new_state = self.forward_with_state(params, state, x, train=train, key=key)
+        return y, new_state
+
+    def trace(
+        self,
+        params: Params,
+        state: State,
+        x: jax.Array,
+        *,
+        train: bool = False,
+        key: jax.Array | None = None,
+        path: str = "",
+    ) -> tuple[jax.Array, State, list[LayerCall]]:
+        """Run forward and record every leaf layer's call: ``(y, new_state, calls)``. Containers recurse."""
+        y, _, new_state = self.forward_with_state(params, state, x, train=train, key=key)
+        return y, new_state, [LayerCall(path or self.prefix(), self, params, state, x, key)]
+
+
+def manual_apply(
+    layer: Layer,
+    params: Params,
+    state: State,
+    x: jax.Array,
+    *,
+    train: bool = False,
+    key: jax.Array | None = None,
+) -> tuple[jax.Array, State]:
+    """Apply ``layer`` through ``jax.custom_vjp`` whose backward is the layer's hand-derived ``backward``.
+
+    ``state`` and ``key`` pass through as non-differentiable inputs (zero cotangents); the cotangent of the new
+    state is ignored, as running statistics are not differentiated.
+    """
+
+    @jax.custom_vjp
+    def run(params, state, x, key):
+        y, _, new_state = layer.forward_with_state(params, state, x, train=train, key=key)
+        return y, new_state
+
+    def run_forward(params, state, x, key):
+        y, residuals, new_state = layer.forward_with_state(params, state, x, train=train, key=key)
+        return (y, new_state), (params, residuals)
+
+    def run_backward(saved, cotangents):
+        params, residuals = saved
+        dy, _ = cotangents
+        dx, dparams = layer.backward(params, residuals, dy)
+        return dparams, None, dx, None
+
+    run.defvjp(run_forward, run_backward)
+    return run(params, state, x, key)
+
+
+def layer_key(key: jax.Array | None, index: int) -> jax.Array | None:
+    """The key of a container's ``index``-th child: ``fold_in(key, index)``, or None without a key."""
+    return None if key is None else jax.random.fold_in(key, index)
