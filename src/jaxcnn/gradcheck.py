@@ -271,14 +271,24 @@ def check_layers(
 def _check_call(call, train, rng, tolerance: Tolerance, finite_differences: bool, dtype) -> list[Check]:
     layer = call.layer
 
-    def forward(p, x_in):
-        return layer.forward_with_state(p, call.state, x_in, train=train, key=call.key)[0]
+    def forward(p, state, x_in):
+        return layer.forward_with_state(p, state, x_in, train=train, key=call.key)[0]
 
-    y, residuals, _ = layer.forward_with_state(call.params, call.state, call.x, train=train, key=call.key)
-    dy = jax.random.normal(jax.random.fold_in(rng, 0), y.shape, jnp.float64).astype(y.dtype)
-    dx_hand, dparams_hand = layer.backward(call.params, residuals, dy)
-    _, pullback = jax.vjp(forward, call.params, call.x)
-    dparams_auto, dx_auto = pullback(dy)
+    @jax.jit
+    def hand(p, state, x_in, dy):
+        _, residuals, _ = layer.forward_with_state(p, state, x_in, train=train, key=call.key)
+        return layer.backward(p, residuals, dy)
+
+    @jax.jit
+    def autodiff(p, state, x_in, dy):
+        _, pullback = jax.vjp(lambda p, x_in: forward(p, state, x_in), p, x_in)
+        dparams, dx = pullback(dy)
+        return dx, dparams
+
+    y_shape = jax.eval_shape(forward, call.params, call.state, call.x)
+    dy = jax.random.normal(jax.random.fold_in(rng, 0), y_shape.shape, jnp.float64).astype(y_shape.dtype)
+    dx_hand, dparams_hand = hand(call.params, call.state, call.x, dy)
+    dx_auto, dparams_auto = autodiff(call.params, call.state, call.x, dy)
     checks = [_array_check("layer", call.path, "input", "hand vs autodiff", dx_hand, dx_auto, tolerance.exact)]
     hand_leaves = jax.tree.leaves(dparams_hand)
     auto_named = _leaves_with_names(dparams_auto)
@@ -287,8 +297,10 @@ def _check_call(call, train, rng, tolerance: Tolerance, finite_differences: bool
             f"{call.path}: backward returned {len(hand_leaves)} parameter cotangents for "
             f"{len(auto_named)} parameters; dparams must have the structure of params"
         )
-    for hand, (_, quantity, auto) in zip(hand_leaves, auto_named):
-        checks.append(_array_check("layer", call.path, quantity, "hand vs autodiff", hand, auto, tolerance.exact))
+    for hand_leaf, (_, quantity, auto) in zip(hand_leaves, auto_named):
+        checks.append(
+            _array_check("layer", call.path, quantity, "hand vs autodiff", hand_leaf, auto, tolerance.exact)
+        )
     if not finite_differences:
         return checks
 
@@ -297,16 +309,14 @@ def _check_call(call, train, rng, tolerance: Tolerance, finite_differences: bool
     x64 = jnp.asarray(call.x, jnp.float64)
     spread = jnp.maximum(jnp.std(x64), 1e-3)
     x64 = x64 + 1e-2 * spread * jax.random.normal(jax.random.fold_in(rng, 1), x64.shape, jnp.float64)
-    y64, residuals64, _ = layer.forward_with_state(params64, state64, x64, train=train, key=call.key)
-    dy64 = jax.random.normal(jax.random.fold_in(rng, 2), y64.shape, jnp.float64)
+    dy64 = jax.random.normal(jax.random.fold_in(rng, 2), y_shape.shape, jnp.float64)
     # the analytic side is the hand rule in the checked dtype, at the same (noisy) point
-    p_d, x_d, dy_d = _cast((params64, x64, dy64), dtype)
-    _, residuals_d, _ = layer.forward_with_state(p_d, _cast(state64, dtype), x_d, train=train, key=call.key)
-    dx_d, dparams_d = layer.backward(p_d, residuals_d, dy_d)
+    p_d, state_d, x_d, dy_d = _cast((params64, state64, x64, dy64), dtype)
+    dx_d, dparams_d = hand(p_d, state_d, x_d, dy_d)
 
+    @jax.jit
     def projected(p, x_in):
-        out = layer.forward_with_state(p, state64, x_in, train=train, key=call.key)[0]
-        return jnp.sum(out * dy64)
+        return jnp.sum(forward(p, state64, x_in) * dy64)
 
     fd_key = jax.random.fold_in(rng, 3)
     result = _finite_difference_check(lambda xv: projected(params64, xv), x64, dx_d, fd_key, tolerance)
@@ -377,9 +387,9 @@ def check_model(
             predictions, _ = model.apply(p, state, x, train=train, key=key, gradients="manual")
             return hand_loss(predictions, y)
 
-        loss_auto, grads_auto = jax.value_and_grad(autodiff_loss)(params)
-        loss_bridge, grads_bridge = jax.value_and_grad(bridge_loss)(params)
-        engine = backprop.value_and_grad(model, loss_fn, loss_vjp=loss_vjp, train=train)
+        loss_auto, grads_auto = jax.jit(jax.value_and_grad(autodiff_loss))(params)
+        loss_bridge, grads_bridge = jax.jit(jax.value_and_grad(bridge_loss))(params)
+        engine = jax.jit(backprop.value_and_grad(model, loss_fn, loss_vjp=loss_vjp, train=train))
         (loss_engine, _), grads_engine = engine(params, state, x, y, key=key)
 
         for method, loss in (("engine vs autodiff", loss_engine), ("bridge vs autodiff", loss_bridge)):
@@ -398,6 +408,7 @@ def check_model(
             params64, state64, x64 = _cast((params, state, x), jnp.float64)
             y64 = _cast(y, jnp.float64)
 
+            @jax.jit
             def loss64(p):
                 predictions, _ = model.apply(p, state64, x64, train=train, key=key, gradients="autodiff")
                 return loss_fn(predictions, y64)

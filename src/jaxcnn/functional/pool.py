@@ -99,7 +99,8 @@ def max_pool2d(
       ``(N, OH, OW, C)``.
     """
     window, stride, pads, _ = pool_geometry(x.shape, window, stride, padding, op="max_pool2d")
-    lowest = jnp.array(-jnp.inf, x.dtype)
+    # a concrete (numpy) init value lets JAX recognise the max monoid, so autodiff can check this op too
+    lowest = np.array(-np.inf, x.dtype)
     return lax.reduce_window(x, lowest, lax.max, (1, *window, 1), (1, *stride, 1), ((0, 0), *pads, (0, 0)))
 
 
@@ -158,7 +159,7 @@ def avg_pool2d(
       ``(N, OH, OW, C)``.
     """
     window, stride, pads, out = pool_geometry(x.shape, window, stride, padding, op="avg_pool2d")
-    zero = jnp.zeros((), x.dtype)
+    zero = np.array(0, x.dtype)  # concrete, so JAX recognises the sum monoid (and can differentiate it)
     total = lax.reduce_window(x, zero, lax.add, (1, *window, 1), (1, *stride, 1), ((0, 0), *pads, (0, 0)))
     count = _real_cells((x.shape[1], x.shape[2]), window, stride, pads, out)
     return total / jnp.asarray(count, x.dtype)

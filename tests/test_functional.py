@@ -1,0 +1,269 @@
+"""Every functional op's hand VJP against jax.vjp of its forward (float64 and float32), table-driven,
+with finite differences on a sample of cases (through gradcheck.check_op)."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import DTYPES, assert_trees_close, normal, relative_error
+
+import jaxcnn.functional as F
+from jaxcnn import gradcheck
+
+
+def _conv_cases():
+    """Odd sizes, non-square kernels 1-5, stride 1-3, dilation 1-3, groups 1/2/3, every padding spelling,
+    batch 1 and 3: hand-picked edge cases plus a seeded random sample of the product."""
+    cases = [
+        # (batch, H, W, C, F, (kh, kw), stride, padding, dilation, groups, bias)
+        (1, 5, 5, 1, 1, (1, 1), 1, "VALID", 1, 1, True),
+        (3, 7, 9, 3, 6, (3, 2), 1, "SAME", 1, 1, True),
+        (3, 8, 7, 4, 4, (3, 3), 2, ((1, 2), (0, 3)), 1, 2, True),
+        (1, 9, 9, 3, 3, (2, 5), 3, 2, 2, 3, False),  # depthwise, int padding
+        (3, 10, 11, 6, 6, (3, 3), (2, 3), "SAME", (2, 1), 6, True),  # depthwise, SAME, strided, dilated
+        (1, 6, 6, 1, 2, (2, 2), 1, ((3, 0), (0, 4)), 1, 1, True),  # padding larger than the kernel
+        (3, 5, 5, 2, 2, (1, 1), 1, 3, 1, 1, True),
+        (1, 4, 4, 3, 3, (4, 4), 1, "VALID", 1, 1, True),  # kernel as large as the input
+        (3, 11, 7, 2, 4, (5, 3), 3, "SAME", 3, 2, True),
+        (1, 13, 13, 3, 2, (3, 5), (1, 2), ((0, 2), (2, 1)), (3, 2), 1, False),
+    ]
+    rng = np.random.default_rng(1234)
+    paddings = ["SAME", "VALID", 0, 1, 2, ((0, 1), (2, 0)), ((1, 2), (1, 1)), ((2, 0), (0, 1))]
+    while len(cases) < 40:
+        groups = int(rng.choice([1, 2, 3]))
+        channels = groups * int(rng.integers(1, 3))
+        features = groups * int(rng.integers(1, 3))
+        kernel = (int(rng.integers(1, 6)), int(rng.integers(1, 6)))
+        stride = (int(rng.integers(1, 4)), int(rng.integers(1, 4)))
+        dilation = (int(rng.integers(1, 4)), int(rng.integers(1, 4)))
+        padding = paddings[int(rng.integers(len(paddings)))]
+        height, width = int(rng.integers(5, 14)) | 1, int(rng.integers(5, 14))
+        effective = [(k - 1) * d + 1 for k, d in zip(kernel, dilation)]
+        if effective[0] > height or effective[1] > width:
+            continue
+        batch = int(rng.choice([1, 3]))
+        cases.append((batch, height, width, channels, features, kernel, stride, padding, dilation, groups,
+                      bool(rng.integers(2))))
+    return cases
+
+
+CONV_CASES = _conv_cases()
+
+
+def _conv_inputs(case, dtype, seed=0):
+    batch, h, w, c, f, kernel, stride, padding, dilation, groups, bias = case
+    x = normal(seed, (batch, h, w, c), dtype)
+    kern = normal(seed + 1, (*kernel, c // groups, f), dtype)
+    b = normal(seed + 2, (f,), dtype) if bias else None
+    options = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    return x, kern, b, options
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float64", "float32"])
+@pytest.mark.parametrize("case", CONV_CASES, ids=[f"conv{i}" for i in range(len(CONV_CASES))])
+def test_conv2d_vjp_matches_autodiff(case, dtype):
+    x, w, b, options = _conv_inputs(case, dtype)
+    y, pullback = jax.vjp(lambda x, w, b: F.conv2d(x, w, b, **options), x, w, b if b is not None else jnp.zeros(
+        w.shape[-1], dtype))
+    dy = normal(7, y.shape, dtype)
+    dx, dw, db = F.conv2d_vjp(x, w, dy, **options)
+    assert (dx.dtype, dw.dtype, db.dtype) == (dtype, dtype, dtype)
+    assert_trees_close((dx, dw, db), pullback(dy), dtype, f"conv2d {case}")
+
+
+@pytest.mark.parametrize("case", CONV_CASES[::5], ids=[f"conv{i}" for i in range(0, len(CONV_CASES), 5)])
+def test_conv2d_finite_differences(case):
+    x, w, b, options = _conv_inputs(case, jnp.float64)
+    report = gradcheck.check_op(F.conv2d, x, w, b, **options)
+    assert report.ok, report.table()
+    assert {c.method for c in report.checks} == {"hand vs autodiff", "hand vs finite diff"}
+
+
+def test_conv2d_output_shapes_follow_lax():
+    x = normal(0, (2, 9, 8, 4))
+    w = normal(1, (3, 2, 2, 6))
+    for stride, padding, dilation in itertools.product([1, 2, 3], ["SAME", "VALID", 1, ((2, 0), (1, 3))], [1, 2]):
+        y = F.conv2d(x, w, stride=stride, padding=padding, dilation=dilation, groups=2)
+        pad = padding if isinstance(padding, str) else (
+            [(padding, padding)] * 2 if isinstance(padding, int) else padding)
+        expected = jax.lax.conv_general_dilated(
+            x, w, (stride, stride), pad, rhs_dilation=(dilation, dilation),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=2)
+        assert y.shape == expected.shape
+        assert relative_error(y, expected) < 1e-12
+
+
+POOL_CASES = [
+    # (batch, H, W, C, window, stride, padding)
+    (1, 6, 6, 1, 2, None, "VALID"),
+    (3, 7, 9, 2, 2, None, "VALID"),
+    (3, 7, 9, 3, 3, 2, "SAME"),
+    (1, 8, 8, 2, (3, 2), (1, 2), ((1, 2), (0, 1))),
+    (3, 5, 5, 1, 3, 1, 1),
+    (1, 9, 7, 2, (2, 3), 3, "SAME"),
+    (3, 11, 10, 2, 4, (2, 3), ((3, 0), (1, 2))),
+    (1, 5, 5, 3, 5, 1, "VALID"),
+    (3, 6, 5, 2, (1, 3), (1, 1), "SAME"),
+    (1, 13, 11, 1, 3, (3, 1), 2),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float64", "float32"])
+@pytest.mark.parametrize("op", ["max", "avg"])
+@pytest.mark.parametrize("case", POOL_CASES, ids=[f"pool{i}" for i in range(len(POOL_CASES))])
+def test_pool_vjp_matches_autodiff(case, op, dtype):
+    batch, h, w, c, window, stride, padding = case
+    forward, rule = {"max": (F.max_pool2d, F.max_pool2d_vjp), "avg": (F.avg_pool2d, F.avg_pool2d_vjp)}[op]
+    x = normal(3, (batch, h, w, c), dtype)
+    y, pullback = jax.vjp(lambda x: forward(x, window, stride, padding), x)
+    dy = normal(4, y.shape, dtype)
+    dx = rule(x, dy, window, stride, padding)
+    assert dx.shape == x.shape and dx.dtype == dtype
+    assert_trees_close(dx, pullback(dy)[0], dtype, f"{op}_pool2d {case}")
+
+
+@pytest.mark.parametrize("case", POOL_CASES[::3], ids=[f"pool{i}" for i in range(0, len(POOL_CASES), 3)])
+@pytest.mark.parametrize("forward", [F.max_pool2d, F.avg_pool2d])
+def test_pool_finite_differences(case, forward):
+    batch, h, w, c, window, stride, padding = case
+    report = gradcheck.check_op(forward, normal(5, (batch, h, w, c)), window=window, stride=stride, padding=padding)
+    assert report.ok, report.table()
+
+
+def test_avg_pool_divides_by_real_cells_only():
+    x = jnp.ones((1, 3, 3, 1))
+    y = F.avg_pool2d(x, 2, 1, "SAME")  # windows hanging over the bottom/right edge see fewer real cells
+    np.testing.assert_allclose(np.asarray(y), 1.0)
+    y = F.avg_pool2d(jnp.arange(9.0).reshape(1, 3, 3, 1), 3, 1, 1)
+    assert float(y[0, 0, 0, 0]) == pytest.approx((0 + 1 + 3 + 4) / 4)
+
+
+def test_max_pool_ties_go_to_the_first_maximal_cell():
+    x = jnp.zeros((1, 2, 2, 1))
+    dx = F.max_pool2d_vjp(x, jnp.ones((1, 1, 1, 1)), 2)
+    np.testing.assert_array_equal(np.asarray(dx)[0, :, :, 0], [[1.0, 0.0], [0.0, 0.0]])
+    x = jnp.array([[0.0, 2.0], [2.0, 1.0]]).reshape(1, 2, 2, 1)
+    dx = F.max_pool2d_vjp(x, jnp.ones((1, 1, 1, 1)), 2)
+    np.testing.assert_array_equal(np.asarray(dx)[0, :, :, 0], [[0.0, 1.0], [0.0, 0.0]])
+    # and JAX's own autodiff makes the same choice
+    _, pullback = jax.vjp(lambda x: F.max_pool2d(x, 2), x)
+    np.testing.assert_array_equal(np.asarray(pullback(jnp.ones((1, 1, 1, 1)))[0]), np.asarray(dx))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float64", "float32"])
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (3, 5, 7, 2)])
+def test_global_avg_pool_vjp(shape, dtype):
+    x = normal(0, shape, dtype)
+    y, pullback = jax.vjp(F.global_avg_pool2d, x)
+    assert y.shape == (shape[0], shape[3])
+    dy = normal(1, y.shape, dtype)
+    assert_trees_close(F.global_avg_pool2d_vjp(x, dy), pullback(dy)[0], dtype, "global_avg_pool2d")
+
+
+DENSE_CASES = [((1, 1), 1, True), ((3, 7), 5, True), ((4, 13), 2, False), ((2, 3, 6), 4, True)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float64", "float32"])
+@pytest.mark.parametrize("case", DENSE_CASES, ids=[f"dense{i}" for i in range(len(DENSE_CASES))])
+def test_dense_vjp(case, dtype):
+    x_shape, features, bias = case
+    x = normal(0, x_shape, dtype)
+    w = normal(1, (x_shape[-1], features), dtype)
+    b = normal(2, (features,), dtype)
+    y, pullback = jax.vjp(lambda x, w, b: F.dense(x, w, b), x, w, b)
+    dy = normal(3, y.shape, dtype)
+    assert_trees_close(F.dense_vjp(x, w, dy), pullback(dy), dtype, "dense")
+    report = gradcheck.check_op(F.dense, x, w, b if bias else None)
+    assert report.ok, report.table()
+
+
+ACTIVATIONS = [
+    ("relu", {}),
+    ("leaky_relu", {}),
+    ("leaky_relu", {"negative_slope": 0.2}),
+    ("elu", {}),
+    ("elu", {"alpha": 0.5}),
+    ("gelu", {"approximate": True}),
+    ("gelu", {"approximate": False}),
+    ("sigmoid", {}),
+    ("tanh", {}),
+    ("softplus", {}),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float64", "float32"])
+@pytest.mark.parametrize("name,options", ACTIVATIONS, ids=[f"{n}{o}" for n, o in ACTIVATIONS])
+def test_activation_vjp(name, options, dtype):
+    forward, rule = getattr(F, name), getattr(F, f"{name}_vjp")
+    x = 3 * normal(0, (3, 5, 4, 2), dtype)
+    y, pullback = jax.vjp(lambda x: forward(x, **options), x)
+    dy = normal(1, y.shape, dtype)
+    assert_trees_close(rule(x, dy, **options), pullback(dy)[0], dtype, name)
+    if dtype == jnp.float64:
+        report = gradcheck.check_op(forward, x, **options)
+        assert report.ok, report.table()
+
+
+@pytest.mark.parametrize("name", ["sigmoid", "tanh", "softplus", "elu", "gelu"])
+def test_activations_stay_finite_at_extremes(name):
+    x = jnp.array([-1e4, -50.0, 0.0, 50.0, 1e4], jnp.float32)
+    y = getattr(F, name)(x)
+    dx = getattr(F, f"{name}_vjp")(x, jnp.ones_like(x))
+    assert np.all(np.isfinite(np.asarray(y))) and np.all(np.isfinite(np.asarray(dx)))
+
+
+def test_activation_forwards_match_jax_nn():
+    x = normal(0, (50,))
+    pairs = [
+        (F.relu(x), jax.nn.relu(x)),
+        (F.leaky_relu(x, 0.1), jax.nn.leaky_relu(x, 0.1)),
+        (F.elu(x), jax.nn.elu(x)),
+        (F.gelu(x, True), jax.nn.gelu(x, approximate=True)),
+        (F.gelu(x, False), jax.nn.gelu(x, approximate=False)),
+        (F.sigmoid(x), jax.nn.sigmoid(x)),
+        (F.softplus(x), jax.nn.softplus(x)),
+    ]
+    for ours, theirs in pairs:
+        assert relative_error(ours, theirs) < 1e-14
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float64", "float32"])
+@pytest.mark.parametrize("batch,classes", [(1, 2), (5, 10), (3, 7)])
+def test_softmax_cross_entropy_vjp(batch, classes, dtype):
+    logits = 4 * normal(0, (batch, classes), dtype)
+    labels = jnp.asarray(np.random.default_rng(1).integers(0, classes, batch))
+    loss, pullback = jax.vjp(lambda z: F.softmax_cross_entropy(z, labels), logits)
+    reference = -np.mean(np.asarray(jax.nn.log_softmax(logits.astype(jnp.float64)))[np.arange(batch), labels])
+    assert float(loss) == pytest.approx(reference, rel=1e-12 if dtype == jnp.float64 else 1e-5)
+    for dloss in (1.0, 0.37):
+        expected = pullback(jnp.asarray(dloss, loss.dtype))[0]
+        assert_trees_close(F.softmax_cross_entropy_vjp(logits, labels, dloss), expected, dtype, "xent")
+    assert gradcheck.check_op(F.softmax_cross_entropy, logits.astype(jnp.float64), labels).ok
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float64", "float32"])
+@pytest.mark.parametrize("shape", [(1,), (4, 3), (2, 5, 5, 1)])
+def test_mean_squared_error_vjp(shape, dtype):
+    p, t = normal(0, shape, dtype), normal(1, shape, dtype)
+    loss, pullback = jax.vjp(lambda p: F.mean_squared_error(p, t), p)
+    assert float(loss) == pytest.approx(float(np.mean((np.asarray(p) - np.asarray(t)) ** 2)), rel=1e-5)
+    for dloss in (1.0, 2.5):
+        expected = pullback(jnp.asarray(dloss, loss.dtype))[0]
+        assert_trees_close(F.mean_squared_error_vjp(p, t, dloss), expected, dtype, "mse")
+
+
+def test_losses_are_stable_for_huge_logits():
+    logits = jnp.array([[1e4, -1e4, 0.0]], jnp.float32)
+    labels = jnp.array([1])
+    assert np.isfinite(float(F.softmax_cross_entropy(logits, labels)))
+    assert np.all(np.isfinite(np.asarray(F.softmax_cross_entropy_vjp(logits, labels))))
+
+
+def test_every_registered_op_has_a_rule():
+    names = set(F.registered_ops())
+    assert {"conv2d", "max_pool2d", "avg_pool2d", "global_avg_pool2d", "dense", "relu", "leaky_relu", "elu",
+            "gelu", "sigmoid", "tanh", "softplus", "softmax_cross_entropy", "mean_squared_error"} <= names
+    with pytest.raises(ValueError, match="no hand-derived VJP is registered for 'sum'"):
+        F.hand_rule(jnp.sum)
