@@ -32,6 +32,7 @@ under the step.
 from __future__ import annotations
 
 import contextlib
+import functools
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -191,29 +192,29 @@ def _replace_leaf(tree: Any, index: int, value: Any) -> Any:
     return jax.tree.unflatten(treedef, leaves)
 
 
-def _direction(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    """A random unit-norm direction in float64."""
-    v = jax.random.normal(key, shape, jnp.float64)
-    return v / jnp.maximum(jnp.linalg.norm(v.ravel()), 1e-300)
+def _normal(seed: tuple[int, ...], shape: tuple[int, ...]) -> np.ndarray:
+    """Standard normal float64 numbers from a seed path (numpy, so no device compile per shape)."""
+    return np.random.default_rng(seed).standard_normal(shape)
 
 
 def _finite_difference_check(
-    f: Callable[[jax.Array], jax.Array],
-    point: jax.Array,
-    gradient: jax.Array,
-    key: jax.Array,
+    f: Callable[[Any], jax.Array],
+    point: Any,
+    gradient: Any,
+    seed: tuple[int, ...],
     tolerance: Tolerance,
 ) -> tuple[float, float, bool]:
-    """Central difference of scalar ``f`` at ``point`` along a random direction vs ``<gradient, v>``.
+    """Central difference of scalar ``f`` at ``point`` along a random unit direction ``v`` vs ``<gradient, v>``.
 
     Returns ``(abs error, rel error, ok)``; everything is evaluated in float64.
     """
-    point = jnp.asarray(point, jnp.float64)
-    v = _direction(key, point.shape)
+    point = np.asarray(point, np.float64)
+    v = _normal(seed, point.shape)
+    v /= max(float(np.linalg.norm(v)), 1e-300)
     h = tolerance.step
     f_plus, f_minus, f_0 = float(f(point + h * v)), float(f(point - h * v)), float(f(point))
     numeric = (f_plus - f_minus) / (2 * h)
-    analytic = float(jnp.sum(jnp.asarray(gradient, jnp.float64) * v))
+    analytic = float(np.sum(np.asarray(gradient, np.float64) * v))
     error = abs(numeric - analytic)
     scale = max(abs(numeric), abs(analytic))
     relative = error / scale if scale > 0 else 0.0
@@ -261,14 +262,12 @@ def check_layers(
     with _x64(True):
         params, state, x = _cast((params, state, x), dtype)
         _, _, calls = model.trace(params, state, x, train=train, key=key)
-        rng = jax.random.key(seed)
         for number, call in enumerate(calls):
-            layer_rng = jax.random.fold_in(rng, number)
-            report.checks.extend(_check_call(call, train, layer_rng, tolerance, finite_differences, dtype))
+            report.checks.extend(_check_call(call, train, (seed, number), tolerance, finite_differences, dtype))
     return report
 
 
-def _check_call(call, train, rng, tolerance: Tolerance, finite_differences: bool, dtype) -> list[Check]:
+def _check_call(call, train, seed: tuple[int, ...], tolerance: Tolerance, finite_differences: bool, dtype) -> list[Check]:
     layer = call.layer
 
     def forward(p, state, x_in):
@@ -286,7 +285,7 @@ def _check_call(call, train, rng, tolerance: Tolerance, finite_differences: bool
         return dx, dparams
 
     y_shape = jax.eval_shape(forward, call.params, call.state, call.x)
-    dy = jax.random.normal(jax.random.fold_in(rng, 0), y_shape.shape, jnp.float64).astype(y_shape.dtype)
+    dy = jnp.asarray(_normal((*seed, 0), y_shape.shape), y_shape.dtype)
     dx_hand, dparams_hand = hand(call.params, call.state, call.x, dy)
     dx_auto, dparams_auto = autodiff(call.params, call.state, call.x, dy)
     checks = [_array_check("layer", call.path, "input", "hand vs autodiff", dx_hand, dx_auto, tolerance.exact)]
@@ -306,10 +305,10 @@ def _check_call(call, train, rng, tolerance: Tolerance, finite_differences: bool
 
     # Finite differences in float64, at the recorded input plus a little noise (off ties and kinks).
     params64, state64 = _cast((call.params, call.state), jnp.float64)
-    x64 = jnp.asarray(call.x, jnp.float64)
-    spread = jnp.maximum(jnp.std(x64), 1e-3)
-    x64 = x64 + 1e-2 * spread * jax.random.normal(jax.random.fold_in(rng, 1), x64.shape, jnp.float64)
-    dy64 = jax.random.normal(jax.random.fold_in(rng, 2), y_shape.shape, jnp.float64)
+    x64 = np.asarray(call.x, np.float64)
+    spread = max(float(np.std(x64)), 1e-3)
+    x64 = jnp.asarray(x64 + 1e-2 * spread * _normal((*seed, 1), x64.shape))
+    dy64 = jnp.asarray(_normal((*seed, 2), y_shape.shape))
     # the analytic side is the hand rule in the checked dtype, at the same (noisy) point
     p_d, state_d, x_d, dy_d = _cast((params64, state64, x64, dy64), dtype)
     dx_d, dparams_d = hand(p_d, state_d, x_d, dy_d)
@@ -318,15 +317,14 @@ def _check_call(call, train, rng, tolerance: Tolerance, finite_differences: bool
     def projected(p, x_in):
         return jnp.sum(forward(p, state64, x_in) * dy64)
 
-    fd_key = jax.random.fold_in(rng, 3)
-    result = _finite_difference_check(lambda xv: projected(params64, xv), x64, dx_d, fd_key, tolerance)
+    result = _finite_difference_check(lambda xv: projected(params64, xv), x64, dx_d, (*seed, 3), tolerance)
     checks.append(_fd_row("layer", call.path, "input", "hand vs finite diff", result, tolerance.finite_difference))
     for index, ((_, quantity, leaf), grad) in enumerate(zip(_leaves_with_names(params64), jax.tree.leaves(dparams_d))):
         result = _finite_difference_check(
             lambda value, index=index: projected(_replace_leaf(params64, index, value), x64),
             leaf,
             grad,
-            jax.random.fold_in(fd_key, index + 1),
+            (*seed, 4, index),
             tolerance,
         )
         checks.append(_fd_row("layer", call.path, quantity, "hand vs finite diff", result, tolerance.finite_difference))
@@ -413,7 +411,6 @@ def check_model(
                 predictions, _ = model.apply(p, state64, x64, train=train, key=key, gradients="autodiff")
                 return loss_fn(predictions, y64)
 
-            fd_key = jax.random.fold_in(jax.random.key(seed), 1_000_003)
             for index, ((layer, quantity, leaf), grad) in enumerate(
                 zip(_leaves_with_names(params64), jax.tree.leaves(grads_engine))
             ):
@@ -421,7 +418,7 @@ def check_model(
                     lambda value, index=index: loss64(_replace_leaf(params64, index, value)),
                     leaf,
                     grad,
-                    jax.random.fold_in(fd_key, index),
+                    (seed, 1_000_003, index),
                     tolerance,
                 )
                 report.checks.append(
@@ -488,11 +485,19 @@ def check_op(
                 full[i] = value
             return forward(*full, **options)
 
-        rng = jax.random.key(seed)
-        y, pullback = jax.vjp(call, *(args[i] for i in positions))
-        dy = jax.random.normal(jax.random.fold_in(rng, 0), jnp.shape(y), jnp.float64).astype(jnp.result_type(y))
-        auto = pullback(dy)
-        got = hand(dy, args)
+        diff_args = tuple(args[i] for i in positions)
+        y = jax.eval_shape(call, *diff_args)
+        dy = jnp.asarray(_normal((seed, 0), y.shape), y.dtype)
+
+        @jax.jit
+        def hand_and_autodiff(diff_args, dy):
+            _, pullback = jax.vjp(call, *diff_args)
+            at = list(args)
+            for i, value in zip(positions, diff_args):
+                at[i] = value
+            return hand(dy, tuple(at)), pullback(dy)
+
+        got, auto = hand_and_autodiff(diff_args, dy)
         if len(got) != len(positions):
             raise ValueError(f"{op_name}: the hand VJP returned {len(got)} cotangents for arguments {positions}")
         for i, g, a in zip(positions, got, auto):
@@ -500,15 +505,17 @@ def check_op(
         if finite_differences:
             args64 = tuple(_cast(list(args), jnp.float64))
             dy64 = jnp.asarray(dy, jnp.float64)
+
+            @functools.partial(jax.jit, static_argnums=1)
+            def projected(value, i):
+                full = list(args64)
+                full[i] = value
+                return jnp.sum(forward(*full, **options) * dy64)
+
             for n, i in enumerate(positions):
-
-                def projected(value, i=i):
-                    full = list(args64)
-                    full[i] = value
-                    return jnp.sum(forward(*full, **options) * dy64)
-
                 result = _finite_difference_check(
-                    projected, args64[i], got[n], jax.random.fold_in(rng, n + 1), tolerance
+                    lambda value, i=i: projected(value, i), args64[i], got[n], (seed, n + 1),
+                    tolerance,
                 )
                 report.checks.append(
                     _fd_row("op", op_name, f"arg {i}", "hand vs finite diff", result, tolerance.finite_difference)
