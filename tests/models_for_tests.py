@@ -1,0 +1,60 @@
+"""Small models shared by the tests."""
+
+import jaxcnn as jc
+from jaxcnn import nn
+
+
+def every_layer_model() -> nn.Sequential:
+    """A model that uses every layer type of jaxcnn.nn, with strides, dilation, groups and every padding kind.
+
+    Input (12, 11, 3); 4 classes.
+    """
+    return nn.Sequential(
+        [
+            nn.Conv2D(6, (3, 2), padding="SAME"),
+            nn.ReLU(),
+            nn.MaxPool2D(2),  # (6, 5, 6)
+            nn.Conv2D(6, 3, padding=((1, 0), (0, 1)), groups=3),  # (4, 3, 6)
+            nn.LeakyReLU(0.1),
+            nn.AvgPool2D(3, 1, "SAME"),
+            nn.Conv2D(8, 2, stride=(1, 2), dilation=(2, 1), padding=1),
+            nn.ELU(),
+            nn.GELU(approximate=False),
+            nn.Conv2D(8, 1, use_bias=False),
+            nn.Sigmoid(),
+            nn.MaxPool2D((2, 1), 1, "SAME"),
+            nn.GlobalAvgPool2D(),
+            nn.Flatten(),
+            nn.Dense(7),
+            nn.Tanh(),
+            nn.Dense(5, use_bias=False),
+            nn.Softplus(),
+            nn.GELU(),
+            nn.Dense(4),
+        ]
+    )
+
+
+def unseen_model() -> nn.Sequential:
+    """Another architecture built from the same layers: strided convs, max pooling, flatten."""
+    return nn.Sequential(
+        [
+            nn.Conv2D(5, 3, stride=2, padding=2),
+            nn.Tanh(),
+            nn.Conv2D(4, (2, 3), dilation=2, padding="SAME"),
+            nn.ReLU(),
+            nn.MaxPool2D(2, padding="SAME"),
+            nn.Flatten(),
+            nn.Dense(6),
+            nn.Sigmoid(),
+            nn.Dense(3),
+        ]
+    )
+
+
+MODELS = {
+    "mnist_cnn": (lambda: jc.models.get("mnist_cnn"), (28, 28, 1), 10),
+    "lenet5": (lambda: jc.models.get("lenet5"), (28, 28, 1), 10),
+    "every_layer": (every_layer_model, (12, 11, 3), 4),
+    "unseen": (unseen_model, (9, 10, 2), 3),
+}
