@@ -1,0 +1,131 @@
+"""The three gradient paths -- explicit reverse pass (engine), custom_vjp bridge, autodiff -- agree, compose with
+jit and vmap, and the hand rules run with JAX's differentiation transforms switched off."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import assert_trees_close, normal
+from models_for_tests import MODELS
+
+import jaxcnn as jc
+import jaxcnn.functional as F
+
+
+def setup(name, dtype=jnp.float64, batch=3, seed=0):
+    build, input_shape, classes = MODELS[name]
+    model = build()
+    params, state = model.init(jax.random.key(seed), input_shape, dtype=dtype)
+    x = normal(seed + 1, (batch, *input_shape), dtype)
+    y = jnp.asarray(np.random.default_rng(seed).integers(0, classes, batch))
+    return model, params, state, x, y
+
+
+def three_paths(model, params, state, x, y, loss_fn=F.softmax_cross_entropy):
+    def loss(p, gradients):
+        out, _ = model.apply(p, state, x, train=True, gradients=gradients)
+        if gradients == "manual":
+            return jc.backprop.manual_loss(loss_fn)(out, y)
+        return loss_fn(out, y)
+
+    autodiff = jax.jit(jax.value_and_grad(lambda p: loss(p, "autodiff")))(params)
+    bridge = jax.jit(jax.value_and_grad(lambda p: loss(p, "manual")))(params)
+    (engine_loss, _), engine_grads = jax.jit(jc.backprop.value_and_grad(model, loss_fn))(params, state, x, y)
+    return autodiff, bridge, (engine_loss, engine_grads)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_engine_bridge_and_autodiff_agree(name, dtype):
+    model, params, state, x, y = setup(name, dtype)
+    (loss_a, grads_a), (loss_b, grads_b), (loss_e, grads_e) = three_paths(model, params, state, x, y)
+    assert_trees_close((loss_e, grads_e), (loss_a, grads_a), dtype, f"{name} engine vs autodiff")
+    assert_trees_close((loss_b, grads_b), (loss_a, grads_a), dtype, f"{name} bridge vs autodiff")
+    assert float(jnp.linalg.norm(grads_a["Dense_0"]["kernel"])) > 0
+
+
+def test_engine_with_mean_squared_error():
+    model, params, state, x, _ = setup("unseen")
+    target = normal(9, (x.shape[0], 3))
+    (loss_a, grads_a), (loss_b, grads_b), (loss_e, grads_e) = three_paths(
+        model, params, state, x, target, F.mean_squared_error)
+    assert_trees_close((loss_e, grads_e), (loss_a, grads_a), jnp.float64, "mse engine")
+    assert_trees_close((loss_b, grads_b), (loss_a, grads_a), jnp.float64, "mse bridge")
+
+
+def test_unregistered_loss_needs_its_vjp():
+    model, params, state, x, y = setup("unseen")
+    huber = lambda p, t: jnp.mean(jnp.where(jnp.abs(p - t) < 1, 0.5 * (p - t) ** 2, jnp.abs(p - t) - 0.5))
+    with pytest.raises(ValueError, match="no hand-derived VJP is registered for '<lambda>'"):
+        jc.backprop.value_and_grad(model, huber)
+    huber_vjp = lambda p, t, d: d * jnp.clip(p - t, -1, 1) / p.size
+    target = normal(4, (x.shape[0], 3))
+    (_, _), grads = jc.backprop.value_and_grad(model, huber, loss_vjp=huber_vjp)(params, state, x, target)
+    expected = jax.grad(lambda p: huber(model.apply(p, state, x)[0], target))(params)
+    assert_trees_close(grads, expected, jnp.float64, "huber")
+
+
+def test_manual_gradients_compose_with_vmap():
+    """Per-example gradients by vmap over jax.grad of the manual bridge equal a loop over single examples."""
+    model, params, state, x, y = setup("unseen", batch=4)
+    loss = jc.backprop.manual_loss(F.softmax_cross_entropy)
+
+    def single(p, xi, yi):
+        out, _ = model.apply(p, state, xi[None], gradients="manual")
+        return loss(out, yi[None])
+
+    per_example = jax.jit(jax.vmap(jax.grad(single), in_axes=(None, 0, 0)))(params, x, y)
+    for i in range(x.shape[0]):
+        one = jax.grad(lambda p: F.softmax_cross_entropy(model.apply(p, state, x[i:i + 1])[0], y[i:i + 1]))(params)
+        assert_trees_close(jax.tree.map(lambda g: g[i], per_example), one, jnp.float64, f"example {i}")
+    mean = jax.tree.map(lambda g: g.mean(0), per_example)
+    batch = jax.grad(lambda p: F.softmax_cross_entropy(model.apply(p, state, x)[0], y))(params)
+    assert_trees_close(mean, batch, jnp.float64, "mean of per-example")
+
+
+def test_engine_vmaps_too():
+    model, params, state, x, y = setup("every_layer", batch=2)
+    engine = jc.backprop.value_and_grad(model, F.softmax_cross_entropy)
+    per_example = jax.vmap(lambda xi, yi: engine(params, state, xi[None], yi[None])[1])(x, y)
+    assert per_example["Dense_0"]["kernel"].shape == (2, *params["Dense_0"]["kernel"].shape)
+
+
+DIFFERENTIATION = ["vjp", "grad", "value_and_grad", "jvp", "linearize", "linear_transpose", "jacrev", "jacfwd",
+                   "jacobian", "hessian"]
+
+
+def test_hand_rules_run_without_jax_differentiation():
+    # reference values first, with autodiff still on
+    x, w, b = normal(0, (2, 7, 6, 4)), normal(1, (3, 2, 2, 6)), normal(2, (6,))
+    opts = dict(stride=(2, 1), padding=((1, 2), (0, 1)), dilation=(1, 2), groups=2)
+    dy = normal(3, F.conv2d(x, w, b, **opts).shape)
+    conv_expected = jax.vjp(lambda x, w, b: F.conv2d(x, w, b, **opts), x, w, b)[1](dy)
+    pool_dy = normal(4, F.max_pool2d(x, 3, 2, "SAME").shape)
+    pool_expected = [jax.vjp(lambda x: f(x, 3, 2, "SAME"), x)[1](pool_dy)[0] for f in (F.max_pool2d, F.avg_pool2d)]
+    act_expected = {n: jax.vjp(getattr(F, n), x)[1](x)[0] for n in ("relu", "leaky_relu", "elu", "gelu", "sigmoid", "tanh", "softplus")}
+    model, params, state, xb, yb = setup("unseen")
+    engine_expected = jax.grad(lambda p: F.softmax_cross_entropy(model.apply(p, state, xb, train=True)[0], yb))(params)
+
+    from jax._src.interpreters import ad
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a JAX differentiation transform was called")
+
+    with pytest.MonkeyPatch.context() as mp:
+        for name in DIFFERENTIATION:
+            if hasattr(jax, name):
+                mp.setattr(jax, name, forbidden)
+        for name in ("jvp", "linearize", "backward_pass", "linearize_jaxpr", "jvp_jaxpr"):
+            if hasattr(ad, name):
+                mp.setattr(ad, name, forbidden)
+        with pytest.raises(AssertionError):
+            jax.grad(lambda v: v)(1.0)
+        assert_trees_close(F.conv2d_vjp(x, w, dy, **opts), conv_expected, jnp.float64, "conv2d")
+        assert_trees_close(F.max_pool2d_vjp(x, pool_dy, 3, 2, "SAME"), pool_expected[0], jnp.float64, "max")
+        assert_trees_close(F.avg_pool2d_vjp(x, pool_dy, 3, 2, "SAME"), pool_expected[1], jnp.float64, "avg")
+        for name, expected in act_expected.items():
+            assert_trees_close(getattr(F, f"{name}_vjp")(x, x), expected, jnp.float64, name)
+        engine = jc.backprop.value_and_grad(model, F.softmax_cross_entropy)
+        for run in (engine, jax.jit(engine)):
+            (_, _), grads = run(params, state, xb, yb)
+            assert_trees_close(grads, engine_expected, jnp.float64, "engine")

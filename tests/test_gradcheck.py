@@ -1,0 +1,176 @@
+"""The checker: passes correct rules, catches wrong ones and names the layer and parameter."""
+
+import importlib.util
+import pathlib
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import normal
+from models_for_tests import MODELS
+
+import jaxcnn as jc
+import jaxcnn.functional as F
+from jaxcnn import nn
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load_example(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def data(name, batch=3, seed=0):
+    build, input_shape, classes = MODELS[name]
+    model = build()
+    params, state = model.init(jax.random.key(seed), input_shape)
+    x = jax.random.normal(jax.random.key(seed + 1), (batch, *input_shape))
+    y = jnp.asarray(np.random.default_rng(seed).integers(0, classes, batch))
+    return model, params, state, x, y
+
+
+@pytest.mark.parametrize("name", ["every_layer", "unseen"])
+def test_check_model_passes_on_correct_rules(name):
+    model, params, state, x, y = data(name)
+    report = jc.gradcheck.check_model(model, params, state, x, y)
+    assert report.ok, report.table()
+    methods = {c.method for c in report.checks}
+    assert methods == {"hand vs autodiff", "hand vs finite diff", "engine vs autodiff", "bridge vs autodiff",
+                       "engine vs finite diff"}
+    exact = [c for c in report.checks if "autodiff" in c.method]
+    assert max(c.max_rel for c in exact) <= 1e-10
+    # every layer is checked, and every parameter of the model
+    layers = {c.layer for c in report.checks if c.scope == "layer"}
+    assert layers == set(model.names)
+    params_checked = {(c.layer, c.quantity) for c in report.checks if c.method == "engine vs autodiff"}
+    assert {(layer, q) for layer, p in params.items() for q in p} <= params_checked
+
+
+def test_check_model_float32():
+    model, params, state, x, y = data("unseen")
+    report = jc.gradcheck.check_model(model, params, state, x, y, dtype=jnp.float32)
+    assert report.ok, report.table()
+    assert report.dtype == "float32"
+    assert "float32" in report.table().splitlines()[-1]
+
+
+@dataclass(frozen=True)
+class WrongDense(nn.Dense):
+    """A Dense whose weight gradient is planted wrong (transposed roles of the bias and kernel scale)."""
+
+    def backward(self, params, residuals, dy):
+        dx, grads = super().backward(params, residuals, dy)
+        return dx, {**grads, "kernel": grads["kernel"] * 1.001}
+
+
+@dataclass(frozen=True)
+class WrongTanh(nn.Tanh):
+    """tanh with the classic mistake: derivative 1 - x^2 instead of 1 - tanh(x)^2."""
+
+    def backward(self, params, residuals, dy):
+        return dy * (1 - residuals.x**2), {}
+
+
+def test_planted_wrong_weight_gradient_is_caught_and_named():
+    model = nn.Sequential([nn.Conv2D(3, 3), nn.ReLU(), nn.Flatten(), WrongDense(4), nn.Dense(2)])
+    params, state = model.init(jax.random.key(0), (6, 6, 1))
+    x = jax.random.normal(jax.random.key(1), (2, 6, 6, 1))
+    report = jc.gradcheck.check_model(model, params, state, x, jnp.array([0, 1]))
+    assert not report.ok
+    failed = {(c.layer, c.quantity, c.method) for c in report.failures()}
+    assert ("Dense_0", "kernel", "hand vs autodiff") in failed
+    assert ("Dense_0", "kernel", "engine vs autodiff") in failed
+    assert ("Dense_0", "kernel", "bridge vs autodiff") in failed
+    # the gradient flowing into the layer below is untouched, so the blame stays with Dense_0/kernel
+    assert {layer for layer, _, method in failed if method == "hand vs autodiff"} == {"Dense_0"}
+    assert "FAIL" in report.table()
+
+
+def test_planted_wrong_activation_is_caught_upstream_too():
+    model = nn.Sequential([nn.Conv2D(3, 3), WrongTanh(), nn.Flatten(), nn.Dense(2)])
+    params, state = model.init(jax.random.key(0), (6, 6, 1))
+    x = jax.random.normal(jax.random.key(1), (2, 6, 6, 1))
+    report = jc.gradcheck.check_model(model, params, state, x, jnp.array([0, 1]))
+    failed = {(c.layer, c.quantity, c.method) for c in report.failures()}
+    assert ("WrongTanh_0", "input", "hand vs autodiff") in failed
+    assert ("WrongTanh_0", "input", "hand vs finite diff") in failed
+    # the wrong cotangent then spoils the conv's parameter gradients in the whole-model check
+    assert ("Conv_0", "kernel", "engine vs autodiff") in failed
+
+
+def test_custom_layer_example_passes():
+    example = load_example("custom_layer")
+    report = example.main()
+    assert report.ok
+    assert {"Swish_0", "Swish_1"} <= {c.layer for c in report.checks}
+    assert ("Swish_0", "beta") in {(c.layer, c.quantity) for c in report.checks if c.method == "engine vs autodiff"}
+
+
+def test_custom_layer_with_wrong_backward_fails():
+    example = load_example("custom_layer")
+
+    class BadSwish(example.Swish):
+        def backward(self, params, residuals, dy):
+            dx, grads = super().backward(params, residuals, dy)
+            return dx, {"beta": 2 * grads["beta"]}
+
+    model = nn.Sequential([nn.Flatten(), nn.Dense(5), BadSwish(), nn.Dense(2)])
+    params, state = model.init(jax.random.key(0), (3, 3, 1))
+    report = jc.gradcheck.check_model(model, params, state, jnp.ones((2, 3, 3, 1)), jnp.array([0, 1]))
+    assert not report.ok
+    assert {(c.layer, c.quantity) for c in report.failures()} >= {("BadSwish_0", "beta")}
+
+
+def swish(x, beta):
+    return x * jax.nn.sigmoid(beta * x)
+
+
+def swish_vjp(x, beta, dy):
+    s = jax.nn.sigmoid(beta * x)
+    return dy * (s + beta * x * s * (1 - s)), jnp.sum(dy * x * x * s * (1 - s))
+
+
+def test_check_op_on_a_user_op():
+    x, beta = normal(0, (4, 5)), jnp.asarray(1.3)
+    report = jc.gradcheck.check_op(swish, x, beta, vjp=swish_vjp)
+    assert report.ok, report.table()
+    assert len(report.checks) == 4
+    wrong = lambda x, beta, dy: (swish_vjp(x, beta, dy)[0], -swish_vjp(x, beta, dy)[1])
+    report = jc.gradcheck.check_op(swish, x, beta, vjp=wrong)
+    assert {c.quantity for c in report.failures()} == {"arg 1"}
+
+
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
+def test_check_op_on_registered_ops(dtype):
+    x = normal(0, (2, 7, 6, 4))
+    for forward, args, options in [
+        (F.conv2d, (x, normal(1, (3, 3, 2, 4)), normal(2, (4,))), dict(stride=2, padding="SAME", groups=2)),
+        (F.max_pool2d, (x,), dict(window=3, stride=2, padding=1)),
+        (F.gelu, (x,), dict(approximate=False)),
+        (F.softmax_cross_entropy, (normal(3, (5, 3)), jnp.array([0, 2, 1, 1, 0])), {}),
+    ]:
+        report = jc.gradcheck.check_op(forward, *args, dtype=dtype, **options)
+        assert report.ok, report.table()
+
+
+def test_bad_dtype_is_a_clear_error():
+    model, params, state, x, y = data("unseen")
+    with pytest.raises(ValueError, match="`dtype` must be float64 or float32, got int32"):
+        jc.gradcheck.check_model(model, params, state, x, y, dtype=jnp.int32)
+
+
+def test_check_model_works_without_global_x64(monkeypatch):
+    """float64 checks switch 64-bit types on locally when the program runs with the float32 default."""
+    model, params, state, x, y = data("unseen")
+    jax.config.update("jax_enable_x64", False)
+    try:
+        report = jc.gradcheck.check_model(model, params, state, x, y, layers=False)
+    finally:
+        jax.config.update("jax_enable_x64", True)
+    assert report.ok and report.dtype == "float64"
+    assert max(c.max_rel for c in report.checks if "autodiff" in c.method) <= 1e-10
