@@ -5,11 +5,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_trees_close, normal
-from models_for_tests import MODELS
 
 import jaxcnn as jc
 import jaxcnn.functional as F
+from conftest import assert_trees_close, normal
+from models_for_tests import MODELS
 
 
 def setup(name, dtype=jnp.float64, batch=3, seed=0):
@@ -48,7 +48,8 @@ def test_engine_with_mean_squared_error():
     model, params, state, x, _ = setup("unseen")
     target = normal(9, (x.shape[0], 3))
     (loss_a, grads_a), (loss_b, grads_b), (loss_e, grads_e) = three_paths(
-        model, params, state, x, target, F.mean_squared_error)
+        model, params, state, x, target, F.mean_squared_error
+    )
     assert_trees_close((loss_e, grads_e), (loss_a, grads_a), jnp.float64, "mse engine")
     assert_trees_close((loss_b, grads_b), (loss_a, grads_a), jnp.float64, "mse bridge")
 
@@ -76,7 +77,7 @@ def test_manual_gradients_compose_with_vmap():
 
     per_example = jax.jit(jax.vmap(jax.grad(single), in_axes=(None, 0, 0)))(params, x, y)
     for i in range(x.shape[0]):
-        one = jax.grad(lambda p: F.softmax_cross_entropy(model.apply(p, state, x[i:i + 1])[0], y[i:i + 1]))(params)
+        one = jax.grad(lambda p: F.softmax_cross_entropy(model.apply(p, state, x[i : i + 1])[0], y[i : i + 1]))(params)
         assert_trees_close(jax.tree.map(lambda g: g[i], per_example), one, jnp.float64, f"example {i}")
     mean = jax.tree.map(lambda g: g.mean(0), per_example)
     batch = jax.grad(lambda p: F.softmax_cross_entropy(model.apply(p, state, x)[0], y))(params)
@@ -90,8 +91,18 @@ def test_engine_vmaps_too():
     assert per_example["Dense_0"]["kernel"].shape == (2, *params["Dense_0"]["kernel"].shape)
 
 
-DIFFERENTIATION = ["vjp", "grad", "value_and_grad", "jvp", "linearize", "linear_transpose", "jacrev", "jacfwd",
-                   "jacobian", "hessian"]
+DIFFERENTIATION = [
+    "vjp",
+    "grad",
+    "value_and_grad",
+    "jvp",
+    "linearize",
+    "linear_transpose",
+    "jacrev",
+    "jacfwd",
+    "jacobian",
+    "hessian",
+]
 
 
 def test_hand_rules_run_without_jax_differentiation():
@@ -102,7 +113,8 @@ def test_hand_rules_run_without_jax_differentiation():
     conv_expected = jax.vjp(lambda x, w, b: F.conv2d(x, w, b, **opts), x, w, b)[1](dy)
     pool_dy = normal(4, F.max_pool2d(x, 3, 2, "SAME").shape)
     pool_expected = [jax.vjp(lambda x: f(x, 3, 2, "SAME"), x)[1](pool_dy)[0] for f in (F.max_pool2d, F.avg_pool2d)]
-    act_expected = {n: jax.vjp(getattr(F, n), x)[1](x)[0] for n in ("relu", "leaky_relu", "elu", "gelu", "sigmoid", "tanh", "softplus")}
+    activations = ("relu", "leaky_relu", "elu", "gelu", "sigmoid", "tanh", "softplus")
+    act_expected = {n: jax.vjp(getattr(F, n), x)[1](x)[0] for n in activations}
     model, params, state, xb, yb = setup("unseen")
     engine_expected = jax.grad(lambda p: F.softmax_cross_entropy(model.apply(p, state, xb, train=True)[0], yb))(params)
 
@@ -129,3 +141,13 @@ def test_hand_rules_run_without_jax_differentiation():
         for run in (engine, jax.jit(engine)):
             (_, _), grads = run(params, state, xb, yb)
             assert_trees_close(grads, engine_expected, jnp.float64, "engine")
+
+
+def test_mixed_dtypes_promote_and_gradients_keep_parameter_dtypes():
+    model, params, state, x, y = setup("unseen", dtype=jnp.float32)
+    x64 = x.astype(jnp.float64)
+    (loss_a, grads_a), (loss_b, grads_b), (loss_e, grads_e) = three_paths(model, params, state, x64, y)
+    for grads in (grads_a, grads_b, grads_e):
+        assert {leaf.dtype for leaf in jax.tree.leaves(grads)} == {jnp.dtype(jnp.float32)}
+    assert_trees_close(grads_e, grads_a, jnp.float32, "engine")
+    assert_trees_close(grads_b, grads_a, jnp.float32, "bridge")

@@ -7,9 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import DTYPES, assert_trees_close, normal, relative_error
 
 import jaxcnn.functional as F
+from conftest import DTYPES, assert_trees_close, normal, relative_error
 from jaxcnn import gradcheck
 
 
@@ -44,8 +44,9 @@ def _conv_cases():
         if effective[0] > height or effective[1] > width:
             continue
         batch = int(rng.choice([1, 3]))
-        cases.append((batch, height, width, channels, features, kernel, stride, padding, dilation, groups,
-                      bool(rng.integers(2))))
+        cases.append(
+            (batch, height, width, channels, features, kernel, stride, padding, dilation, groups, bool(rng.integers(2)))
+        )
     return cases
 
 
@@ -91,11 +92,18 @@ def test_conv2d_output_shapes_follow_lax():
     w = normal(1, (3, 2, 2, 6))
     for stride, padding, dilation in itertools.product([1, 2, 3], ["SAME", "VALID", 1, ((2, 0), (1, 3))], [1, 2]):
         y = F.conv2d(x, w, stride=stride, padding=padding, dilation=dilation, groups=2)
-        pad = padding if isinstance(padding, str) else (
-            [(padding, padding)] * 2 if isinstance(padding, int) else padding)
+        pad = (
+            padding if isinstance(padding, str) else ([(padding, padding)] * 2 if isinstance(padding, int) else padding)
+        )
         expected = jax.lax.conv_general_dilated(
-            x, w, (stride, stride), pad, rhs_dilation=(dilation, dilation),
-            dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=2)
+            x,
+            w,
+            (stride, stride),
+            pad,
+            rhs_dilation=(dilation, dilation),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=2,
+        )
         assert y.shape == expected.shape
         assert relative_error(y, expected) < 1e-12
 
@@ -277,7 +285,21 @@ def test_losses_are_stable_for_huge_logits():
 
 def test_every_registered_op_has_a_rule():
     names = set(F.registered_ops())
-    assert {"conv2d", "max_pool2d", "avg_pool2d", "global_avg_pool2d", "dense", "relu", "leaky_relu", "elu",
-            "gelu", "sigmoid", "tanh", "softplus", "softmax_cross_entropy", "mean_squared_error"} <= names
+    assert {
+        "conv2d",
+        "max_pool2d",
+        "avg_pool2d",
+        "global_avg_pool2d",
+        "dense",
+        "relu",
+        "leaky_relu",
+        "elu",
+        "gelu",
+        "sigmoid",
+        "tanh",
+        "softplus",
+        "softmax_cross_entropy",
+        "mean_squared_error",
+    } <= names
     with pytest.raises(ValueError, match="no hand-derived VJP is registered for 'sum'"):
         F.hand_rule(jnp.sum)

@@ -8,12 +8,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import normal
-from models_for_tests import MODELS
 
 import jaxcnn as jc
 import jaxcnn.functional as F
+from conftest import normal
 from jaxcnn import nn
+from models_for_tests import MODELS
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -40,8 +40,13 @@ def test_check_model_passes_on_correct_rules(name):
     report = jc.gradcheck.check_model(model, params, state, x, y)
     assert report.ok, report.table()
     methods = {c.method for c in report.checks}
-    assert methods == {"hand vs autodiff", "hand vs finite diff", "engine vs autodiff", "bridge vs autodiff",
-                       "engine vs finite diff"}
+    assert methods == {
+        "hand vs autodiff",
+        "hand vs finite diff",
+        "engine vs autodiff",
+        "bridge vs autodiff",
+        "engine vs finite diff",
+    }
     exact = [c for c in report.checks if "autodiff" in c.method]
     assert max(c.max_rel for c in exact) <= 1e-10
     # every layer is checked, and every parameter of the model

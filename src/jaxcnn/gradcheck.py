@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -117,7 +116,9 @@ class Report:
             for check in self.checks
         ]
         widths = [max(len(str(row[i])) for row in (headers, *rows)) for i in range(len(headers))]
-        lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip() for row in (headers, *rows)]
+        lines = [
+            "  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip() for row in (headers, *rows)
+        ]
         lines.insert(1, "  ".join("-" * width for width in widths))
         verdict = "all checks passed" if self.ok else f"{len(self.failures())} of {len(self.checks)} checks FAILED"
         lines.append(f"{len(self.checks)} checks in {self.dtype}: {verdict}")
@@ -267,7 +268,9 @@ def check_layers(
     return report
 
 
-def _check_call(call, train, seed: tuple[int, ...], tolerance: Tolerance, finite_differences: bool, dtype) -> list[Check]:
+def _check_call(
+    call, train: bool, seed: tuple[int, ...], tolerance: Tolerance, finite_differences: bool, dtype: Any
+) -> list[Check]:
     layer = call.layer
 
     def forward(p, state, x_in):
@@ -297,9 +300,7 @@ def _check_call(call, train, seed: tuple[int, ...], tolerance: Tolerance, finite
             f"{len(auto_named)} parameters; dparams must have the structure of params"
         )
     for hand_leaf, (_, quantity, auto) in zip(hand_leaves, auto_named):
-        checks.append(
-            _array_check("layer", call.path, quantity, "hand vs autodiff", hand_leaf, auto, tolerance.exact)
-        )
+        checks.append(_array_check("layer", call.path, quantity, "hand vs autodiff", hand_leaf, auto, tolerance.exact))
     if not finite_differences:
         return checks
 
@@ -368,7 +369,14 @@ def check_model(
     if layers:
         report.checks.extend(
             check_layers(
-                model, params, state, x, dtype=dtype, train=train, key=key, seed=seed,
+                model,
+                params,
+                state,
+                x,
+                dtype=dtype,
+                train=train,
+                key=key,
+                seed=seed,
                 finite_differences=finite_differences,
             ).checks
         )
@@ -470,8 +478,7 @@ def check_op(
                 tuple(argnums)
                 if argnums is not None
                 else tuple(
-                    i for i, a in enumerate(args)
-                    if isinstance(a, jax.Array) and jnp.issubdtype(a.dtype, jnp.floating)
+                    i for i, a in enumerate(args) if isinstance(a, jax.Array) and jnp.issubdtype(a.dtype, jnp.floating)
                 )
             )
 
@@ -514,12 +521,13 @@ def check_op(
 
             for n, i in enumerate(positions):
                 result = _finite_difference_check(
-                    lambda value, i=i: projected(value, i), args64[i], got[n], (seed, n + 1),
+                    lambda value, i=i: projected(value, i),
+                    args64[i],
+                    got[n],
+                    (seed, n + 1),
                     tolerance,
                 )
                 report.checks.append(
                     _fd_row("op", op_name, f"arg {i}", "hand vs finite diff", result, tolerance.finite_difference)
                 )
     return report
-
-

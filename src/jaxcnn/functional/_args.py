@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Union
 
 Pair = tuple[int, int]
-Padding = Union[str, int, Sequence[int], Sequence[Sequence[int]]]
+Padding = str | int | Sequence[int] | Sequence[Sequence[int]]
 ExplicitPadding = tuple[tuple[int, int], tuple[int, int]]
 
 

@@ -93,11 +93,13 @@ def conv2d(
       groups: feature groups; ``groups == C`` gives a depthwise convolution.
 
     Returns:
-      ``(N, OH, OW, F)``.
+      ``(N, OH, OW, F)``, in the promoted dtype of the arguments (mixed dtypes are promoted as ``jnp`` does).
     """
     stride, dilation, pads, _ = conv_geometry(
         x.shape, w.shape, stride=stride, padding=padding, dilation=dilation, groups=groups
     )
+    dtype = jnp.result_type(x, w) if b is None else jnp.result_type(x, w, b)
+    x, w = x.astype(dtype), w.astype(dtype)
     y = lax.conv_general_dilated(
         x, w, stride, pads, rhs_dilation=dilation, dimension_numbers=_DIMENSIONS, feature_group_count=groups
     )
@@ -125,7 +127,7 @@ def conv2d_vjp(
 
     Returns:
       ``dx`` ``(N, H, W, C)``, ``dw`` ``(KH, KW, C // groups, F)``, ``db`` ``(F,)`` (``dy`` summed; returned
-      whether or not the forward had a bias).
+      whether or not the forward had a bias). ``dx`` and ``dw`` come back in the dtypes of ``x`` and ``w``.
     """
     stride, dilation, pads, out = conv_geometry(
         x.shape, w.shape, stride=stride, padding=padding, dilation=dilation, groups=groups
@@ -134,6 +136,10 @@ def conv2d_vjp(
     kh, kw, in_per_group, features = w.shape
     if dy.shape != (n, out[0], out[1], features):
         raise ValueError(f"conv2d_vjp: `dy` must have shape {(n, *out, features)}, got {tuple(dy.shape)}")
+
+    x_dtype, w_dtype = x.dtype, w.dtype
+    dtype = jnp.result_type(x, w, dy)
+    x, w, dy = x.astype(dtype), w.astype(dtype), dy.astype(dtype)
 
     # db: the bias is added to every output cell, so it collects dy from all of them.
     db = jnp.sum(dy, axis=(0, 1, 2))
@@ -181,7 +187,7 @@ def conv2d_vjp(
             ).reshape(n, out[0], out[1], groups, in_per_group)
             taps.append(jnp.einsum("nhwgi,nhwgo->igo", seen, dy_groups).reshape(in_per_group, features))
     dw = jnp.stack(taps).reshape(kh, kw, in_per_group, features)
-    return dx, dw, db
+    return dx.astype(x_dtype), dw.astype(w_dtype), db
 
 
 def _conv2d_vjp(args, dy, **options):

@@ -29,7 +29,8 @@ def dense(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:
       ``(..., D_out)``.
     """
     _check("dense", x.shape, w.shape)
-    y = jnp.matmul(x, w)
+    dtype = jnp.result_type(x, w) if b is None else jnp.result_type(x, w, b)
+    y = jnp.matmul(x.astype(dtype), w.astype(dtype))
     if b is not None:
         y = y + b.reshape((1,) * (y.ndim - 1) + (-1,))
     return y
@@ -42,9 +43,13 @@ def dense_vjp(x: jax.Array, w: jax.Array, dy: jax.Array) -> tuple[jax.Array, jax
       x: ``(..., D_in)``; w: ``(D_in, D_out)``; dy: ``(..., D_out)``.
 
     Returns:
-      ``dx`` ``(..., D_in)``, ``dw`` ``(D_in, D_out)``, ``db`` ``(D_out,)``.
+      ``dx`` ``(..., D_in)``, ``dw`` ``(D_in, D_out)``, ``db`` ``(D_out,)``; ``dx`` and ``dw`` in the dtypes
+      of ``x`` and ``w``.
     """
     _check("dense_vjp", x.shape, w.shape)
+    x_dtype, w_dtype = x.dtype, w.dtype
+    dtype = jnp.result_type(x, w, dy)
+    x, w, dy = x.astype(dtype), w.astype(dtype), dy.astype(dtype)
     # y_nk = sum_i x_ni w_ik + b_k, so dx_ni = sum_k dy_nk w_ik (dx = dy w^T), dw_ik = sum_n x_ni dy_nk
     # (dw = x^T dy, summed over every leading axis) and db_k = sum_n dy_nk.
     x2 = x.reshape(-1, x.shape[-1])
@@ -52,7 +57,7 @@ def dense_vjp(x: jax.Array, w: jax.Array, dy: jax.Array) -> tuple[jax.Array, jax
     dx = jnp.matmul(dy, w.T)
     dw = jnp.matmul(x2.T, dy2)
     db = jnp.sum(dy2, axis=0)
-    return dx, dw, db
+    return dx.astype(x_dtype), dw.astype(w_dtype), db
 
 
 def _dense_vjp(args, dy, **options):

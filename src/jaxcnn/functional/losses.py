@@ -61,9 +61,7 @@ def mean_squared_error(predictions: jax.Array, targets: jax.Array) -> jax.Array:
     return jnp.mean((predictions - targets) ** 2)
 
 
-def mean_squared_error_vjp(
-    predictions: jax.Array, targets: jax.Array, dloss: jax.Array | float = 1.0
-) -> jax.Array:
+def mean_squared_error_vjp(predictions: jax.Array, targets: jax.Array, dloss: jax.Array | float = 1.0) -> jax.Array:
     """Hand-derived VJP of :func:`mean_squared_error` with respect to ``predictions`` (same shape)."""
     if predictions.shape != targets.shape:
         raise ValueError(

@@ -109,5 +109,5 @@ class Conv2D(Layer):
         dx, dw, db = F.conv2d_vjp(residuals.x, params["kernel"], dy, **self._options)
         grads = {"kernel": dw}
         if self.use_bias:
-            grads["bias"] = db
+            grads["bias"] = db.astype(params["bias"].dtype)
         return dx, grads

@@ -56,7 +56,7 @@ class Dense(Layer):
         dx, dw, db = F.dense_vjp(residuals.x, params["kernel"], dy)
         grads = {"kernel": dw}
         if self.use_bias:
-            grads["bias"] = db
+            grads["bias"] = db.astype(params["bias"].dtype)
         return dx, grads
 
 
