@@ -52,7 +52,14 @@ def unseen_model() -> nn.Sequential:
     )
 
 
+def nested_model() -> nn.Sequential:
+    """Sequential inside Sequential: parameters nest as {"Sequential_0": {"Conv_0": ...}}."""
+    block = nn.Sequential([nn.Conv2D(4, 3, padding="SAME"), nn.ReLU(), nn.Conv2D(4, 1), nn.Tanh()])
+    return nn.Sequential([block, nn.MaxPool2D(2), nn.Sequential([nn.Flatten(), nn.Dense(5)]), nn.ELU(), nn.Dense(3)])
+
+
 MODELS = {
+    "nested": (nested_model, (6, 7, 2), 3),
     "mnist_cnn": (lambda: jc.models.get("mnist_cnn"), (28, 28, 1), 10),
     "lenet5": (lambda: jc.models.get("lenet5"), (28, 28, 1), 10),
     "every_layer": (every_layer_model, (12, 11, 3), 4),

@@ -34,9 +34,17 @@ def data(name, batch=3, seed=0):
     return model, params, state, x, y
 
 
-@pytest.mark.parametrize("name", ["every_layer", "unseen"])
+def leaf_layer_paths(model, prefix=""):
+    paths = []
+    for name, layer in model.named_layers():
+        path = f"{prefix}/{name}" if prefix else name
+        paths += leaf_layer_paths(layer, path) if isinstance(layer, nn.Sequential) else [path]
+    return paths
+
+
+@pytest.mark.parametrize("name", ["mnist_cnn", "every_layer", "unseen", "nested"])
 def test_check_model_passes_on_correct_rules(name):
-    model, params, state, x, y = data(name)
+    model, params, state, x, y = data(name, batch=2 if name == "mnist_cnn" else 3)
     report = jc.gradcheck.check_model(model, params, state, x, y)
     assert report.ok, report.table()
     methods = {c.method for c in report.checks}
@@ -51,9 +59,15 @@ def test_check_model_passes_on_correct_rules(name):
     assert max(c.max_rel for c in exact) <= 1e-10
     # every layer is checked, and every parameter of the model
     layers = {c.layer for c in report.checks if c.scope == "layer"}
-    assert layers == set(model.names)
-    params_checked = {(c.layer, c.quantity) for c in report.checks if c.method == "engine vs autodiff"}
-    assert {(layer, q) for layer, p in params.items() for q in p} <= params_checked
+    assert layers == set(leaf_layer_paths(model))
+    params_checked = {
+        (c.layer, c.quantity) for c in report.checks if c.method == "engine vs autodiff" and c.quantity != "loss"
+    }
+    expected = {
+        tuple(jax.tree_util.keystr(path, simple=True, separator="/").rsplit("/", 1))
+        for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]
+    }
+    assert expected == params_checked
 
 
 def test_check_model_float32():
