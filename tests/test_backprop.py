@@ -151,3 +151,19 @@ def test_mixed_dtypes_promote_and_gradients_keep_parameter_dtypes():
         assert {leaf.dtype for leaf in jax.tree.leaves(grads)} == {jnp.dtype(jnp.float32)}
     assert_trees_close(grads_e, grads_a, jnp.float32, "engine")
     assert_trees_close(grads_b, grads_a, jnp.float32, "bridge")
+
+
+def test_manual_bridge_returns_cotangents_in_parameter_dtypes():
+    """A rule that computes in a promoted dtype still hands JAX cotangents in each primal's dtype."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "custom_layer.py"
+    spec = importlib.util.spec_from_file_location("custom_layer", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    model = jc.nn.Sequential([jc.nn.Flatten(), example.Swish(), jc.nn.Dense(2)])
+    params, state = model.init(jax.random.key(0), (3, 3, 1))  # float32 parameters
+    x = normal(0, (2, 3, 3, 1))  # float64 input: Swish computes in float64
+    grads = jax.grad(lambda p: jnp.sum(model.apply(p, state, x, gradients="manual")[0]))(params)
+    assert {leaf.dtype for leaf in jax.tree.leaves(grads)} == {jnp.dtype(jnp.float32)}

@@ -34,6 +34,8 @@ def run(*args):
         (["gradcheck", "--model", "nope"], "invalid choice: 'nope'"),
         (["gradcheck", "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
         (["gradcheck", "--dtype", "float16"], "invalid choice: 'float16'"),
+        (["gradcheck", "--seed", "-1"], "--seed must be in [0, 2**32), got -1"),
+        (["gradcheck", "--seed", "99999999999999999999"], "--seed must be in [0, 2**32)"),
         ([], "the following arguments are required: COMMAND"),
     ],
 )

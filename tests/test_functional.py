@@ -303,3 +303,43 @@ def test_every_registered_op_has_a_rule():
     } <= names
     with pytest.raises(ValueError, match="no hand-derived VJP is registered for 'sum'"):
         F.hand_rule(jnp.sum)
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.3])
+def test_elu_derivative_at_zero_is_alpha_for_autodiff_too(alpha):
+    x = jnp.array([-1.0, 0.0, 1.0])
+    autodiff = jax.grad(lambda x: jnp.sum(F.elu(x, alpha)))(x)
+    np.testing.assert_allclose(np.asarray(autodiff), [alpha * np.exp(-1.0), alpha, 1.0], rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(F.elu_vjp(x, jnp.ones(3), alpha)), np.asarray(autodiff), rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(jax.grad(lambda x: jnp.sum(jax.nn.elu(x, alpha)))(x)), np.asarray(autodiff))
+
+
+def test_integer_inputs_pool_and_convolve():
+    x = jnp.arange(2 * 5 * 5 * 3, dtype=jnp.int32).reshape(2, 5, 5, 3) % 7
+    y = F.max_pool2d(x, 2, 1, "SAME")
+    assert y.dtype == jnp.int32 and int(y.max()) == 6
+    dx = F.max_pool2d_vjp(x, jnp.ones(y.shape, jnp.float32), 2, 1, "SAME")
+    assert dx.shape == x.shape and float(dx.sum()) == y.size
+    x8 = (x % 256).astype(jnp.uint8)
+    assert F.max_pool2d(x8, 2).dtype == jnp.uint8
+
+
+def test_numpy_integers_are_accepted_and_non_integers_rejected():
+    x, w = normal(0, (1, 6, 6, 2)), normal(1, (3, 3, 1, 4))
+    y = F.conv2d(x, w, stride=np.int64(2), padding=np.int32(1), dilation=(np.int64(1), 1), groups=np.int64(2))
+    assert y.shape == (1, 3, 3, 4)
+    with pytest.raises(ValueError, match=r"`stride` must be an int or a pair of ints, got 1.5"):
+        F.conv2d(x, w, stride=1.5, groups=2)
+    with pytest.raises(ValueError, match=r"`groups` must be a positive int, got True"):
+        F.conv2d(x, w, groups=True)
+
+
+def test_labels_out_of_range_are_rejected_when_concrete():
+    logits = jnp.zeros((3, 4))
+    for bad in ([0, 4, 1], [-1, 0, 1]):
+        with pytest.raises(ValueError, match=r"`labels` must lie in \[0, 4\)"):
+            F.softmax_cross_entropy(logits, jnp.array(bad))
+        with pytest.raises(ValueError, match=r"`labels` must lie in \[0, 4\)"):
+            F.softmax_cross_entropy_vjp(logits, jnp.array(bad))
+    # traced labels cannot be checked, but the loss still runs under jit
+    assert np.isfinite(float(jax.jit(F.softmax_cross_entropy)(logits, jnp.array([0, 3, 1]))))

@@ -193,3 +193,52 @@ def test_check_model_works_without_global_x64(monkeypatch):
         jax.config.update("jax_enable_x64", True)
     assert report.ok and report.dtype == "float64"
     assert max(c.max_rel for c in report.checks if "autodiff" in c.method) <= 1e-10
+
+
+class Center(nn.Layer):
+    """x - mean(x) over features: the gradient of a bias just before it is exactly zero."""
+
+    def forward(self, params, x):
+        return x - jnp.mean(x, axis=-1, keepdims=True), ()
+
+    def backward(self, params, residuals, dy):
+        return dy - jnp.mean(dy, axis=-1, keepdims=True), {}
+
+
+def test_exactly_zero_gradients_with_round_off_pass():
+    model = nn.Sequential([nn.Flatten(), nn.Dense(8), Center(), nn.Tanh(), nn.Dense(3)])
+    params, state = model.init(jax.random.key(0), (3, 3, 2))
+    x = jax.random.normal(jax.random.key(1), (5, 3, 3, 2))
+    report = jc.gradcheck.check_model(model, params, state, x, jnp.array([0, 1, 2, 1, 0]))
+    assert report.ok, report.table()
+
+
+def test_integer_inputs_are_checked_without_an_input_row():
+    model, params, state, _, y = data("unseen")
+    x = jnp.asarray(np.random.default_rng(0).integers(0, 256, (3, 9, 10, 2)), jnp.uint8)
+    report = jc.gradcheck.check_model(model, params, state, x, y)
+    assert report.ok, report.table()
+    assert ("Conv_0", "input") not in {(c.layer, c.quantity) for c in report.checks}
+
+
+def test_finite_differences_are_not_swamped_by_large_outputs():
+    """Large outputs that do not depend on `a` must not hide a wrong (zero) gradient for `a`."""
+    op = lambda x, a: jnp.concatenate([1e6 * x, 1e-3 * jnp.sin(a)])
+    wrong = lambda x, a, dy: (1e6 * dy[:4], jnp.zeros_like(a))
+    report = jc.gradcheck.check_op(op, normal(0, (4, 3)), normal(1, (4, 3)), vjp=wrong)
+    failed = {(c.quantity, c.method) for c in report.failures()}
+    assert ("arg 1", "hand vs finite diff") in failed and ("arg 1", "hand vs autodiff") in failed
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [1, 2])
+def test_float32_finite_differences_are_not_flaky_on_big_batches(seed):
+    model, params, state, x, y = data("mnist_cnn", batch=64, seed=seed)
+    report = jc.gradcheck.check_model(model, params, state, x, y, dtype=jnp.float32, layers=False)
+    assert report.ok, report.table()
+
+
+def test_seed_must_be_non_negative():
+    model, params, state, x, y = data("unseen")
+    with pytest.raises(ValueError, match=r"`seed` must be a non-negative int, got -1"):
+        jc.gradcheck.check_model(model, params, state, x, y, seed=-1)

@@ -197,3 +197,51 @@ def test_functional_errors():
 def test_models_get_unknown_lists_known():
     with pytest.raises(ValueError, match=r"unknown model 'resnet9000'; known models: lenet5, mnist_cnn"):
         jc.models.get("resnet9000")
+
+
+def test_parameter_trees_are_validated():
+    model = jc.models.get("mnist_cnn")
+    params, state = model.init(jax.random.key(0), (28, 28, 1))
+    x = jnp.zeros((2, 28, 28, 1), jnp.float32)
+    broken = {**params, "Conv_0": {"kernal": params["Conv_0"]["kernel"], "bias": params["Conv_0"]["bias"]}}
+    with pytest.raises(ValueError, match=r"Conv_0: Conv2D expects params with keys \['bias', 'kernel'\]"):
+        model.apply(broken, state, x)
+    with pytest.raises(ValueError, match=r"params has entries \['Dense_7'\] for no layer of this model"):
+        model.apply({**params, "Dense_7": {}}, state, x)
+    no_bias = nn.Sequential([nn.Flatten(), nn.Dense(3, use_bias=False)])
+    p, s = no_bias.init(jax.random.key(0), (2, 2, 1))
+    with pytest.raises(ValueError, match=r"Dense_0: Dense expects params with keys \['kernel'\], got \['bias', 'ke"):
+        no_bias.apply({"Dense_0": {**p["Dense_0"], "bias": jnp.zeros(3)}}, s, x[:, :2, :2])
+
+
+@pytest.mark.parametrize(
+    "key,input_shape,message",
+    [
+        (0, (28, 28, 1), r"`key` must be a JAX random key"),
+        (jax.random.key(0), (28.0, 28, 1), r"`input_shape` must hold positive ints"),
+        (jax.random.key(0), "28x28", r"`input_shape` must be a tuple of ints"),
+    ],
+)
+def test_init_validates_key_and_shape(key, input_shape, message):
+    with pytest.raises(ValueError, match=message):
+        jc.models.get("mnist_cnn").init(key, input_shape)
+
+
+def test_legacy_keys_and_numpy_integers_work():
+    model = nn.Sequential([nn.Conv2D(np.int64(4), np.int32(3), stride=np.int64(2)), nn.Flatten(), nn.Dense(2)])
+    params, state = model.init(jax.random.PRNGKey(0), (np.int64(7), 7, 1))
+    y, _ = model.apply(params, state, jnp.ones((1, 7, 7, 1)), gradients="manual", key=jax.random.PRNGKey(1))
+    assert y.shape == (1, 2)
+
+
+def test_empty_batch_runs():
+    model = jc.models.get("lenet5")
+    params, state = model.init(jax.random.key(0), (28, 28, 1))
+    y, _ = model.apply(params, state, jnp.zeros((0, 28, 28, 1), jnp.float32))
+    assert y.shape == (0, 10)
+
+
+def test_models_compare_by_value():
+    assert jc.models.get("mnist_cnn") == jc.models.get("mnist_cnn")
+    assert hash(jc.models.get("lenet5")) == hash(jc.models.get("lenet5"))
+    assert jc.models.get("mnist_cnn") != jc.models.get("lenet5")

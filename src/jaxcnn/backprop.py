@@ -88,7 +88,7 @@ def value_and_grad(
         # 3. backward pass: the loss's cotangent, then every layer's backward in reverse order
         dpredictions = vjp(predictions, y, jnp.ones((), loss.dtype))
         _, grads = model.backward(params, residuals, dpredictions)
-        # 4. (the weight update is the optimizer's: see jaxcnn.train)
+        # 4. the weight update is the optimizer's: apply `grads` with optax (or plain SGD: p - lr * g)
         return (loss, new_state), grads
 
     return loss_and_grads

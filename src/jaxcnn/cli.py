@@ -20,13 +20,16 @@ def _gradcheck(args: argparse.Namespace) -> int:
     model = models.get(args.model)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if not 0 <= args.seed < 2**32:
+        raise ValueError(f"--seed must be in [0, 2**32), got {args.seed}")
     dtype = {"float64": jnp.float64, "float32": jnp.float32}[args.dtype]
     input_shape = models.input_shape(args.model)
     key = jax.random.key(args.seed)
     params, state = model.init(jax.random.fold_in(key, 0), input_shape)
-    x = jax.random.normal(jax.random.fold_in(key, 1), (args.batch_size, *input_shape))
+    # explicit dtypes: the same seed gives the same data whether or not 64-bit types are on
+    x = jax.random.normal(jax.random.fold_in(key, 1), (args.batch_size, *input_shape), jnp.float32)
     num_classes = model.output_shape(input_shape)[-1]
-    y = jax.random.randint(jax.random.fold_in(key, 2), (args.batch_size,), 0, num_classes)
+    y = jax.random.randint(jax.random.fold_in(key, 2), (args.batch_size,), 0, num_classes, jnp.int32)
     report = gradcheck.check_model(
         model,
         params,
@@ -45,6 +48,7 @@ def _gradcheck(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``jaxcnn`` command, one subcommand per job."""
     from jaxcnn import models
 
     parser = argparse.ArgumentParser(prog="jaxcnn", description="CNNs as pure JAX functions, gradients checked.")
@@ -73,11 +77,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.run(args)
     except (ValueError, OSError) as error:
-        print(f"jaxcnn {args.command}: error: {error}", file=sys.stderr)
+        print(f"jaxcnn {args.command}: error: {error}".splitlines()[0], file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"jaxcnn {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as error:  # never a traceback: one line, and an exit code distinct from "mismatch" (1)
+        print(f"jaxcnn {args.command}: error: {type(error).__name__}: {error}".splitlines()[0], file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -14,25 +14,32 @@
 
 Tolerances (:data:`TOLERANCES`), by the dtype the gradients are computed in:
 
-==========  ==================================  ==================================
-dtype       hand vs autodiff (max rel. error)   finite differences (rel. error)
-==========  ==================================  ==================================
-float64     1e-10                               1e-5  (step 1e-6)
-float32     1e-4                                1e-3  (step 1e-6, evaluated in float64)
-==========  ==================================  ==================================
+==========  ================================  =================================  ==============================
+dtype       hand vs autodiff (normwise rel.)  finite differences (rel.)          absolute floor (x largest grad)
+==========  ================================  =================================  ==============================
+float64     1e-10                             1e-5  (step 1e-6)                  1e-13
+float32     1e-4                              1e-2  (step 1e-6, in float64)      1e-5
+==========  ================================  =================================  ==============================
 
-The relative error of two arrays is ``max|a - b| / max(max|a|, max|b|)`` (0 when both are 0); for a finite
-difference it is ``|fd - <g, v>| / max(|fd|, |<g, v>|)``, and differences below ``1e-9 * (1 + |f|)`` in absolute
-terms always pass (float64 round-off of ``f`` divided by the step). Finite differences are always evaluated in
-float64 (they resolve only about three digits in float32), and layer-level ones at the recorded input plus a
-little noise, so that ties and kinks (exact zeros after a ReLU, equal values in a max-pool window) do not sit
-under the step.
+* Two arrays: the error is ``max|a - b| / max(max|a|, max|b|)`` (normwise over the leaf, 0 when both are 0).
+  A comparison also passes when ``max|a - b|`` is below the floor times the largest entry of the layer's (or
+  the model's) whole gradient: a gradient that is exactly zero (a bias feeding a centring op) carries
+  round-off that no relative measure can judge.
+* A finite difference: ``(f(p + h v) - f(p - h v)) / 2h`` along a random unit direction ``v``, differenced
+  elementwise and projected on the output cotangent, against ``<g, v>``; the error is divided by
+  ``max(|fd|, |<g, v>|, |g| / sqrt(n))`` and errors below the float64 round-off of the evaluations pass.
+  Finite differences are always evaluated in float64 (in float32 they resolve only about three digits);
+  the float32 tolerance reflects the accuracy of a float32 gradient itself. Layer-level ones are taken at
+  the recorded input plus a little noise, so that ties and kinks (exact zeros after a ReLU, equal values in
+  a max-pool window) do not sit under the step.
+* Check a gradient that is nonzero: one that is identically zero can only be checked against the floors.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,16 +55,25 @@ from jaxcnn.nn.layer import Layer
 
 @dataclass(frozen=True)
 class Tolerance:
-    """Pass thresholds for one dtype: ``exact`` for hand vs autodiff, ``finite_difference`` for FD checks."""
+    """Pass thresholds for one dtype.
+
+    Attributes:
+      exact: max relative error, hand rule vs autodiff.
+      finite_difference: relative error of a directional finite difference.
+      floor: absolute errors below ``floor`` times the largest entry of the layer's (or model's) gradient pass
+        too, so that a gradient that is exactly zero (a bias feeding a centring op) may carry round-off.
+      step: the finite-difference step along a unit direction.
+    """
 
     exact: float
     finite_difference: float
+    floor: float
     step: float = 1e-6
 
 
 TOLERANCES: dict[str, Tolerance] = {
-    "float64": Tolerance(exact=1e-10, finite_difference=1e-5),
-    "float32": Tolerance(exact=1e-4, finite_difference=1e-3),
+    "float64": Tolerance(exact=1e-10, finite_difference=1e-5, floor=1e-13),
+    "float32": Tolerance(exact=1e-4, finite_difference=1e-2, floor=1e-5),
 }
 
 
@@ -131,6 +147,12 @@ class Report:
 # -- helpers --------------------------------------------------------------------------------------------------
 
 
+def _check_seed(seed: Any) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"`seed` must be a non-negative int, got {seed!r}")
+    return int(seed)
+
+
 def _dtype_name(dtype: Any) -> str:
     name = jnp.dtype(dtype).name
     if name not in TOLERANCES:
@@ -199,34 +221,70 @@ def _normal(seed: tuple[int, ...], shape: tuple[int, ...]) -> np.ndarray:
 
 
 def _finite_difference_check(
-    f: Callable[[Any], jax.Array],
+    f: Callable[[Any], Any],
     point: Any,
     gradient: Any,
     seed: tuple[int, ...],
     tolerance: Tolerance,
+    cotangent: Any = None,
 ) -> tuple[float, float, bool]:
-    """Central difference of scalar ``f`` at ``point`` along a random unit direction ``v`` vs ``<gradient, v>``.
+    """Central difference of ``f`` at ``point`` along a random unit direction ``v``, against ``<gradient, v>``.
 
-    Returns ``(abs error, rel error, ok)``; everything is evaluated in float64.
+    ``f`` may return an array: the difference ``(f(p + h v) - f(p - h v)) / 2h`` is taken elementwise and then
+    projected on ``cotangent`` (ones when None), so that large outputs which do not depend on ``p`` cannot swamp
+    the change. The relative error divides by ``max(|fd|, |<g, v>|, |g| / sqrt(n))``: the last term is the
+    typical size of ``<g, v>`` for a random direction, so a direction that happens to be nearly orthogonal to
+    ``g`` does not turn round-off into a failure. Errors below the float64 round-off of the evaluations,
+    ``1e-9 * sum |f(p)| |cotangent|`` over the output entries that changed, pass. A change smaller than the
+    round-off of the very entries it sits in cannot be resolved by any finite difference (that is what the
+    autodiff comparison is for). Everything is evaluated in float64.
+
+    Returns ``(abs error, rel error, ok)``.
     """
     point = np.asarray(point, np.float64)
     v = _normal(seed, point.shape)
     v /= max(float(np.linalg.norm(v)), 1e-300)
     h = tolerance.step
-    f_plus, f_minus, f_0 = float(f(point + h * v)), float(f(point - h * v)), float(f(point))
-    numeric = (f_plus - f_minus) / (2 * h)
-    analytic = float(np.sum(np.asarray(gradient, np.float64) * v))
+    plus = np.asarray(f(point + h * v), np.float64)
+    minus = np.asarray(f(point - h * v), np.float64)
+    center = np.asarray(f(point), np.float64)
+    weights = np.ones_like(center) if cotangent is None else np.asarray(cotangent, np.float64)
+    numeric = float(np.sum((plus - minus) * weights) / (2 * h))
+    g = np.asarray(gradient, np.float64)
+    analytic = float(np.sum(g * v))
     error = abs(numeric - analytic)
-    scale = max(abs(numeric), abs(analytic))
+    scale = max(abs(numeric), abs(analytic), float(np.linalg.norm(g)) / math.sqrt(max(g.size, 1)))
     relative = error / scale if scale > 0 else 0.0
-    ok = relative <= tolerance.finite_difference or error <= 1e-9 * (1 + abs(f_0))
+    # round-off can only sit in the output entries that changed at all
+    changed = plus != minus
+    roundoff = 1e-9 * float(np.sum(np.abs(center) * np.abs(weights) * changed))
+    ok = bool(np.isfinite(relative)) and (relative <= tolerance.finite_difference or error <= roundoff)
     return error, relative, ok
 
 
-def _array_check(scope, layer, quantity, method, candidate, reference, tolerance: float) -> Check:
+def _largest(*trees: Any) -> float:
+    """The largest absolute entry over every leaf of the given pytrees (0 when there is none)."""
+    values = [float(np.max(np.abs(np.asarray(leaf, np.float64)), initial=0.0)) for leaf in jax.tree.leaves(trees)]
+    return max(values, default=0.0)
+
+
+def _array_check(
+    scope: str,
+    layer: str,
+    quantity: str,
+    method: str,
+    candidate: Any,
+    reference: Any,
+    tolerance: Tolerance,
+    group_scale: float = 0.0,
+) -> Check:
+    """Compare two arrays: ok when the max relative error is within ``tolerance.exact``, or when the max
+    absolute error is below ``tolerance.floor * group_scale`` (round-off on a gradient that is exactly zero,
+    measured against the largest entry of the layer's or model's whole gradient)."""
     max_abs, max_rel, cosine, worst = compare(candidate, reference)
-    ok = bool(np.isfinite(max_rel)) and max_rel <= tolerance and np.all(np.isfinite(np.asarray(candidate)))
-    return Check(scope, layer, quantity, method, max_abs, max_rel, cosine, worst, tolerance, bool(ok))
+    finite = bool(np.isfinite(max_rel)) and bool(np.all(np.isfinite(np.asarray(candidate, np.float64))))
+    ok = finite and (max_rel <= tolerance.exact or max_abs <= tolerance.floor * group_scale)
+    return Check(scope, layer, quantity, method, max_abs, max_rel, cosine, worst, tolerance.exact, ok)
 
 
 def _fd_row(scope, layer, quantity, method, result, tolerance: float) -> Check:
@@ -258,6 +316,7 @@ def check_layers(
       seed: seeds the random cotangents and finite-difference directions.
     """
     name = _dtype_name(dtype)
+    seed = _check_seed(seed)
     tolerance = TOLERANCES[name]
     report = Report(dtype=name)
     with _x64(True):
@@ -291,7 +350,12 @@ def _check_call(
     dy = jnp.asarray(_normal((*seed, 0), y_shape.shape), y_shape.dtype)
     dx_hand, dparams_hand = hand(call.params, call.state, call.x, dy)
     dx_auto, dparams_auto = autodiff(call.params, call.state, call.x, dy)
-    checks = [_array_check("layer", call.path, "input", "hand vs autodiff", dx_hand, dx_auto, tolerance.exact)]
+    # integer inputs (uint8 images) have no cotangent to compare
+    has_input = jnp.issubdtype(jnp.result_type(call.x), jnp.inexact)
+    scale = _largest(dparams_auto, dx_auto if has_input else ())
+    checks = []
+    if has_input:
+        checks.append(_array_check("layer", call.path, "input", "hand vs autodiff", dx_hand, dx_auto, tolerance, scale))
     hand_leaves = jax.tree.leaves(dparams_hand)
     auto_named = _leaves_with_names(dparams_auto)
     if len(hand_leaves) != len(auto_named):
@@ -300,33 +364,37 @@ def _check_call(
             f"{len(auto_named)} parameters; dparams must have the structure of params"
         )
     for hand_leaf, (_, quantity, auto) in zip(hand_leaves, auto_named):
-        checks.append(_array_check("layer", call.path, quantity, "hand vs autodiff", hand_leaf, auto, tolerance.exact))
+        checks.append(_array_check("layer", call.path, quantity, "hand vs autodiff", hand_leaf, auto, tolerance, scale))
     if not finite_differences:
         return checks
 
     # Finite differences in float64, at the recorded input plus a little noise (off ties and kinks).
     params64, state64 = _cast((call.params, call.state), jnp.float64)
-    x64 = np.asarray(call.x, np.float64)
-    spread = max(float(np.std(x64)), 1e-3)
-    x64 = jnp.asarray(x64 + 1e-2 * spread * _normal((*seed, 1), x64.shape))
-    dy64 = jnp.asarray(_normal((*seed, 2), y_shape.shape))
+    if has_input:
+        x64 = np.asarray(call.x, np.float64)
+        spread = max(float(np.std(x64)), 1e-3)
+        x64 = jnp.asarray(x64 + 1e-2 * spread * _normal((*seed, 1), x64.shape))
+    else:
+        x64 = call.x
+    dy64 = _normal((*seed, 2), y_shape.shape)
     # the analytic side is the hand rule in the checked dtype, at the same (noisy) point
-    p_d, state_d, x_d, dy_d = _cast((params64, state64, x64, dy64), dtype)
+    p_d, state_d, x_d, dy_d = _cast((params64, state64, x64, jnp.asarray(dy64)), dtype)
     dx_d, dparams_d = hand(p_d, state_d, x_d, dy_d)
 
-    @jax.jit
-    def projected(p, x_in):
-        return jnp.sum(forward(p, state64, x_in) * dy64)
-
-    result = _finite_difference_check(lambda xv: projected(params64, xv), x64, dx_d, (*seed, 3), tolerance)
-    checks.append(_fd_row("layer", call.path, "input", "hand vs finite diff", result, tolerance.finite_difference))
+    output = jax.jit(lambda p, x_in: forward(p, state64, x_in))
+    if has_input:
+        result = _finite_difference_check(
+            lambda xv: output(params64, xv), x64, dx_d, (*seed, 3), tolerance, cotangent=dy64
+        )
+        checks.append(_fd_row("layer", call.path, "input", "hand vs finite diff", result, tolerance.finite_difference))
     for index, ((_, quantity, leaf), grad) in enumerate(zip(_leaves_with_names(params64), jax.tree.leaves(dparams_d))):
         result = _finite_difference_check(
-            lambda value, index=index: projected(_replace_leaf(params64, index, value), x64),
+            lambda value, index=index: output(_replace_leaf(params64, index, value), x64),
             leaf,
             grad,
             (*seed, 4, index),
             tolerance,
+            cotangent=dy64,
         )
         checks.append(_fd_row("layer", call.path, quantity, "hand vs finite diff", result, tolerance.finite_difference))
     return checks
@@ -364,6 +432,7 @@ def check_model(
       A :class:`Report`; ``report.ok`` is True when every check passed, ``print(report.table())`` shows them.
     """
     name = _dtype_name(dtype)
+    seed = _check_seed(seed)
     tolerance = TOLERANCES[name]
     report = Report(dtype=name)
     if layers:
@@ -399,7 +468,7 @@ def check_model(
         (loss_engine, _), grads_engine = engine(params, state, x, y, key=key)
 
         for method, loss in (("engine vs autodiff", loss_engine), ("bridge vs autodiff", loss_bridge)):
-            report.checks.append(_array_check("model", "-", "loss", method, loss, loss_auto, tolerance.exact))
+            report.checks.append(_array_check("model", "-", "loss", method, loss, loss_auto, tolerance))
         auto_named = _leaves_with_names(grads_auto)
         for method, grads in (("engine vs autodiff", grads_engine), ("bridge vs autodiff", grads_bridge)):
             if jax.tree.structure(grads) != jax.tree.structure(grads_auto):
@@ -408,7 +477,9 @@ def check_model(
                     f"expected that of params {jax.tree.structure(grads_auto)}"
                 )
             for (layer, quantity, auto), grad in zip(auto_named, jax.tree.leaves(grads)):
-                report.checks.append(_array_check("model", layer, quantity, method, grad, auto, tolerance.exact))
+                report.checks.append(
+                    _array_check("model", layer, quantity, method, grad, auto, tolerance, _largest(grads_auto))
+                )
 
         if finite_differences:
             params64, state64, x64 = _cast((params, state, x), jnp.float64)
@@ -461,6 +532,7 @@ def check_op(
       A :class:`Report` with one ``hand vs autodiff`` and one ``hand vs finite diff`` row per argument.
     """
     name = _dtype_name(dtype)
+    seed = _check_seed(seed)
     tolerance = TOLERANCES[name]
     report = Report(dtype=name)
     op_name = getattr(forward, "__name__", "op")
@@ -508,24 +580,27 @@ def check_op(
         if len(got) != len(positions):
             raise ValueError(f"{op_name}: the hand VJP returned {len(got)} cotangents for arguments {positions}")
         for i, g, a in zip(positions, got, auto):
-            report.checks.append(_array_check("op", op_name, f"arg {i}", "hand vs autodiff", g, a, tolerance.exact))
+            report.checks.append(
+                _array_check("op", op_name, f"arg {i}", "hand vs autodiff", g, a, tolerance, _largest(auto))
+            )
         if finite_differences:
             args64 = tuple(_cast(list(args), jnp.float64))
-            dy64 = jnp.asarray(dy, jnp.float64)
+            dy64 = np.asarray(dy, np.float64)
 
             @functools.partial(jax.jit, static_argnums=1)
-            def projected(value, i):
+            def output(value, i):
                 full = list(args64)
                 full[i] = value
-                return jnp.sum(forward(*full, **options) * dy64)
+                return forward(*full, **options)
 
             for n, i in enumerate(positions):
                 result = _finite_difference_check(
-                    lambda value, i=i: projected(value, i),
+                    lambda value, i=i: output(value, i),
                     args64[i],
                     got[n],
                     (seed, n + 1),
                     tolerance,
+                    cotangent=dy64,
                 )
                 report.checks.append(
                     _fd_row("op", op_name, f"arg {i}", "hand vs finite diff", result, tolerance.finite_difference)

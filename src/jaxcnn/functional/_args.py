@@ -9,7 +9,10 @@ bad value, so a mistake is reported where it was made rather than deep inside XL
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
+
+import numpy as np
 
 Pair = tuple[int, int]
 Padding = str | int | Sequence[int] | Sequence[Sequence[int]]
@@ -17,15 +20,32 @@ ExplicitPadding = tuple[tuple[int, int], tuple[int, int]]
 
 
 def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    """True for Python and NumPy integers (``operator.index`` works), False for bools, floats and strings."""
+    if isinstance(value, (bool, np.bool_)):
+        return False
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return True
+
+
+def as_int(value: object, name: str, *, minimum: int | None = None) -> int:
+    """``value`` as a Python int (NumPy integers accepted); ValueError naming ``name`` otherwise."""
+    if not _is_int(value):
+        raise ValueError(f"`{name}` must be an int, got {value!r}")
+    result = operator.index(value)
+    if minimum is not None and result < minimum:
+        raise ValueError(f"`{name}` (={value!r}) must be >= {minimum}")
+    return result
 
 
 def pair(value: int | Sequence[int], name: str, *, minimum: int = 1) -> Pair:
     """Normalise an int or a pair of ints to ``(h, w)``; each must be ``>= minimum``."""
     if _is_int(value):
-        result = (value, value)
+        result = (operator.index(value), operator.index(value))
     elif isinstance(value, Sequence) and len(value) == 2 and all(_is_int(v) for v in value):
-        result = (int(value[0]), int(value[1]))
+        result = (operator.index(value[0]), operator.index(value[1]))
     else:
         raise ValueError(f"`{name}` must be an int or a pair of ints, got {value!r}")
     if min(result) < minimum:
@@ -59,9 +79,11 @@ def explicit_padding(
             return (pads[0], pads[1])
         raise ValueError(f"`padding` must be 'SAME', 'VALID', an int or explicit pairs, got {padding!r}")
     if _is_int(padding):
-        result = ((padding, padding), (padding, padding))
+        p = operator.index(padding)
+        result = ((p, p), (p, p))
     elif isinstance(padding, Sequence) and len(padding) == 2 and all(_is_int(p) for p in padding):
-        result = ((padding[0], padding[0]), (padding[1], padding[1]))
+        ph, pw = operator.index(padding[0]), operator.index(padding[1])
+        result = ((ph, ph), (pw, pw))
     elif (
         isinstance(padding, Sequence)
         and len(padding) == 2

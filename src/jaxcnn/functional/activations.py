@@ -41,13 +41,14 @@ def leaky_relu_vjp(x: jax.Array, dy: jax.Array, negative_slope: float = 0.01) ->
 
 def elu(x: jax.Array, alpha: float = 1.0) -> jax.Array:
     """``x`` if ``x > 0`` else ``alpha * (exp(x) - 1)``, any shape."""
-    return jnp.where(x > 0, x, alpha * jnp.expm1(jnp.minimum(x, 0)))
+    # the inner where (not minimum, whose autodiff splits the tie at 0) keeps elu'(0) = alpha for autodiff too
+    return jnp.where(x > 0, x, alpha * jnp.expm1(jnp.where(x > 0, jnp.zeros((), x.dtype), x)))
 
 
 def elu_vjp(x: jax.Array, dy: jax.Array, alpha: float = 1.0) -> jax.Array:
     """``dx`` of :func:`elu`, shape of ``x``."""
     # elu'(x) = 1 if x > 0 else alpha * exp(x)
-    return jnp.where(x > 0, dy, dy * alpha * jnp.exp(jnp.minimum(x, 0)))
+    return jnp.where(x > 0, dy, dy * alpha * jnp.exp(jnp.where(x > 0, jnp.zeros((), x.dtype), x)))
 
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)

@@ -10,6 +10,8 @@ Everything below follows from reading that sum backwards: each ``x_pad`` cell an
 
 from __future__ import annotations
 
+import operator
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -18,6 +20,7 @@ from jaxcnn.functional._args import (
     ExplicitPadding,
     Padding,
     Pair,
+    _is_int,
     check_rank,
     check_window_fits,
     explicit_padding,
@@ -49,8 +52,9 @@ def conv_geometry(
     """
     check_rank(op, "x", x_shape, 4, "N, H, W, C")
     check_rank(op, "w", w_shape, 4, "KH, KW, C_in / groups, C_out")
-    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+    if not _is_int(groups) or operator.index(groups) < 1:
         raise ValueError(f"{op}: `groups` must be a positive int, got {groups!r}")
+    groups = operator.index(groups)
     channels = x_shape[3]
     kh, kw, in_per_group, features = w_shape
     if channels % groups:
@@ -98,6 +102,7 @@ def conv2d(
     stride, dilation, pads, _ = conv_geometry(
         x.shape, w.shape, stride=stride, padding=padding, dilation=dilation, groups=groups
     )
+    groups = operator.index(groups)
     dtype = jnp.result_type(x, w) if b is None else jnp.result_type(x, w, b)
     x, w = x.astype(dtype), w.astype(dtype)
     y = lax.conv_general_dilated(
@@ -132,6 +137,7 @@ def conv2d_vjp(
     stride, dilation, pads, out = conv_geometry(
         x.shape, w.shape, stride=stride, padding=padding, dilation=dilation, groups=groups
     )
+    groups = operator.index(groups)
     n, height, width, channels = x.shape
     kh, kw, in_per_group, features = w.shape
     if dy.shape != (n, out[0], out[1], features):

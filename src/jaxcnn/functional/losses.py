@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxcnn.functional._registry import register
 
@@ -18,6 +19,14 @@ def _check_labels(op: str, logits: jax.Array, labels: jax.Array) -> None:
         )
     if not jnp.issubdtype(labels.dtype, jnp.integer):
         raise ValueError(f"{op}: `labels` must be integer class indices, got dtype {labels.dtype}")
+    try:  # concrete labels are range-checked; traced ones (inside jit or vmap) cannot be
+        values = np.asarray(labels)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return
+    if values.size and (values.min() < 0 or values.max() >= logits.shape[1]):
+        raise ValueError(
+            f"{op}: `labels` must lie in [0, {logits.shape[1]}), got values from {values.min()} to {values.max()}"
+        )
 
 
 def log_softmax(logits: jax.Array) -> jax.Array:
@@ -31,7 +40,8 @@ def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
     Args:
       logits: ``(N, classes)``.
-      labels: integer class indices ``(N,)``, each in ``[0, classes)``.
+      labels: integer class indices ``(N,)``, each in ``[0, classes)`` (checked when the labels are concrete;
+        inside ``jit`` an out-of-range label gives an undefined loss).
 
     Returns:
       A scalar: ``-mean_n log softmax(logits_n)[labels_n]``.

@@ -51,6 +51,13 @@ def pool_geometry(
     return window, stride, pads, out
 
 
+def _lowest(dtype) -> np.ndarray:
+    """The identity of max for ``dtype``: -inf for floats, the smallest value for integers (a concrete array)."""
+    if jnp.issubdtype(dtype, jnp.integer):
+        return np.array(jnp.iinfo(dtype).min, dtype)
+    return np.array(-np.inf, dtype)
+
+
 def _tap(x_pad: jax.Array, i: int, j: int, stride: Pair, out: Pair) -> jax.Array:
     """The input cells that window tap ``(i, j)`` sees, one per output cell: ``(N, OH, OW, C)``."""
     n, _, _, c = x_pad.shape
@@ -100,7 +107,7 @@ def max_pool2d(
     """
     window, stride, pads, _ = pool_geometry(x.shape, window, stride, padding, op="max_pool2d")
     # a concrete (numpy) init value lets JAX recognise the max monoid, so autodiff can check this op too
-    lowest = np.array(-np.inf, x.dtype)
+    lowest = _lowest(x.dtype)
     return lax.reduce_window(x, lowest, lax.max, (1, *window, 1), (1, *stride, 1), ((0, 0), *pads, (0, 0)))
 
 
@@ -119,7 +126,7 @@ def max_pool2d_vjp(
     window, stride, pads, out = pool_geometry(x.shape, window, stride, padding, op="max_pool2d_vjp")
     # y[o] = max_k x_pad[o * s + k], so dy[o] flows to the single winning tap k*(o) and nowhere else:
     # dx_pad = sum_k untap(dy * [k is the first tap with x_pad[o * s + k] == y[o]]).
-    lowest = jnp.array(-jnp.inf, x.dtype)
+    lowest = _lowest(x.dtype)
     x_pad = lax.pad(x, lowest, [(0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)])
     padded = (x_pad.shape[1], x_pad.shape[2])
     taps = [(i, j) for i in range(window[0]) for j in range(window[1])]

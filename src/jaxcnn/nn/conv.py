@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
@@ -10,8 +11,9 @@ import jax.numpy as jnp
 
 import jaxcnn.functional as F
 from jaxcnn.functional._args import Padding, Pair, explicit_padding, pair
+from jaxcnn.functional._args import _is_int as is_int
 from jaxcnn.functional.conv import conv_geometry
-from jaxcnn.nn.layer import Layer, Params, Shape, check_input_shape
+from jaxcnn.nn.layer import Layer, Params, Shape, check_input_shape, check_key, check_param_keys
 
 
 def freeze_padding(padding: Padding) -> Padding:
@@ -25,9 +27,10 @@ def freeze_padding(padding: Padding) -> Padding:
 
 
 def positive_int(value: Any, name: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    """``value`` as a Python int if it is a positive integer; ValueError naming ``name`` otherwise."""
+    if not is_int(value) or operator.index(value) < 1:
         raise ValueError(f"`{name}` must be a positive int, got {value!r}")
-    return value
+    return operator.index(value)
 
 
 class ConvResiduals(NamedTuple):
@@ -59,12 +62,12 @@ class Conv2D(Layer):
     name_prefix: ClassVar[str] = "Conv"
 
     def __post_init__(self):
-        positive_int(self.features, "features")
+        object.__setattr__(self, "features", positive_int(self.features, "features"))
         object.__setattr__(self, "kernel_size", pair(self.kernel_size, "kernel_size"))
         object.__setattr__(self, "stride", pair(self.stride, "stride"))
         object.__setattr__(self, "dilation", pair(self.dilation, "dilation"))
         object.__setattr__(self, "padding", freeze_padding(self.padding))
-        positive_int(self.groups, "groups")
+        object.__setattr__(self, "groups", positive_int(self.groups, "groups"))
         if self.features % self.groups:
             raise ValueError(f"`features` (={self.features}) must be divisible by `groups` (={self.groups})")
 
@@ -88,6 +91,7 @@ class Conv2D(Layer):
         return (*out, self.features)
 
     def init(self, key: jax.Array, input_shape: Shape, *, dtype: Any = jnp.float32) -> tuple[Params, dict]:
+        check_key(key)
         input_shape = check_input_shape(input_shape)
         self.output_shape(input_shape)
         params = {"kernel": jax.nn.initializers.lecun_normal()(key, self._kernel_shape(input_shape[2]), dtype)}
@@ -96,6 +100,7 @@ class Conv2D(Layer):
         return params, {}
 
     def _check_x(self, params: Params, x: jax.Array) -> None:
+        check_param_keys("Conv2D", params, ["kernel", "bias"] if self.use_bias else ["kernel"])
         channels = params["kernel"].shape[2] * self.groups
         if x.ndim != 4 or x.shape[3] != channels:
             raise ValueError(f"Conv2D expects input of shape (N, H, W, {channels}), got {tuple(x.shape)}")

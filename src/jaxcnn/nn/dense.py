@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 import jaxcnn.functional as F
 from jaxcnn.nn.conv import positive_int
-from jaxcnn.nn.layer import Layer, Params, Shape, Static, check_input_shape
+from jaxcnn.nn.layer import Layer, Params, Shape, Static, check_input_shape, check_key, check_param_keys
 
 
 class DenseResiduals(NamedTuple):
@@ -31,7 +31,7 @@ class Dense(Layer):
     name_prefix: ClassVar[str] = "Dense"
 
     def __post_init__(self):
-        positive_int(self.features, "features")
+        object.__setattr__(self, "features", positive_int(self.features, "features"))
 
     def output_shape(self, input_shape: Shape) -> Shape:
         if len(input_shape) < 1:
@@ -39,6 +39,7 @@ class Dense(Layer):
         return (*input_shape[:-1], self.features)
 
     def init(self, key: jax.Array, input_shape: Shape, *, dtype: Any = jnp.float32) -> tuple[Params, dict]:
+        check_key(key)
         input_shape = check_input_shape(input_shape)
         self.output_shape(input_shape)
         params = {"kernel": jax.nn.initializers.lecun_normal()(key, (input_shape[-1], self.features), dtype)}
@@ -47,6 +48,7 @@ class Dense(Layer):
         return params, {}
 
     def forward(self, params: Params, x: jax.Array) -> tuple[jax.Array, DenseResiduals]:
+        check_param_keys("Dense", params, ["kernel", "bias"] if self.use_bias else ["kernel"])
         d_in = params["kernel"].shape[0]
         if x.ndim < 2 or x.shape[-1] != d_in:
             raise ValueError(f"Dense expects input of shape (N, ..., {d_in}), got {tuple(x.shape)}")
@@ -74,7 +76,7 @@ class Flatten(Layer):
     def forward(self, params: Params, x: jax.Array) -> tuple[jax.Array, FlattenResiduals]:
         if x.ndim < 1:
             raise ValueError(f"Flatten expects a batch (N, ...), got a scalar of shape {tuple(x.shape)}")
-        return x.reshape(x.shape[0], -1), FlattenResiduals(Static(tuple(x.shape)))
+        return x.reshape(x.shape[0], math.prod(x.shape[1:])), FlattenResiduals(Static(tuple(x.shape)))
 
     def backward(self, params: Params, residuals: FlattenResiduals, dy: jax.Array) -> tuple[jax.Array, Params]:
         # a reshape only moves values, so its VJP is the inverse reshape

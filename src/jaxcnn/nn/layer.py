@@ -17,11 +17,14 @@ the checks in :mod:`jaxcnn.gradcheck` -- is derived from these methods, so a new
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import operator
+from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from jaxcnn.functional._args import _is_int as is_int
 
 Params = Any  # a pytree of arrays; {} for a layer without parameters
 State = Any  # a pytree of arrays; {} for a layer without state
@@ -71,13 +74,32 @@ def check_gradients_mode(gradients: str) -> None:
 
 def check_input_shape(input_shape: Any) -> Shape:
     """Normalise ``input_shape`` (batch axis excluded) to a tuple of positive ints."""
-    try:
-        shape = tuple(int(n) for n in input_shape)
-    except TypeError:
-        raise ValueError(f"`input_shape` must be a tuple of ints (batch axis excluded), got {input_shape!r}") from None
-    if any(n < 1 for n in shape) or any(isinstance(n, bool) for n in input_shape):
+    if isinstance(input_shape, (str, bytes)) or not isinstance(input_shape, Sequence):
+        raise ValueError(f"`input_shape` must be a tuple of ints (batch axis excluded), got {input_shape!r}")
+    if not all(is_int(n) and operator.index(n) >= 1 for n in input_shape):
         raise ValueError(f"`input_shape` must hold positive ints (batch axis excluded), got {input_shape!r}")
-    return shape
+    return tuple(operator.index(n) for n in input_shape)
+
+
+def check_key(key: Any, name: str = "key") -> None:
+    """Raise ValueError unless ``key`` is a JAX random key (``jax.random.key(0)`` or ``jax.random.PRNGKey(0)``)."""
+    dtype = getattr(key, "dtype", None)
+    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        return
+    if dtype == jnp.uint32 and getattr(key, "shape", None) == (2,):
+        return
+    raise ValueError(
+        f"`{name}` must be a JAX random key such as jax.random.key(0) or jax.random.PRNGKey(0), got {key!r}"
+    )
+
+
+def check_param_keys(layer: str, params: Any, expected: Sequence[str]) -> None:
+    """Raise ValueError unless ``params`` is a dict with exactly the keys ``expected``."""
+    keys = sorted(params) if isinstance(params, dict) else None
+    if keys != sorted(expected):
+        raise ValueError(
+            f"{layer} expects params with keys {sorted(expected)}, got {keys if keys is not None else params!r}"
+        )
 
 
 @contextlib.contextmanager
@@ -107,6 +129,7 @@ class Layer:
 
     def init(self, key: jax.Array, input_shape: Shape, *, dtype: Any = jnp.float32) -> tuple[Params, State]:
         """Initial ``(params, state)`` for inputs of ``input_shape`` (batch axis excluded). Default: none."""
+        check_key(key)
         self.output_shape(check_input_shape(input_shape))
         return {}, {}
 
@@ -189,6 +212,7 @@ def manual_apply(
     ``state`` and ``key`` pass through as non-differentiable inputs (zero cotangents); the cotangent of the new
     state is ignored, as running statistics are not differentiated.
     """
+    x_dtype = jnp.result_type(x)
 
     @jax.custom_vjp
     def run(params, state, x, key):
@@ -203,6 +227,10 @@ def manual_apply(
         params, residuals = saved
         dy, _ = cotangents
         dx, dparams = layer.backward(params, residuals, dy)
+        # cotangents come back in the dtypes of their primals (a rule may compute in a promoted dtype)
+        dparams = jax.tree.map(lambda g, p: jnp.asarray(g).astype(jnp.result_type(p)), dparams, params)
+        if jnp.issubdtype(x_dtype, jnp.inexact):
+            dx = dx.astype(x_dtype)
         return dparams, None, dx, None
 
     run.defvjp(run_forward, run_backward)

@@ -17,6 +17,7 @@ from jaxcnn.nn.layer import (
     State,
     check_gradients_mode,
     check_input_shape,
+    check_key,
     layer_key,
     named,
 )
@@ -55,6 +56,22 @@ class Sequential(Layer):
         inner = ",\n".join(f"  {layer!r}" for layer in self.layers)
         return f"Sequential([\n{inner}\n])"
 
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequential) and self.layers == other.layers
+
+    def __hash__(self) -> int:
+        return hash(("Sequential", self.layers))
+
+    def _check_names(self, params: Params, state: State) -> None:
+        for what, tree in (("params", params), ("state", state)):
+            if not isinstance(tree, dict):
+                raise ValueError(f"Sequential expects {what} as a dict keyed by layer name, got {type(tree).__name__}")
+            unknown = sorted(set(tree) - set(self.names))
+            if unknown:
+                raise ValueError(
+                    f"{what} has entries {unknown} for no layer of this model; its layers: {list(self.names)}"
+                )
+
     def __len__(self) -> int:
         return len(self.layers)
 
@@ -74,6 +91,7 @@ class Sequential(Layer):
 
     def init(self, key: jax.Array, input_shape: Shape, *, dtype: Any = jnp.float32) -> tuple[Params, State]:
         """``(params, state)`` dicts keyed by layer name, for inputs ``(N, *input_shape)``."""
+        check_key(key)
         shape = check_input_shape(input_shape)
         params, state = {}, {}
         for index, (name, layer) in enumerate(self.named_layers()):
@@ -90,6 +108,7 @@ class Sequential(Layer):
         self, params: Params, state: State, x: jax.Array, *, train: bool = False, key: jax.Array | None = None
     ) -> tuple[jax.Array, SequentialResiduals, State]:
         """Forward through every layer, saving each one's residuals for :meth:`backward`."""
+        self._check_names(params, state)
         residuals, new_state = [], {}
         for index, (name, layer) in enumerate(self.named_layers()):
             with named(name):
@@ -123,6 +142,7 @@ class Sequential(Layer):
     ) -> tuple[jax.Array, State]:
         """``(y, new_state)``; with ``gradients="manual"`` every layer runs through its own custom_vjp bridge."""
         check_gradients_mode(gradients)
+        self._check_names(params, state)
         new_state = {}
         for index, (name, layer) in enumerate(self.named_layers()):
             with named(name):
