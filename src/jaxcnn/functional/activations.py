@@ -51,6 +51,16 @@ def elu_vjp(x: jax.Array, dy: jax.Array, alpha: float = 1.0) -> jax.Array:
     return jnp.where(x > 0, dy, dy * alpha * jnp.exp(jnp.where(x > 0, jnp.zeros((), x.dtype), x)))
 
 
+def _sech_squared(u: jax.Array) -> jax.Array:
+    """``1 - tanh(u)^2 = sech(u)^2`` without cancellation: ``4 s / (1 + s)^2`` with ``s = exp(-2 |u|)``.
+
+    ``1 - tanh(u)^2`` loses all relative precision once ``tanh(u)`` rounds near 1 (``|u| > ~5``); this form
+    keeps full precision for every ``u`` and goes smoothly to 0.
+    """
+    s = jnp.exp(-2 * jnp.abs(u))
+    return 4 * s / ((1 + s) * (1 + s))
+
+
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _GELU_CUBIC = 0.044715
 
@@ -71,8 +81,9 @@ def gelu_vjp(x: jax.Array, dy: jax.Array, approximate: bool = True) -> jax.Array
     """``dx`` of :func:`gelu`, shape of ``x``."""
     if approximate:
         # with t = tanh(u), u = c (x + 0.044715 x^3): gelu' = (1 + t)/2 + x/2 (1 - t^2) c (1 + 3 * 0.044715 x^2)
-        t = jnp.tanh(_SQRT_2_OVER_PI * (x + _GELU_CUBIC * x**3))
-        slope = 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * _SQRT_2_OVER_PI * (1 + 3 * _GELU_CUBIC * x * x)
+        inner = _SQRT_2_OVER_PI * (x + _GELU_CUBIC * x**3)
+        t = jnp.tanh(inner)
+        slope = 0.5 * (1 + t) + 0.5 * x * _sech_squared(inner) * _SQRT_2_OVER_PI * (1 + 3 * _GELU_CUBIC * x * x)
         return dy * slope
     # gelu = x Phi(x), so gelu' = Phi(x) + x phi(x) with phi(x) = exp(-x^2/2) / sqrt(2 pi)
     cdf = 0.5 * (1 + erf(x / math.sqrt(2.0)))
@@ -87,9 +98,9 @@ def sigmoid(x: jax.Array) -> jax.Array:
 
 def sigmoid_vjp(x: jax.Array, dy: jax.Array) -> jax.Array:
     """``dx`` of :func:`sigmoid`, shape of ``x``."""
-    # sigmoid' = s (1 - s)
-    s = lax.logistic(x)
-    return dy * s * (1 - s)
+    # sigmoid' = s (1 - s) = sigmoid(x) sigmoid(-x): the second form keeps full precision for large x,
+    # where 1 - s would cancel
+    return dy * lax.logistic(x) * lax.logistic(-x)
 
 
 def tanh(x: jax.Array) -> jax.Array:
@@ -99,9 +110,8 @@ def tanh(x: jax.Array) -> jax.Array:
 
 def tanh_vjp(x: jax.Array, dy: jax.Array) -> jax.Array:
     """``dx`` of :func:`tanh`, shape of ``x``."""
-    # tanh' = 1 - tanh^2
-    t = jnp.tanh(x)
-    return dy * (1 - t * t)
+    # tanh' = 1 - tanh^2 = sech^2, computed without the cancellation of 1 - tanh^2 for large |x|
+    return dy * _sech_squared(x)
 
 
 def softplus(x: jax.Array) -> jax.Array:
