@@ -366,3 +366,35 @@ def test_activation_derivatives_keep_relative_precision_in_the_tails(name):
     nonzero = exact[name] > 1e-300
     relative = np.abs(got[nonzero] - exact[name][nonzero]) / exact[name][nonzero]
     assert relative.max() < 1e-12
+
+
+def test_softplus_autodiff_is_exact_at_zero():
+    assert float(jax.grad(F.softplus)(0.0)) == 0.5
+    assert float(F.softplus_vjp(jnp.zeros(()), jnp.ones(()))) == 0.5
+
+
+@pytest.mark.parametrize(
+    "call,message",
+    [
+        (
+            lambda: F.max_pool2d_vjp(jnp.zeros((1, 4, 4, 2)), jnp.zeros((1, 2, 2, 1))),
+            r"`dy` must have shape \(1, 2, 2, 2\)",
+        ),
+        (lambda: F.avg_pool2d_vjp(jnp.zeros((1, 4, 4, 2)), jnp.zeros(())), r"`dy` must have shape \(1, 2, 2, 2\)"),
+        (lambda: F.global_avg_pool2d_vjp(jnp.zeros((2, 4, 4, 3)), jnp.zeros((2, 4))), r"`dy` must have shape \(2, 3\)"),
+        (
+            lambda: F.dense_vjp(jnp.zeros((2, 3)), jnp.zeros((3, 4)), jnp.zeros((2, 5))),
+            r"`dy` must have shape \(2, 4\)",
+        ),
+        (lambda: F.relu_vjp(jnp.zeros((2, 3)), jnp.zeros((3,))), r"relu_vjp: `dy` must have the shape of `x`"),
+        (lambda: F.gelu_vjp(jnp.zeros((2, 3)), jnp.zeros((2, 1))), r"gelu_vjp: `dy` must have the shape of `x`"),
+        (
+            lambda: F.conv2d(jnp.zeros((1, 4, 4, 1)), jnp.zeros((3, 3, 1, 4)), jnp.zeros((1,))),
+            r"`b` must have shape \(4,\)",
+        ),
+        (lambda: F.dense(jnp.zeros((2, 3)), jnp.zeros((3, 4)), jnp.zeros((2, 2))), r"`b` must have shape \(4,\)"),
+    ],
+)
+def test_wrong_cotangent_and_bias_shapes_are_clear_errors(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()

@@ -242,3 +242,12 @@ def test_seed_must_be_non_negative():
     model, params, state, x, y = data("unseen")
     with pytest.raises(ValueError, match=r"`seed` must be a non-negative int, got -1"):
         jc.gradcheck.check_model(model, params, state, x, y, seed=-1)
+
+
+@pytest.mark.parametrize("name", ["mnist_cnn", "every_layer"])
+def test_zero_background_images_at_initialisation_pass(name):
+    """Zero biases on zero pixels put pre-activations exactly on ReLU kinks; the checks must not trip on them."""
+    model, params, state, x, y = data(name, batch=2)
+    x = x.at[:, : x.shape[1] // 2].set(0.0)
+    report = jc.gradcheck.check_model(model, params, state, x, y)
+    assert report.ok, report.table()

@@ -156,6 +156,7 @@ def test_init_errors_name_the_problem(build, input_shape, message):
         (lambda: nn.Conv2D(3, 3, groups=2), r"`features` \(=3\) must be divisible by `groups` \(=2\)"),
         (lambda: nn.Dense(-2), r"`features` must be a positive int, got -2"),
         (lambda: nn.MaxPool2D(0), r"`window` \(=0\) must be >= 1"),
+        (lambda: nn.MaxPool2D(2, padding=2), r"padding 2 must be smaller than the window \(2, 2\)"),
         (lambda: nn.Sequential([nn.ReLU(), "relu"]), r"layer 1 must be a jaxcnn.nn.Layer"),
     ],
 )

@@ -17,6 +17,11 @@ from jax.scipy.special import erf
 from jaxcnn.functional._registry import register
 
 
+def _check_dy(op: str, x: jax.Array, dy: jax.Array) -> None:
+    if jnp.shape(dy) != jnp.shape(x):
+        raise ValueError(f"{op}: `dy` must have the shape of `x` {tuple(jnp.shape(x))}, got {tuple(jnp.shape(dy))}")
+
+
 def relu(x: jax.Array) -> jax.Array:
     """``max(x, 0)``, any shape."""
     return jnp.where(x > 0, x, jnp.zeros((), x.dtype))
@@ -24,6 +29,7 @@ def relu(x: jax.Array) -> jax.Array:
 
 def relu_vjp(x: jax.Array, dy: jax.Array) -> jax.Array:
     """``dx`` of :func:`relu`, shape of ``x``."""
+    _check_dy("relu_vjp", x, dy)
     # relu'(x) = 1 if x > 0 else 0
     return jnp.where(x > 0, dy, jnp.zeros((), dy.dtype))
 
@@ -35,6 +41,7 @@ def leaky_relu(x: jax.Array, negative_slope: float = 0.01) -> jax.Array:
 
 def leaky_relu_vjp(x: jax.Array, dy: jax.Array, negative_slope: float = 0.01) -> jax.Array:
     """``dx`` of :func:`leaky_relu`, shape of ``x``."""
+    _check_dy("leaky_relu_vjp", x, dy)
     # leaky_relu'(x) = 1 if x > 0 else negative_slope
     return jnp.where(x > 0, dy, negative_slope * dy)
 
@@ -47,6 +54,7 @@ def elu(x: jax.Array, alpha: float = 1.0) -> jax.Array:
 
 def elu_vjp(x: jax.Array, dy: jax.Array, alpha: float = 1.0) -> jax.Array:
     """``dx`` of :func:`elu`, shape of ``x``."""
+    _check_dy("elu_vjp", x, dy)
     # elu'(x) = 1 if x > 0 else alpha * exp(x)
     return jnp.where(x > 0, dy, dy * alpha * jnp.exp(jnp.where(x > 0, jnp.zeros((), x.dtype), x)))
 
@@ -79,6 +87,7 @@ def gelu(x: jax.Array, approximate: bool = True) -> jax.Array:
 
 def gelu_vjp(x: jax.Array, dy: jax.Array, approximate: bool = True) -> jax.Array:
     """``dx`` of :func:`gelu`, shape of ``x``."""
+    _check_dy("gelu_vjp", x, dy)
     if approximate:
         # with t = tanh(u), u = c (x + 0.044715 x^3): gelu' = (1 + t)/2 + x/2 (1 - t^2) c (1 + 3 * 0.044715 x^2)
         inner = _SQRT_2_OVER_PI * (x + _GELU_CUBIC * x**3)
@@ -98,6 +107,7 @@ def sigmoid(x: jax.Array) -> jax.Array:
 
 def sigmoid_vjp(x: jax.Array, dy: jax.Array) -> jax.Array:
     """``dx`` of :func:`sigmoid`, shape of ``x``."""
+    _check_dy("sigmoid_vjp", x, dy)
     # sigmoid' = s (1 - s) = sigmoid(x) sigmoid(-x): the second form keeps full precision for large x,
     # where 1 - s would cancel
     return dy * lax.logistic(x) * lax.logistic(-x)
@@ -110,17 +120,20 @@ def tanh(x: jax.Array) -> jax.Array:
 
 def tanh_vjp(x: jax.Array, dy: jax.Array) -> jax.Array:
     """``dx`` of :func:`tanh`, shape of ``x``."""
+    _check_dy("tanh_vjp", x, dy)
     # tanh' = 1 - tanh^2 = sech^2, computed without the cancellation of 1 - tanh^2 for large |x|
     return dy * _sech_squared(x)
 
 
 def softplus(x: jax.Array) -> jax.Array:
-    """``log(1 + exp(x))``, any shape, computed as ``max(x, 0) + log1p(exp(-|x|))`` (no overflow)."""
-    return jnp.maximum(x, 0) + jnp.log1p(jnp.exp(-jnp.abs(x)))
+    """``log(1 + exp(x))``, any shape, computed as ``logaddexp(x, 0)`` (no overflow; its autodiff is exact at 0,
+    unlike ``max(x, 0) + log1p(exp(-|x|))`` whose kinks JAX differentiates to 0 there)."""
+    return jnp.logaddexp(x, jnp.zeros((), x.dtype))
 
 
 def softplus_vjp(x: jax.Array, dy: jax.Array) -> jax.Array:
     """``dx`` of :func:`softplus`, shape of ``x``."""
+    _check_dy("softplus_vjp", x, dy)
     # softplus' = exp(x) / (1 + exp(x)) = sigmoid(x)
     return dy * lax.logistic(x)
 

@@ -103,6 +103,8 @@ def conv2d(
         x.shape, w.shape, stride=stride, padding=padding, dilation=dilation, groups=groups
     )
     groups = operator.index(groups)
+    if b is not None and tuple(b.shape) != (w.shape[3],):
+        raise ValueError(f"conv2d: `b` must have shape ({w.shape[3]},), got {tuple(b.shape)}")
     dtype = jnp.result_type(x, w) if b is None else jnp.result_type(x, w, b)
     x, w = x.astype(dtype), w.astype(dtype)
     y = lax.conv_general_dilated(

@@ -29,6 +29,8 @@ def dense(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:
       ``(..., D_out)``.
     """
     _check("dense", x.shape, w.shape)
+    if b is not None and tuple(b.shape) != (w.shape[1],):
+        raise ValueError(f"dense: `b` must have shape ({w.shape[1]},), got {tuple(b.shape)}")
     dtype = jnp.result_type(x, w) if b is None else jnp.result_type(x, w, b)
     y = jnp.matmul(x.astype(dtype), w.astype(dtype))
     if b is not None:
@@ -47,6 +49,8 @@ def dense_vjp(x: jax.Array, w: jax.Array, dy: jax.Array) -> tuple[jax.Array, jax
       of ``x`` and ``w``.
     """
     _check("dense_vjp", x.shape, w.shape)
+    if tuple(dy.shape) != (*x.shape[:-1], w.shape[1]):
+        raise ValueError(f"dense_vjp: `dy` must have shape {(*x.shape[:-1], w.shape[1])}, got {tuple(dy.shape)}")
     x_dtype, w_dtype = x.dtype, w.dtype
     dtype = jnp.result_type(x, w, dy)
     x, w, dy = x.astype(dtype), w.astype(dtype), dy.astype(dtype)

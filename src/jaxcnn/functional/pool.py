@@ -85,6 +85,11 @@ def _untap(values: jax.Array, i: int, j: int, stride: Pair, padded: Pair) -> jax
     )
 
 
+def _check_dy(op: str, dy: jax.Array, expected: tuple[int, ...]) -> None:
+    if tuple(dy.shape) != tuple(expected):
+        raise ValueError(f"{op}: `dy` must have shape {tuple(expected)}, got {tuple(dy.shape)}")
+
+
 def _crop(x_pad: jax.Array, pads: ExplicitPadding, size: Pair) -> jax.Array:
     n, _, _, c = x_pad.shape
     top, left = pads[0][0], pads[1][0]
@@ -124,6 +129,7 @@ def max_pool2d_vjp(
     row-major window order (top row first, then left to right), as JAX's and PyTorch's CPU kernels do.
     """
     window, stride, pads, out = pool_geometry(x.shape, window, stride, padding, op="max_pool2d_vjp")
+    _check_dy("max_pool2d_vjp", dy, (x.shape[0], *out, x.shape[3]))
     # y[o] = max_k x_pad[o * s + k], so dy[o] flows to the single winning tap k*(o) and nowhere else:
     # dx_pad = sum_k untap(dy * [k is the first tap with x_pad[o * s + k] == y[o]]).
     lowest = _lowest(x.dtype)
@@ -181,6 +187,7 @@ def avg_pool2d_vjp(
 ) -> jax.Array:
     """Hand-derived VJP of :func:`avg_pool2d`: ``dx`` ``(N, H, W, C)`` from ``dy`` ``(N, OH, OW, C)``."""
     window, stride, pads, out = pool_geometry(x.shape, window, stride, padding, op="avg_pool2d_vjp")
+    _check_dy("avg_pool2d_vjp", dy, (x.shape[0], *out, x.shape[3]))
     # y[o] = sum_k x_pad[o * s + k] / count[o]: every tap of window o receives dy[o] / count[o], and padded
     # cells are cropped away: dx = crop(sum_k untap(dy / count)).
     count = _real_cells((x.shape[1], x.shape[2]), window, stride, pads, out)
@@ -202,6 +209,7 @@ def global_avg_pool2d(x: jax.Array) -> jax.Array:
 def global_avg_pool2d_vjp(x: jax.Array, dy: jax.Array) -> jax.Array:
     """Hand-derived VJP of :func:`global_avg_pool2d`: ``dx`` ``(N, H, W, C)`` from ``dy`` ``(N, C)``."""
     check_rank("global_avg_pool2d_vjp", "x", x.shape, 4, "N, H, W, C")
+    _check_dy("global_avg_pool2d_vjp", dy, (x.shape[0], x.shape[3]))
     # y[n, c] = sum_{h, w} x[n, h, w, c] / (H W): every cell gets dy[n, c] / (H W).
     n, h, w, c = x.shape
     return jnp.broadcast_to((dy / (h * w)).reshape(n, 1, 1, c), x.shape)

@@ -8,7 +8,7 @@ from typing import NamedTuple
 import jax
 
 import jaxcnn.functional as F
-from jaxcnn.functional._args import Padding, Pair, pair
+from jaxcnn.functional._args import Padding, Pair, explicit_padding, pair
 from jaxcnn.functional.pool import pool_geometry
 from jaxcnn.nn.conv import freeze_padding
 from jaxcnn.nn.layer import Layer, Params, Shape
@@ -29,6 +29,12 @@ class _Pool2D(Layer):
         if self.stride is not None:
             object.__setattr__(self, "stride", pair(self.stride, "stride"))
         object.__setattr__(self, "padding", freeze_padding(self.padding))
+        if not isinstance(self.padding, str):
+            pads = explicit_padding(self.padding, (1, 1), self.window, (1, 1))
+            if any(max(p) >= k for p, k in zip(pads, self.window)):
+                raise ValueError(
+                    f"padding {self.padding!r} must be smaller than the window {self.window} on every side"
+                )
 
     def output_shape(self, input_shape: Shape) -> Shape:
         name = type(self).__name__
