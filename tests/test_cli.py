@@ -45,3 +45,15 @@ def test_bad_arguments_exit_2_with_one_line(args, message):
     assert message in result.stderr
     assert "Traceback" not in result.stderr
     assert len([line for line in result.stderr.splitlines() if "error" in line]) == 1
+
+
+def test_gradcheck_command_exits_1_on_a_mismatch(monkeypatch, capsys):
+    from jaxcnn import models, nn
+    from test_gradcheck import WrongDense
+
+    wrong = lambda: nn.Sequential([nn.Conv2D(2, 3), nn.ReLU(), nn.Flatten(), WrongDense(4), nn.Dense(10)])
+    monkeypatch.setitem(models.MODELS, "lenet5", wrong)
+    code = cli.main(["gradcheck", "--model", "lenet5", "--batch-size", "2", "--no-finite-differences"])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "FAIL" in out and "checks FAILED" in out.splitlines()[-1]
