@@ -8,7 +8,6 @@ bad value, so a mistake is reported where it was made rather than deep inside XL
 
 from __future__ import annotations
 
-import math
 import operator
 from collections.abc import Sequence
 
@@ -19,7 +18,7 @@ Padding = str | int | Sequence[int] | Sequence[Sequence[int]]
 ExplicitPadding = tuple[tuple[int, int], tuple[int, int]]
 
 
-def _is_int(value: object) -> bool:
+def is_int(value: object) -> bool:
     """True for Python and NumPy integers (``operator.index`` works), False for bools, floats and strings."""
     if isinstance(value, (bool, np.bool_)):
         return False
@@ -30,21 +29,18 @@ def _is_int(value: object) -> bool:
     return True
 
 
-def as_int(value: object, name: str, *, minimum: int | None = None) -> int:
-    """``value`` as a Python int (NumPy integers accepted); ValueError naming ``name`` otherwise."""
-    if not _is_int(value):
-        raise ValueError(f"`{name}` must be an int, got {value!r}")
-    result = operator.index(value)
-    if minimum is not None and result < minimum:
-        raise ValueError(f"`{name}` (={value!r}) must be >= {minimum}")
-    return result
+def positive_int(value: object, name: str) -> int:
+    """``value`` as a Python int if it is a positive integer; ValueError naming ``name`` otherwise."""
+    if not is_int(value) or operator.index(value) < 1:
+        raise ValueError(f"`{name}` must be a positive int, got {value!r}")
+    return operator.index(value)
 
 
 def pair(value: int | Sequence[int], name: str, *, minimum: int = 1) -> Pair:
     """Normalise an int or a pair of ints to ``(h, w)``; each must be ``>= minimum``."""
-    if _is_int(value):
+    if is_int(value):
         result = (operator.index(value), operator.index(value))
-    elif isinstance(value, Sequence) and len(value) == 2 and all(_is_int(v) for v in value):
+    elif isinstance(value, Sequence) and len(value) == 2 and all(is_int(v) for v in value):
         result = (operator.index(value[0]), operator.index(value[1]))
     else:
         raise ValueError(f"`{name}` must be an int or a pair of ints, got {value!r}")
@@ -78,16 +74,16 @@ def explicit_padding(
                 pads.append((total // 2, total - total // 2))
             return (pads[0], pads[1])
         raise ValueError(f"`padding` must be 'SAME', 'VALID', an int or explicit pairs, got {padding!r}")
-    if _is_int(padding):
+    if is_int(padding):
         p = operator.index(padding)
         result = ((p, p), (p, p))
-    elif isinstance(padding, Sequence) and len(padding) == 2 and all(_is_int(p) for p in padding):
+    elif isinstance(padding, Sequence) and len(padding) == 2 and all(is_int(p) for p in padding):
         ph, pw = operator.index(padding[0]), operator.index(padding[1])
         result = ((ph, ph), (pw, pw))
     elif (
         isinstance(padding, Sequence)
         and len(padding) == 2
-        and all(isinstance(p, Sequence) and len(p) == 2 and all(_is_int(v) for v in p) for p in padding)
+        and all(isinstance(p, Sequence) and len(p) == 2 and all(is_int(v) for v in p) for p in padding)
     ):
         result = ((int(padding[0][0]), int(padding[0][1])), (int(padding[1][0]), int(padding[1][1])))
     else:
@@ -124,8 +120,3 @@ def check_rank(op: str, name: str, array_shape: Sequence[int], rank: int, layout
     """Raise ``ValueError`` if an array does not have the expected rank (``layout`` spells its axes)."""
     if len(array_shape) != rank:
         raise ValueError(f"{op}: `{name}` must have rank {rank} ({layout}), got shape {tuple(array_shape)}")
-
-
-def prod(values: Sequence[int]) -> int:
-    """Product of a sequence of ints (1 for an empty one)."""
-    return math.prod(values)

@@ -20,12 +20,12 @@ from jaxcnn.functional._args import (
     ExplicitPadding,
     Padding,
     Pair,
-    _is_int,
     check_rank,
     check_window_fits,
     explicit_padding,
     output_size,
     pair,
+    positive_int,
 )
 from jaxcnn.functional._registry import register
 
@@ -52,9 +52,10 @@ def conv_geometry(
     """
     check_rank(op, "x", x_shape, 4, "N, H, W, C")
     check_rank(op, "w", w_shape, 4, "KH, KW, C_in / groups, C_out")
-    if not _is_int(groups) or operator.index(groups) < 1:
-        raise ValueError(f"{op}: `groups` must be a positive int, got {groups!r}")
-    groups = operator.index(groups)
+    try:
+        groups = positive_int(groups, "groups")
+    except ValueError as error:
+        raise ValueError(f"{op}: {error}") from None
     channels = x_shape[3]
     kh, kw, in_per_group, features = w_shape
     if channels % groups:

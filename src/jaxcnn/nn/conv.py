@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
@@ -10,8 +9,7 @@ import jax
 import jax.numpy as jnp
 
 import jaxcnn.functional as F
-from jaxcnn.functional._args import Padding, Pair, explicit_padding, pair
-from jaxcnn.functional._args import _is_int as is_int
+from jaxcnn.functional._args import Padding, Pair, explicit_padding, pair, positive_int
 from jaxcnn.functional.conv import conv_geometry
 from jaxcnn.nn.layer import Layer, Params, Shape, check_input_shape, check_key, check_param_keys
 
@@ -24,13 +22,6 @@ def freeze_padding(padding: Padding) -> Padding:
     if isinstance(padding, int):
         return padding
     return tuple(tuple(p) if not isinstance(p, int) else p for p in padding)
-
-
-def positive_int(value: Any, name: str) -> int:
-    """``value`` as a Python int if it is a positive integer; ValueError naming ``name`` otherwise."""
-    if not is_int(value) or operator.index(value) < 1:
-        raise ValueError(f"`{name}` must be a positive int, got {value!r}")
-    return operator.index(value)
 
 
 class ConvResiduals(NamedTuple):

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 import jaxcnn.functional as F
-from jaxcnn.nn.conv import positive_int
+from jaxcnn.functional._args import positive_int
 from jaxcnn.nn.layer import Layer, Params, Shape, Static, check_input_shape, check_key, check_param_keys
 
 

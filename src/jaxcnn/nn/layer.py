@@ -24,7 +24,7 @@ from typing import Any, ClassVar, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxcnn.functional._args import _is_int as is_int
+from jaxcnn.functional._args import is_int
 
 Params = Any  # a pytree of arrays; {} for a layer without parameters
 State = Any  # a pytree of arrays; {} for a layer without state
