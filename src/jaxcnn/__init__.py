@@ -1,12 +1,13 @@
 """jaxcnn: convolutional networks as pure JAX functions, with every gradient derived by hand and checked.
 
 Parts: :mod:`jaxcnn.functional` (ops and their hand-derived VJPs), :mod:`jaxcnn.nn` (layers),
-:mod:`jaxcnn.backprop` (the explicit reverse pass), :mod:`jaxcnn.gradcheck` (the three-way check) and
-:mod:`jaxcnn.models` (named architectures).
+:mod:`jaxcnn.backprop` (the explicit reverse pass), :mod:`jaxcnn.gradcheck` (the three-way check),
+:mod:`jaxcnn.models` (named architectures), :mod:`jaxcnn.data` (data sets and batching) and
+:mod:`jaxcnn.train` (train state, compiled steps, the loop, checkpoints).
 """
 
-from jaxcnn import backprop, functional, gradcheck, models, nn
+from jaxcnn import backprop, data, functional, gradcheck, models, nn, train
 
 __version__ = "0.1.0"
 
-__all__ = ["backprop", "functional", "gradcheck", "models", "nn"]
+__all__ = ["backprop", "data", "functional", "gradcheck", "models", "nn", "train"]

@@ -1,14 +1,22 @@
 """The ``jaxcnn`` command: thin argument parsing over the library.
 
-``jaxcnn gradcheck`` prints the three-way gradient check of a named model and exits 1 on a mismatch.
-Bad arguments give a one-line error and exit code 2, never a traceback.
+``jaxcnn train`` trains (and resumes) a run into a workdir; ``jaxcnn eval`` evaluates a workdir's latest
+checkpoint; ``jaxcnn plot`` draws its curves; ``jaxcnn gradcheck`` prints the three-way gradient check of a named
+model and exits 1 on a mismatch. Bad input gives a one-line error and exit code 2, never a traceback; a run
+whose loss turns non-finite stops with exit code 3.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+import time
 from collections.abc import Sequence
+from pathlib import Path
+
+EXIT_ERROR = 2  # bad input: arguments, data, workdir, checkpoint
+EXIT_DIVERGED = 3  # the loss turned NaN or Inf
 
 
 def _gradcheck(args: argparse.Namespace) -> int:
@@ -47,6 +55,145 @@ def _gradcheck(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+# -- train / eval / plot -----------------------------------------------------------------------------------
+
+# flag -> Config field; each flag's default is None ("not given"), so a resumed run keeps its saved values
+_TRAIN_FLAGS: dict[str, tuple[type, str]] = {
+    "model": (str, "architecture"),
+    "dataset": (str, "data set"),
+    "data_dir": (str, "directory of the MNIST / Fashion-MNIST IDX files or the CIFAR-10 .bin batches"),
+    "data_path": (str, "the .npz file of --dataset npz (x_train, y_train, x_test, y_test)"),
+    "optimizer": (str, "optax optimizer"),
+    "learning_rate": (float, "peak learning rate"),
+    "momentum": (float, "momentum of momentum, nesterov and rmsprop"),
+    "weight_decay": (float, "weight decay (decoupled for adamw, L2 otherwise)"),
+    "schedule": (str, "learning-rate schedule"),
+    "warmup_epochs": (int, "warm-up epochs of warmup_cosine"),
+    "decay_rate": (float, "per-epoch factor of the exponential schedule"),
+    "batch_size": (int, "examples per step"),
+    "epochs": (int, "epochs in all (more than a finished run has extends it)"),
+    "seed": (int, "seeds initialisation, data order and every random draw"),
+    "gradients": (str, "autodiff (jax.grad), manual (hand rules via custom_vjp) or engine (explicit reverse pass)"),
+    "keep": (int, "checkpoints to keep"),
+}
+
+
+def _default_workdir() -> Path:
+    stem = Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    path, suffix = stem, 1
+    while path.exists():
+        path, suffix = Path(f"{stem}-{suffix}"), suffix + 1
+    return path
+
+
+def _train(args: argparse.Namespace) -> int:
+    from jaxcnn import train
+
+    overrides = {name: getattr(args, name) for name in _TRAIN_FLAGS if getattr(args, name) is not None}
+    if args.normalize is not None:
+        overrides["normalize"] = args.normalize
+    workdir = Path(args.workdir) if args.workdir else _default_workdir()
+    if (workdir / train.loop.CONFIG_FILE).exists():
+        config = train.read_config(workdir).replace(**overrides)
+    else:
+        config = train.Config(**overrides)
+    print(f"workdir: {workdir}", flush=True)
+    print(
+        f"training {config.model} on {config.dataset}: {config.epochs} epochs, batch {config.batch_size}, "
+        f"{config.optimizer} lr {config.learning_rate:g} ({config.schedule}), gradients {config.gradients}",
+        flush=True,
+    )
+    log = lambda line: print(line, flush=True)
+    state, history = train.fit(config, workdir, log=log, progress=not args.no_progress)
+    last = history[-1]
+    accuracy = "n/a" if last.get("test_accuracy") is None else f"{last['test_accuracy']:.4f}"
+    print(
+        f"done: test accuracy {accuracy}, test loss {last['test_loss']:.4f} after {last['epoch']} epochs "
+        f"({int(state.step)} steps); workdir {workdir}"
+    )
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from jaxcnn import train
+
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    result = train.evaluate_workdir(args.workdir, split=args.split, batch_size=args.batch_size)
+    accuracy = "n/a" if "accuracy" not in result else f"{result['accuracy']:.4f}"
+    print(
+        f"{args.split} accuracy {accuracy}, loss {result['loss']:.4f} on {result['count']} images "
+        f"(checkpoint of epoch {result['epoch']}, step {result['step']}) in {args.workdir}"
+    )
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from jaxcnn.train.plot import plot_metrics
+
+    print(plot_metrics(args.workdir, args.output))
+    return 0
+
+
+def _add_train(commands) -> None:
+    from jaxcnn import models
+    from jaxcnn.train import config
+
+    choices = {
+        "model": models.names(),
+        "dataset": config.DATASETS,
+        "optimizer": config.OPTIMIZERS,
+        "schedule": config.SCHEDULES,
+        "gradients": config.GRADIENTS,
+    }
+    defaults = config.Config()
+    parser = commands.add_parser(
+        "train",
+        help="train a model (with no arguments: mnist_cnn on the digits that ship with scikit-learn)",
+        description="Train a model into a workdir (config.json, metrics.jsonl, checkpoints). A workdir that "
+        "holds a run is resumed: flags not given keep the run's saved values. Exit codes: 0 done, 2 bad "
+        "input, 3 the loss turned non-finite.",
+    )
+    for name, (kind, text) in _TRAIN_FLAGS.items():
+        known = choices.get(name)
+        suffix = f"; one of {', '.join(known)}" if known else ""
+        parser.add_argument(
+            "--" + name.replace("_", "-"),
+            type=kind,
+            default=None,
+            metavar=name.upper(),
+            help=f"{text} (default: {getattr(defaults, name)}{suffix})",
+        )
+    parser.add_argument(
+        "--normalize",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="standardise images per channel with the training set's statistics (default: on)",
+    )
+    parser.add_argument("--workdir", default=None, help="run directory (default: a new runs/<timestamp>)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(run=_train)
+    assert {f.name for f in dataclasses.fields(config.Config)} == set(_TRAIN_FLAGS) | {"normalize"}
+
+
+def _add_eval_and_plot(commands) -> None:
+    evaluate = commands.add_parser(
+        "eval", help="evaluate a workdir's latest checkpoint", description="Evaluate a workdir's latest checkpoint."
+    )
+    evaluate.add_argument("--workdir", required=True, help="a training workdir")
+    evaluate.add_argument("--split", default="test", choices=["test", "train"], help="default: test")
+    evaluate.add_argument("--batch-size", type=int, default=256, help="default: 256")
+    evaluate.set_defaults(run=_eval)
+    plot = commands.add_parser(
+        "plot",
+        help="draw a workdir's loss and accuracy curves as PNG",
+        description="Draw train and test loss and accuracy per epoch from a workdir's metrics.jsonl.",
+    )
+    plot.add_argument("--workdir", required=True, help="a training workdir")
+    plot.add_argument("--output", default=None, help="PNG path (default: WORKDIR/curves.png)")
+    plot.set_defaults(run=_plot)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``jaxcnn`` command, one subcommand per job."""
     from jaxcnn import models
@@ -54,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxcnn", description="CNNs as pure JAX functions, gradients checked.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
+    _add_train(commands)
+    _add_eval_and_plot(commands)
     check = commands.add_parser(
         "gradcheck",
         help="check a model's hand-derived gradients against autodiff and finite differences",
@@ -72,19 +221,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``jaxcnn`` command; returns the exit code."""
+    from jaxcnn.train import NonFiniteError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.run(args)
+    except NonFiniteError as error:
+        print(f"jaxcnn {args.command}: error: {error}".splitlines()[0], file=sys.stderr)
+        return EXIT_DIVERGED
     except (ValueError, OSError) as error:
         print(f"jaxcnn {args.command}: error: {error}".splitlines()[0], file=sys.stderr)
-        return 2
+        return EXIT_ERROR
     except KeyboardInterrupt:
         print(f"jaxcnn {args.command}: interrupted", file=sys.stderr)
         return 130
     except Exception as error:  # never a traceback: one line, and an exit code distinct from "mismatch" (1)
         print(f"jaxcnn {args.command}: error: {type(error).__name__}: {error}".splitlines()[0], file=sys.stderr)
-        return 2
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

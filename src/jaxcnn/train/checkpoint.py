@@ -1,0 +1,187 @@
+"""Checkpoints: orbax directories written atomically, verified by checksum on the way back.
+
+A checkpoint is ``WORKDIR/checkpoints/<step>/`` as orbax's ``CheckpointManager`` writes it: into a temporary
+directory first, renamed into place only once complete, so a process killed mid-save (even by SIGKILL)
+leaves the previous checkpoints intact and no half-written one that could be mistaken for a finished one.
+The state travels as its flat list of leaves (the template from the model and optimizer gives the tree back),
+next to a JSON record of the epoch, the data shape and a SHA-256 of every leaf: a checkpoint whose bytes
+changed on disk is reported as corrupt, never silently restored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxcnn.train.state import TrainState, as_typed_key
+
+FORMAT = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read, is corrupt, or does not match the model and optimizer."""
+
+
+def _quiet_orbax() -> Any:
+    # orbax and absl log every save at INFO/WARNING level; a training command's output is its own
+    for name in ("absl", "orbax", "orbax.checkpoint"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    import orbax.checkpoint as ocp
+
+    return ocp
+
+
+def _leaves_of(state: TrainState) -> tuple[list[np.ndarray], list[str]]:
+    """The state's leaves as host arrays (the key as its raw data) and their tree paths, in flatten order."""
+    plain = state.replace(key=jax.random.key_data(state.key))
+    flat, _ = jax.tree_util.tree_flatten_with_path(plain)
+    return [np.asarray(leaf) for _, leaf in flat], [jax.tree_util.keystr(path) for path, _ in flat]
+
+
+def _digest(array: np.ndarray) -> str:
+    header = f"{array.dtype.str}{array.shape}".encode()
+    return hashlib.sha256(header + np.ascontiguousarray(array).tobytes()).hexdigest()
+
+
+def _name(index: int) -> str:
+    return f"leaf_{index:05d}"
+
+
+def all_finite(tree: Any) -> bool:
+    """True when every floating-point leaf of ``tree`` is free of NaN and Inf (one reduction on device)."""
+    checks = [
+        jax.numpy.isfinite(leaf).all()
+        for leaf in jax.tree.leaves(tree)
+        if jax.numpy.issubdtype(jax.numpy.result_type(leaf), jax.numpy.inexact)
+    ]
+    return bool(jax.numpy.stack(checks).all()) if checks else True
+
+
+class Checkpointer:
+    """The checkpoints of one workdir: ``save``, ``latest_step``, ``restore``; the last ``keep`` are kept.
+
+    Args:
+      directory: where the step directories live (created on the first save).
+      keep: how many of the latest checkpoints to keep (older ones are deleted after a successful save).
+    """
+
+    def __init__(self, directory: str | os.PathLike, keep: int = 3):
+        self.directory = Path(directory).absolute()
+        self.keep = keep
+        self._manager = None
+
+    def _open(self):
+        if self._manager is None:
+            ocp = _quiet_orbax()
+            options = ocp.CheckpointManagerOptions(max_to_keep=self.keep, create=True, enable_async_checkpointing=False)
+            self._manager = ocp.CheckpointManager(self.directory, options=options)
+        return self._manager
+
+    def close(self) -> None:
+        if self._manager is not None:
+            self._manager.close()
+            self._manager = None
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def steps(self) -> list[int]:
+        """The steps of the finished checkpoints, oldest first (temporary directories of an interrupted save
+        are not checkpoints)."""
+        if not self.directory.is_dir():
+            return []
+        return sorted(self._open().all_steps())
+
+    def latest_step(self) -> int | None:
+        steps = self.steps()
+        return steps[-1] if steps else None
+
+    def path(self, step: int) -> Path:
+        return self.directory / str(step)
+
+    def save(self, state: TrainState, meta: dict[str, Any]) -> Path:
+        """Write ``state`` (and the JSON-able ``meta``) as the checkpoint of step ``state.step``, atomically.
+
+        Refuses a state holding NaN or Inf: a diverged run never replaces a good checkpoint.
+        """
+        if not all_finite((state.params, state.model_state, state.opt_state)):
+            raise ValueError(f"refusing to write a checkpoint with non-finite values at step {int(state.step)}")
+        ocp = _quiet_orbax()
+        leaves, paths = _leaves_of(state)
+        record = dict(meta, format=FORMAT, step=int(state.step), paths=paths, sha256=[_digest(a) for a in leaves])
+        payload = {_name(i): leaf for i, leaf in enumerate(leaves)}
+        step = int(state.step)
+        self._open().save(
+            step, args=ocp.args.Composite(state=ocp.args.StandardSave(payload), meta=ocp.args.JsonSave(record))
+        )
+        self._manager.wait_until_finished()
+        return self.path(step)
+
+    def read_meta(self, step: int) -> dict[str, Any]:
+        """The JSON record saved with checkpoint ``step``."""
+        ocp = _quiet_orbax()
+        try:
+            restored = self._open().restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+            meta = restored["meta"]
+        except Exception as error:  # orbax raises many types; each means the same to a user
+            where = self.path(step)
+            raise CheckpointError(f"checkpoint {where} is corrupt or unreadable: {_first_line(error)}") from None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT or "sha256" not in meta:
+            raise CheckpointError(f"checkpoint {self.path(step)} is corrupt or unreadable: its metadata is malformed")
+        return meta
+
+    def restore(self, template: TrainState, step: int | None = None) -> tuple[TrainState, dict[str, Any]]:
+        """The checkpoint of ``step`` (the latest by default) in the shape of ``template``: ``(state, meta)``.
+
+        Raises:
+          CheckpointError: no checkpoint; unreadable or corrupt files (naming the directory); a checkpoint whose
+            arrays do not fit ``template`` (another model or optimizer).
+        """
+        ocp = _quiet_orbax()
+        if step is None:
+            step = self.latest_step()
+            if step is None:
+                raise CheckpointError(f"no checkpoint in {self.directory}")
+        where = self.path(step)
+        meta = self.read_meta(step)
+        expected, paths = _leaves_of(template)
+        if meta.get("paths") != paths or len(meta["sha256"]) != len(expected):
+            raise CheckpointError(
+                f"checkpoint {where} does not match this model and optimizer "
+                f"({len(meta.get('paths', []))} arrays saved, {len(expected)} expected)"
+            )
+        abstract = {_name(i): jax.ShapeDtypeStruct(a.shape, a.dtype) for i, a in enumerate(expected)}
+        try:
+            restored = self._open().restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+            payload = restored["state"]
+        except Exception as error:
+            raise CheckpointError(f"checkpoint {where} is corrupt or unreadable: {_first_line(error)}") from None
+        leaves = []
+        for index, (want, digest) in enumerate(zip(expected, meta["sha256"])):
+            leaf = np.asarray(payload.get(_name(index)) if isinstance(payload, dict) else None)
+            if leaf.shape != want.shape or leaf.dtype != want.dtype:
+                raise CheckpointError(
+                    f"checkpoint {where} does not match this model and optimizer at {paths[index]}: "
+                    f"{leaf.dtype}{list(leaf.shape)} saved, {want.dtype}{list(want.shape)} expected"
+                )
+            if _digest(leaf) != digest:
+                raise CheckpointError(f"checkpoint {where} is corrupt: {paths[index]} fails its SHA-256 check")
+            leaves.append(leaf)
+        treedef = jax.tree.structure(template.replace(key=jax.random.key_data(template.key)))
+        state = jax.tree.unflatten(treedef, [jax.numpy.asarray(leaf) for leaf in leaves])
+        impl = jax.random.key_impl(template.key)
+        return state.replace(key=as_typed_key(jax.random.wrap_key_data(state.key, impl=impl))), meta
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")

@@ -1,0 +1,200 @@
+"""The run configuration: one frozen dataclass, validated on creation, saved as ``config.json`` in a workdir.
+
+Every field has a ``jaxcnn train`` flag of the same name (``learning_rate`` is ``--learning-rate``).
+:func:`make_optimizer` turns a config into an optax transform and its learning-rate schedule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import operator
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import optax
+
+from jaxcnn.functional._args import is_int
+
+OPTIMIZERS = ("adam", "adamw", "momentum", "nesterov", "rmsprop", "sgd")
+SCHEDULES = ("constant", "cosine", "exponential", "warmup_cosine")
+GRADIENTS = ("autodiff", "manual", "engine")
+DATASETS = ("cifar10", "digits", "fashion_mnist", "mnist", "npz", "synthetic")
+
+# Fields a resumed run must share with the run it continues: its checkpoints hold this model's parameters for
+# this data set, in this optimizer's state, and its random stream comes from this seed. Everything else (more
+# epochs, a new learning rate or schedule, another gradient mode) may change on resume.
+RESUME_FIXED = ("model", "dataset", "optimizer", "seed")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything that defines a training run. Invalid values raise ``ValueError`` on creation.
+
+    The defaults train ``mnist_cnn`` on scikit-learn's 8x8 digits to about 98-99% test accuracy in well under a
+    minute on two CPU cores.
+
+    Attributes:
+      model: a name from :func:`jaxcnn.models.names` (its class count follows the data set).
+      dataset: ``"digits"``, ``"mnist"``, ``"fashion_mnist"``, ``"cifar10"``, ``"npz"`` or ``"synthetic"``.
+      data_dir: the directory holding the MNIST / Fashion-MNIST IDX files or the CIFAR-10 ``.bin`` batches.
+      data_path: the ``.npz`` file of the ``"npz"`` data set.
+      optimizer: ``"sgd"``, ``"momentum"``, ``"nesterov"``, ``"adam"``, ``"adamw"`` or ``"rmsprop"`` (optax).
+      learning_rate: the peak learning rate, finite and positive.
+      momentum: the momentum of ``"momentum"``, ``"nesterov"`` and ``"rmsprop"``, in [0, 1).
+      schedule: ``"constant"``, ``"cosine"`` (decay to 0 over the run) or ``"warmup_cosine"`` (linear warm-up
+        over ``warmup_epochs``, then cosine decay to 0).
+      warmup_epochs: the warm-up length of ``"warmup_cosine"``, in epochs (>= 0).
+      weight_decay: L2 weight decay; decoupled (AdamW-style) for ``"adamw"``, added to the gradient otherwise.
+      batch_size: examples per step (>= 1); the last batch of an epoch holds the remainder.
+      epochs: passes over the training set (>= 1).
+      seed: seeds initialisation, data order and every random draw (an int in [0, 2**32)).
+      gradients: ``"autodiff"`` (jax.grad), ``"manual"`` (hand rules through jax.custom_vjp) or ``"engine"``
+        (the explicit reverse pass of :mod:`jaxcnn.backprop`).
+      keep: how many of the latest checkpoints a workdir keeps (>= 1).
+      normalize: standardise images per channel with the training set's mean and standard deviation.
+    """
+
+    model: str = "mnist_cnn"
+    dataset: str = "digits"
+    data_dir: str | None = None
+    data_path: str | None = None
+    optimizer: str = "adam"
+    learning_rate: float = 1e-3
+    momentum: float = 0.9
+    schedule: str = "constant"
+    warmup_epochs: int = 1
+    decay_rate: float = 0.9
+    weight_decay: float = 0.0
+    batch_size: int = 32
+    epochs: int = 15
+    seed: int = 0
+    gradients: str = "manual"
+    keep: int = 3
+    normalize: bool = True
+
+    def __post_init__(self) -> None:
+        from jaxcnn import models
+
+        _choice("model", self.model, models.names())
+        _choice("dataset", self.dataset, DATASETS)
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("schedule", self.schedule, SCHEDULES)
+        _choice("gradients", self.gradients, GRADIENTS)
+        for name in ("data_dir", "data_path"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"{name} must be a non-empty path string or None, got {value!r}")
+        _number("learning_rate", self.learning_rate, "a finite positive number", lambda v: v > 0)
+        _number("momentum", self.momentum, "a number in [0, 1)", lambda v: 0 <= v < 1)
+        _number("decay_rate", self.decay_rate, "a number in (0, 1]", lambda v: 0 < v <= 1)
+        _number("weight_decay", self.weight_decay, "a finite number >= 0", lambda v: v >= 0)
+        _integer("batch_size", self.batch_size, 1)
+        _integer("epochs", self.epochs, 1)
+        _integer("warmup_epochs", self.warmup_epochs, 0)
+        _integer("keep", self.keep, 1)
+        _integer("seed", self.seed, 0)
+        if self.seed >= 2**32:
+            raise ValueError(f"seed must be an int in [0, 2**32), got {self.seed}")
+        if not isinstance(self.normalize, bool):
+            raise ValueError(f"normalize must be true or false, got {self.normalize!r}")
+        if self.optimizer in ("momentum", "nesterov") and self.momentum == 0:
+            raise ValueError(f"optimizer {self.optimizer!r} needs momentum > 0 (or use optimizer 'sgd')")
+        if self.dataset == "npz" and self.data_path is None:
+            raise ValueError("dataset 'npz' needs data_path (--data-path FILE.npz)")
+        if self.dataset in ("mnist", "fashion_mnist", "cifar10") and self.data_dir is None:
+            raise ValueError(f"dataset {self.dataset!r} needs data_dir (--data-dir DIR)")
+
+    def replace(self, **changes: Any) -> Config:
+        """A copy with ``changes`` applied (and validated)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> Config:
+        """Build a config from a mapping, rejecting unknown fields by name."""
+        if not isinstance(values, Mapping):
+            raise ValueError(f"a config must be a JSON object, got {type(values).__name__}")
+        known = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown config fields {unknown}; known: {', '.join(sorted(known))}")
+        return cls(**values)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> Config:
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"not valid JSON ({error})") from None
+        return cls.from_dict(values)
+
+    def resume_conflicts(self, saved: Config) -> list[str]:
+        """The fields in :data:`RESUME_FIXED` where this config differs from ``saved`` (``"model: a -> b"``)."""
+        return [
+            f"{name}: {getattr(saved, name)!r} -> {getattr(self, name)!r}"
+            for name in RESUME_FIXED
+            if getattr(saved, name) != getattr(self, name)
+        ]
+
+
+def _choice(name: str, value: Any, known: Any) -> None:
+    if value not in known:
+        raise ValueError(f"unknown {name} {value!r}; known: {', '.join(sorted(known))}")
+
+
+def _number(name: str, value: Any, what: str, ok: Callable[[float], bool]) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+
+
+def _integer(name: str, value: Any, minimum: int) -> None:
+    if not is_int(value) or operator.index(value) < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def make_schedule(config: Config, steps_per_epoch: int) -> optax.Schedule:
+    """The learning rate as a function of the step count (always a function, so optimizer state has one shape).
+
+    ``"cosine"`` and ``"warmup_cosine"`` decay to 0 over ``config.epochs * steps_per_epoch`` steps; the warm-up
+    is capped below the run's length.
+    """
+    total = config.epochs * steps_per_epoch
+    if config.schedule == "constant":
+        return optax.constant_schedule(config.learning_rate)
+    if config.schedule == "exponential":
+        return optax.exponential_decay(
+            config.learning_rate, transition_steps=steps_per_epoch, decay_rate=config.decay_rate, staircase=True
+        )
+    if config.schedule == "cosine":
+        return optax.cosine_decay_schedule(config.learning_rate, decay_steps=total)
+    warmup = min(config.warmup_epochs * steps_per_epoch, total - 1)
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=config.learning_rate, warmup_steps=warmup, decay_steps=total, end_value=0.0
+    )
+
+
+def make_optimizer(config: Config, steps_per_epoch: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """The optax transform named by ``config.optimizer`` with its schedule: ``(optimizer, schedule)``.
+
+    Weight decay is decoupled for ``"adamw"`` and an L2 term added to the gradient (``add_decayed_weights``)
+    for the others; it is always part of the chain, so the optimizer state keeps one structure whatever its value.
+    """
+    schedule = make_schedule(config, steps_per_epoch)
+    rate, momentum, decay = schedule, config.momentum, config.weight_decay
+    if config.optimizer == "adamw":
+        return optax.adamw(rate, weight_decay=decay), schedule
+    base = {
+        "sgd": lambda: optax.sgd(rate),
+        "momentum": lambda: optax.sgd(rate, momentum=momentum),
+        "nesterov": lambda: optax.sgd(rate, momentum=momentum, nesterov=True),
+        "adam": lambda: optax.adam(rate),
+        "rmsprop": lambda: optax.rmsprop(rate, momentum=momentum or None),
+    }[config.optimizer]()
+    return optax.chain(optax.add_decayed_weights(decay), base), schedule

@@ -1,0 +1,467 @@
+"""The training loop: ``fit(config, workdir)`` trains, evaluates, checkpoints and resumes; ``restore`` reads back.
+
+A workdir holds ``config.json`` (the run's :class:`Config`), ``metrics.jsonl`` (one JSON object per epoch) and
+``checkpoints/<step>/`` (orbax, the last ``config.keep``). Every epoch ends in this order: evaluate, check that
+the state is finite, append the metrics line, write the checkpoint. A resumed run truncates ``metrics.jsonl``
+to the checkpoint it restores, so the file always describes the run the checkpoints continue.
+
+Resuming is exact: the data order of epoch ``e`` and the key of step ``s`` are functions of the seed and of
+``e`` and ``s`` alone, and the checkpoint holds the whole state, so a run stopped after any epoch (or killed
+at any moment) and resumed ends with the same bits as one that never stopped, on the same machine.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxcnn import data as data_lib
+from jaxcnn import models
+from jaxcnn.train.checkpoint import Checkpointer, CheckpointError, all_finite
+from jaxcnn.train.config import Config, make_optimizer
+from jaxcnn.train.state import TrainState, create_train_state, data_key
+from jaxcnn.train.step import evaluate, make_eval_step, make_train_step
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINT_DIR = "checkpoints"
+METRIC_FIELDS = (
+    "epoch",
+    "step",
+    "train_loss",
+    "train_accuracy",
+    "test_loss",
+    "test_accuracy",
+    "learning_rate",
+    "seconds",
+)
+CHECK_EVERY = 10  # steps between host reads of the (on-device) losses: the non-finite check and the progress bar
+
+
+class NonFiniteError(ArithmeticError):
+    """The loss (or the state) turned NaN or Inf; ``epoch`` and ``step`` say where (``jaxcnn train`` exits 3)."""
+
+    def __init__(self, message: str, epoch: int, step: int):
+        super().__init__(message)
+        self.epoch = epoch
+        self.step = step
+
+
+# -- workdir files ---------------------------------------------------------------------------------------------
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: readers see the old or the new file."""
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(temporary, "w", encoding="utf-8") as file:
+        file.write(text)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, path)
+
+
+def read_config(workdir: str | os.PathLike) -> Config:
+    """The :class:`Config` saved in ``workdir/config.json``."""
+    path = Path(workdir) / CONFIG_FILE
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} not found: {workdir} is not a jaxcnn workdir") from None
+    try:
+        return Config.from_json(text)
+    except ValueError as error:
+        raise ValueError(f"{path} is not a valid config: {error}") from None
+
+
+def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The per-epoch records of ``workdir/metrics.jsonl``, in order (a torn last line from a kill is skipped)."""
+    path = Path(workdir) / METRICS_FILE
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("epoch"), int):
+            records.append(record)
+    return records
+
+
+def _json_number(value: float | None) -> float | None:
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+# -- building a run --------------------------------------------------------------------------------------------
+
+
+def load_data(config: Config) -> data_lib.Dataset:
+    """The data set ``config`` names (synthetic data is seeded by ``config.seed``)."""
+    return data_lib.load(
+        config.dataset,
+        data_dir=config.data_dir,
+        data_path=config.data_path,
+        normalize=config.normalize,
+        seed=config.seed,
+    )
+
+
+def build_model(config: Config, input_shape: tuple[int, ...], num_classes: int):
+    """The model ``config`` names, with ``num_classes`` outputs, checked against ``input_shape``."""
+    model = models.get(config.model, num_classes=num_classes)
+    try:
+        model.output_shape(tuple(input_shape))
+    except ValueError as error:
+        raise ValueError(
+            f"model {config.model} cannot take {config.dataset} images of shape {tuple(input_shape)}: {error}"
+        ) from None
+    return model
+
+
+def _check_labels(dataset: data_lib.Dataset, num_outputs: int) -> None:
+    for split, labels in (("train", dataset.y_train), ("test", dataset.y_test)):
+        if labels.size and (labels.min() < 0 or labels.max() >= num_outputs):
+            bad = labels.min() if labels.min() < 0 else labels.max()
+            raise ValueError(f"{split} labels must be in [0, {num_outputs}) for this model's outputs, found {bad}")
+
+
+class Run:
+    """A run's parts, built from its config: data, model, optimizer, schedule and the initial state."""
+
+    def __init__(self, config: Config, dataset: data_lib.Dataset | None = None):
+        self.config = config
+        self.data = dataset if dataset is not None else load_data(config)
+        self.input_shape = tuple(self.data.input_shape)
+        self.model = build_model(config, self.input_shape, self.data.num_classes)
+        _check_labels(self.data, self.model.output_shape(self.input_shape)[-1])
+        self.steps_per_epoch = data_lib.num_batches(len(self.data.y_train), config.batch_size)
+        self.optimizer, self.schedule = make_optimizer(config, self.steps_per_epoch)
+
+    def initial_state(self) -> TrainState:
+        return create_train_state(self.model, self.optimizer, jax.random.key(self.config.seed), self.input_shape)
+
+    def meta(self, epoch: int) -> dict[str, Any]:
+        return {
+            "epoch": epoch,
+            "input_shape": list(self.input_shape),
+            "num_classes": self.data.num_classes,
+            "model": self.config.model,
+            "dataset": self.config.dataset,
+            "steps_per_epoch": self.steps_per_epoch,
+        }
+
+
+# -- the loop --------------------------------------------------------------------------------------------------
+
+
+def fit(
+    config: Config,
+    workdir: str | os.PathLike | None = None,
+    *,
+    data: data_lib.Dataset | None = None,
+    log: Callable[[str], None] | None = print,
+    progress: bool = False,
+) -> tuple[TrainState, list[dict[str, Any]]]:
+    """Train ``config.model`` on ``config.dataset`` for ``config.epochs`` epochs, resuming ``workdir`` if it has
+    a checkpoint.
+
+    Each epoch shuffles the training set with the epoch's key, runs every batch (the last partial one too)
+    through the jit-compiled step, evaluates on the test set, appends a line to ``metrics.jsonl`` and writes a
+    checkpoint. Asking a finished run for more epochs extends it; asking for fewer returns it as it is.
+
+    Args:
+      config: the run's :class:`Config`.
+      workdir: where ``config.json``, ``metrics.jsonl`` and the checkpoints go; None trains in memory only.
+      data: a :class:`jaxcnn.data.Dataset` to use instead of loading ``config.dataset``.
+      log: called with each summary line (None for silence).
+      progress: show a progress bar per epoch (on stderr).
+
+    Returns:
+      ``(state, history)``: the final :class:`TrainState` and one dict per epoch with the fields of
+      ``metrics.jsonl`` (``epoch, step, train_loss, train_accuracy, test_loss, test_accuracy, learning_rate,
+      seconds``).
+
+    Raises:
+      ValueError: an invalid config, bad data, a workdir holding another model or data set, a corrupt checkpoint.
+      NonFiniteError: the loss or the state turned NaN or Inf (nothing non-finite is checkpointed).
+    """
+    if not isinstance(config, Config):
+        raise ValueError(f"fit expects a jaxcnn.train.Config, got {type(config).__name__}")
+    say = log or (lambda line: None)
+    directory = Path(workdir) if workdir is not None else None
+    if directory is not None:
+        _check_workdir(directory, config)
+    run = Run(config, data)
+    state = run.initial_state()
+    history: list[dict[str, Any]] = []
+    checkpointer = Checkpointer(directory / CHECKPOINT_DIR, keep=config.keep) if directory is not None else None
+    first_epoch = 1
+    try:
+        if checkpointer is not None:
+            directory.mkdir(parents=True, exist_ok=True)
+            if checkpointer.latest_step() is not None:
+                state, meta = checkpointer.restore(state)
+                _check_meta(meta, run, checkpointer)
+                first_epoch = int(meta["epoch"]) + 1
+                history = [r for r in read_metrics(directory) if r["epoch"] <= meta["epoch"]]
+                say(f"resuming {directory} from epoch {meta['epoch']} (step {int(state.step)})")
+            _write_atomically(directory / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in history))
+            _write_atomically(directory / CONFIG_FILE, config.to_json())
+        state = _train(run, state, history, first_epoch, directory, checkpointer, say, progress)
+    finally:
+        if checkpointer is not None:
+            checkpointer.close()
+    return state, history
+
+
+def _check_workdir(directory: Path, config: Config) -> None:
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"workdir {directory} exists and is not a directory")
+    if (directory / CONFIG_FILE).exists():
+        saved = read_config(directory)
+        conflicts = config.resume_conflicts(saved)
+        if conflicts:
+            raise ValueError(
+                f"workdir {directory} holds a run this config cannot resume ({'; '.join(conflicts)}); "
+                "use a new workdir"
+            )
+    elif (directory / CHECKPOINT_DIR).is_dir() and any((directory / CHECKPOINT_DIR).iterdir()):
+        raise ValueError(f"workdir {directory} has checkpoints but no {CONFIG_FILE}; use a new workdir")
+
+
+def _check_meta(meta: dict[str, Any], run: Run, checkpointer: Checkpointer) -> None:
+    where = checkpointer.path(int(meta["step"]))
+    if meta.get("input_shape") != list(run.input_shape) or meta.get("num_classes") != run.data.num_classes:
+        raise ValueError(
+            f"checkpoint {where} was trained on images {tuple(meta.get('input_shape', ()))} with "
+            f"{meta.get('num_classes')} classes, but the data now has {run.input_shape} and {run.data.num_classes}"
+        )
+
+
+def _train(
+    run: Run,
+    state: TrainState,
+    history: list[dict[str, Any]],
+    first_epoch: int,
+    directory: Path | None,
+    checkpointer: Checkpointer | None,
+    say: Callable[[str], None],
+    progress: bool,
+) -> TrainState:
+    config = run.config
+    x_train, y_train = run.data.train
+    x_test, y_test = run.data.test
+    train_step = make_train_step(run.model, run.optimizer, gradients=config.gradients)
+    eval_step = make_eval_step(run.model)
+    order_key = data_key(state.key)
+    bar = _ProgressBar(progress)
+    try:
+        for epoch in range(first_epoch, config.epochs + 1):
+            started = time.perf_counter()
+            losses = _LossWatch(epoch, int(state.step), checkpointer)
+            bar.start(epoch, config.epochs, run.steps_per_epoch)
+            epoch_key = jax.random.fold_in(order_key, epoch)
+            for x, y in data_lib.batches(x_train, y_train, config.batch_size, key=epoch_key):
+                state, metrics = train_step(state, x, y)
+                losses.add(metrics)
+                if losses.pending >= CHECK_EVERY:
+                    bar.update(losses.check())
+                else:
+                    bar.advance()
+            train = losses.finish()
+            bar.stop()
+            if not all_finite((state.params, state.model_state, state.opt_state)):
+                losses.fail(f"the parameters or optimizer state turned non-finite in epoch {epoch}", int(state.step))
+            test = evaluate(run.model, state.params, state.model_state, x_test, y_test, eval_step=eval_step)
+            record = {
+                "epoch": epoch,
+                "step": int(state.step),
+                "train_loss": _json_number(train["loss"]),
+                "train_accuracy": _json_number(train.get("accuracy")),
+                "test_loss": _json_number(test["loss"]),
+                "test_accuracy": _json_number(test.get("accuracy")),
+                "learning_rate": _json_number(float(run.schedule(int(state.step) - 1))),
+                "seconds": round(time.perf_counter() - started, 3),
+            }
+            history.append(record)
+            if directory is not None:
+                with open(directory / METRICS_FILE, "a", encoding="utf-8") as file:
+                    file.write(json.dumps(record) + "\n")
+                    file.flush()
+                    os.fsync(file.fileno())
+                checkpointer.save(state, run.meta(epoch))
+            say(_summary(record, config.epochs))
+    finally:
+        bar.stop()
+    return state
+
+
+def _summary(record: dict[str, Any], epochs: int) -> str:
+    def number(name: str, digits: int = 4) -> str:
+        value = record.get(name)
+        return "n/a" if value is None else f"{value:.{digits}f}"
+
+    return (
+        f"epoch {record['epoch']}/{epochs}  step {record['step']}  train loss {number('train_loss')} "
+        f"acc {number('train_accuracy')}  test loss {number('test_loss')} acc {number('test_accuracy')}  "
+        f"lr {record['learning_rate']:.3g}  {record['seconds']:.1f}s"
+    )
+
+
+class _LossWatch:
+    """Collects an epoch's on-device step metrics; reads them back every few steps to catch a non-finite loss
+    at the step it happens, and averages them (weighted by batch size) at the end of the epoch."""
+
+    def __init__(self, epoch: int, step: int, checkpointer: Checkpointer | None):
+        self.epoch = epoch
+        self.step = step  # the global step count before the next unchecked metric
+        self.checkpointer = checkpointer
+        self._pending: list[dict[str, jax.Array]] = []
+        self.totals = {"loss": 0.0, "accuracy": 0.0, "count": 0}
+        self.has_accuracy = False
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def add(self, metrics: dict[str, jax.Array]) -> None:
+        self._pending.append(metrics)
+
+    def check(self) -> float | None:
+        """Read the pending metrics back; raise NonFiniteError at the first non-finite loss. Returns the last loss."""
+        values = jax.device_get(self._pending)
+        self._pending = []
+        last = None
+        for metrics in values:
+            self.step += 1
+            loss = float(metrics["loss"])
+            if not math.isfinite(loss):
+                self.fail(f"the loss is {loss} at epoch {self.epoch}, step {self.step}", self.step)
+            count = int(metrics["count"])
+            self.totals["loss"] += loss * count
+            self.totals["count"] += count
+            if "accuracy" in metrics:
+                self.has_accuracy = True
+                self.totals["accuracy"] += float(metrics["accuracy"]) * count
+            last = loss
+        return last
+
+    def finish(self) -> dict[str, float]:
+        self.check()
+        count = max(self.totals["count"], 1)
+        result = {"loss": self.totals["loss"] / count}
+        if self.has_accuracy:
+            result["accuracy"] = self.totals["accuracy"] / count
+        return result
+
+    def fail(self, what: str, step: int) -> None:
+        kept = "no checkpoint was written"
+        if self.checkpointer is not None and self.checkpointer.latest_step() is not None:
+            kept = f"the last good checkpoint (step {self.checkpointer.latest_step()}) is kept"
+        raise NonFiniteError(f"training diverged: {what}; stopped, {kept}", self.epoch, step)
+
+
+class _ProgressBar:
+    """A rich progress bar per epoch on stderr (drawn only on a terminal), or nothing."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self._progress = None
+        self._task = None
+
+    def start(self, epoch: int, epochs: int, steps: int) -> None:
+        if not self.enabled:
+            return
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._progress = Progress(
+            TextColumn(f"epoch {epoch}/{epochs}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            transient=True,
+        )
+        self._progress.start()
+        self._task = self._progress.add_task("train", total=steps, loss="...")
+
+    def advance(self) -> None:
+        if self._progress is not None:
+            self._progress.advance(self._task)
+
+    def update(self, loss: float | None) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, advance=1, loss="..." if loss is None else f"{loss:.4f}")
+
+    def stop(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+
+# -- reading a run back ----------------------------------------------------------------------------------------
+
+
+def restore(workdir: str | os.PathLike, *, step: int | None = None) -> TrainState:
+    """The :class:`TrainState` of ``workdir``'s latest checkpoint (or of checkpoint ``step``).
+
+    The model and optimizer are rebuilt from ``workdir/config.json`` and the data shape saved with the
+    checkpoint, so the data set itself is not read.
+
+    Raises:
+      FileNotFoundError: ``workdir`` holds no run; CheckpointError: no checkpoint, or a corrupt one.
+    """
+    return restore_run(workdir, step=step)[1]
+
+
+def restore_run(workdir: str | os.PathLike, *, step: int | None = None) -> tuple[Config, TrainState, Any, dict]:
+    """``(config, state, model, meta)`` of ``workdir``'s latest checkpoint (or of checkpoint ``step``)."""
+    directory = Path(workdir)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"workdir {directory} does not exist")
+    config = read_config(directory)
+    with Checkpointer(directory / CHECKPOINT_DIR, keep=config.keep) as checkpointer:
+        if step is None:
+            step = checkpointer.latest_step()
+        if step is None:
+            raise CheckpointError(f"no checkpoint in {directory / CHECKPOINT_DIR}")
+        if step not in checkpointer.steps():
+            raise CheckpointError(f"no checkpoint of step {step} in {directory / CHECKPOINT_DIR}")
+        meta = checkpointer.read_meta(step)
+        input_shape = tuple(meta.get("input_shape", ()))
+        num_classes = meta.get("num_classes")
+        if not input_shape or not isinstance(num_classes, int):
+            raise CheckpointError(f"checkpoint {checkpointer.path(step)} is corrupt: its metadata is incomplete")
+        model = build_model(config, input_shape, num_classes)
+        optimizer, _ = make_optimizer(config, int(meta.get("steps_per_epoch", 1)))
+        template = create_train_state(model, optimizer, jax.random.key(config.seed), input_shape)
+        state, meta = checkpointer.restore(template, step)
+    return config, state, model, meta
+
+
+def evaluate_workdir(workdir: str | os.PathLike, *, split: str = "test", batch_size: int = 256) -> dict[str, Any]:
+    """Evaluate the latest checkpoint of ``workdir`` on its data set's ``split`` ("test" or "train")."""
+    if split not in ("test", "train"):
+        raise ValueError(f"split must be 'test' or 'train', got {split!r}")
+    config, state, model, meta = restore_run(workdir)
+    dataset = load_data(config)
+    if list(dataset.input_shape) != list(meta["input_shape"]):
+        raise ValueError(
+            f"the {config.dataset} images now have shape {tuple(dataset.input_shape)}, "
+            f"the checkpoint was trained on {tuple(meta['input_shape'])}"
+        )
+    x, y = dataset.test if split == "test" else dataset.train
+    _check_labels(dataset, model.output_shape(tuple(dataset.input_shape))[-1])
+    result = evaluate(model, state.params, state.model_state, np.asarray(x), np.asarray(y), batch_size=batch_size)
+    return dict(result, epoch=meta["epoch"], step=int(state.step), split=split)

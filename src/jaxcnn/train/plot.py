@@ -1,0 +1,54 @@
+"""Training curves: loss and accuracy per epoch from a workdir's ``metrics.jsonl``, as a PNG (matplotlib)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from jaxcnn.train.loop import METRICS_FILE, read_metrics
+
+CURVES_FILE = "curves.png"
+
+
+def plot_metrics(workdir: str | os.PathLike, output: str | os.PathLike | None = None) -> Path:
+    """Draw train and test loss and accuracy against the epoch; returns the PNG's path.
+
+    Args:
+      workdir: a training workdir (it must hold ``metrics.jsonl`` with at least one epoch).
+      output: where to write the PNG; ``workdir/curves.png`` by default.
+
+    Raises:
+      FileNotFoundError: ``workdir`` does not exist; ValueError: it holds no metrics yet.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    directory = Path(workdir)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"workdir {directory} does not exist")
+    records = read_metrics(directory)
+    if not records:
+        raise ValueError(f"no metrics in {directory / METRICS_FILE}: train into this workdir first")
+    epochs = [record["epoch"] for record in records]
+
+    def series(name: str) -> list[float]:
+        return [float("nan") if record.get(name) is None else record[name] for record in records]
+
+    figure = Figure(figsize=(10, 4), layout="constrained")
+    FigureCanvasAgg(figure)
+    loss_axes, accuracy_axes = figure.subplots(1, 2)
+    for axes, quantity in ((loss_axes, "loss"), (accuracy_axes, "accuracy")):
+        for split, style in (("train", "-o"), ("test", "-s")):
+            values = series(f"{split}_{quantity}")
+            if any(value == value for value in values):  # skip all-NaN series (no accuracy for regression)
+                axes.plot(epochs, values, style, markersize=3, label=split)
+        axes.set_xlabel("epoch")
+        axes.set_ylabel(quantity)
+        axes.grid(alpha=0.3)
+        axes.legend()
+    loss_axes.set_yscale("log")
+    figure.suptitle(f"{directory.name}: {len(records)} epochs")
+    path = Path(output) if output is not None else directory / CURVES_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    return path
