@@ -97,7 +97,6 @@ def _train(args: argparse.Namespace) -> int:
         config = train.read_config(workdir).replace(**overrides)
     else:
         config = train.Config(**overrides)
-    print(f"workdir: {workdir}", flush=True)
     print(
         f"training {config.model} on {config.dataset}: {config.epochs} epochs, batch {config.batch_size}, "
         f"{config.optimizer} lr {config.learning_rate:g} ({config.schedule}), gradients {config.gradients}",
@@ -194,12 +193,19 @@ def _add_eval_and_plot(commands) -> None:
     plot.set_defaults(run=_plot)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: the problem and where to read the usage, exit code 2."""
+
+    def error(self, message: str):
+        self.exit(EXIT_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``jaxcnn`` command, one subcommand per job."""
     from jaxcnn import models
 
-    parser = argparse.ArgumentParser(prog="jaxcnn", description="CNNs as pure JAX functions, gradients checked.")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser = _Parser(prog="jaxcnn", description="CNNs as pure JAX functions, gradients checked.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     commands.required = True
     _add_train(commands)
     _add_eval_and_plot(commands)

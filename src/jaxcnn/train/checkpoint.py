@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -133,6 +134,7 @@ class Checkpointer:
             restored = self._open().restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
             meta = restored["meta"]
         except Exception as error:  # orbax raises many types; each means the same to a user
+            _silence_closed_loop_noise()
             where = self.path(step)
             raise CheckpointError(f"checkpoint {where} is corrupt or unreadable: {_first_line(error)}") from None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT or "sha256" not in meta:
@@ -164,6 +166,7 @@ class Checkpointer:
             restored = self._open().restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
             payload = restored["state"]
         except Exception as error:
+            _silence_closed_loop_noise()
             raise CheckpointError(f"checkpoint {where} is corrupt or unreadable: {_first_line(error)}") from None
         leaves = []
         for index, (want, digest) in enumerate(zip(expected, meta["sha256"])):
@@ -182,6 +185,25 @@ class Checkpointer:
         return state.replace(key=as_typed_key(jax.random.wrap_key_data(state.key, impl=impl))), meta
 
 
-def _first_line(error: BaseException) -> str:
+def _first_line(error: BaseException, limit: int = 200) -> str:
     text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")
+    line = f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _silence_closed_loop_noise() -> None:
+    """After orbax fails to read a checkpoint, its storage threads may still finish reads whose callbacks hit
+    orbax's closed asyncio loop; Python would print each of those as an ignored-exception traceback. Filter out
+    exactly those (RuntimeError "Event loop is closed"); every other unraisable exception is reported as before."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_jaxcnn_filter", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        error = unraisable.exc_value
+        if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook._jaxcnn_filter = True
+    sys.unraisablehook = hook

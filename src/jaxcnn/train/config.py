@@ -32,8 +32,9 @@ RESUME_FIXED = ("model", "dataset", "optimizer", "seed")
 class Config:
     """Everything that defines a training run. Invalid values raise ``ValueError`` on creation.
 
-    The defaults train ``mnist_cnn`` on scikit-learn's 8x8 digits to about 98-99% test accuracy in well under a
-    minute on two CPU cores.
+    The defaults train ``mnist_cnn`` on scikit-learn's 8x8 digits to about 98% test accuracy (97.5-98.1% over
+    seeds 0-4) in about 15 seconds on two CPU cores. Their learning rate decays by ``decay_rate`` each epoch, a
+    schedule with no horizon: extending a finished run continues it exactly as a longer run would have gone.
 
     Attributes:
       model: a name from :func:`jaxcnn.models.names` (its class count follows the data set).
@@ -43,9 +44,11 @@ class Config:
       optimizer: ``"sgd"``, ``"momentum"``, ``"nesterov"``, ``"adam"``, ``"adamw"`` or ``"rmsprop"`` (optax).
       learning_rate: the peak learning rate, finite and positive.
       momentum: the momentum of ``"momentum"``, ``"nesterov"`` and ``"rmsprop"``, in [0, 1).
-      schedule: ``"constant"``, ``"cosine"`` (decay to 0 over the run) or ``"warmup_cosine"`` (linear warm-up
-        over ``warmup_epochs``, then cosine decay to 0).
+      schedule: ``"constant"``, ``"exponential"`` (times ``decay_rate`` after every epoch), ``"cosine"`` (decay to
+        0 over ``epochs``) or ``"warmup_cosine"`` (linear warm-up over ``warmup_epochs``, then cosine decay to 0).
+        The cosine schedules span the configured ``epochs``: extending such a run changes the rest of its schedule.
       warmup_epochs: the warm-up length of ``"warmup_cosine"``, in epochs (>= 0).
+      decay_rate: the per-epoch factor of ``"exponential"``, in (0, 1].
       weight_decay: L2 weight decay; decoupled (AdamW-style) for ``"adamw"``, added to the gradient otherwise.
       batch_size: examples per step (>= 1); the last batch of an epoch holds the remainder.
       epochs: passes over the training set (>= 1).
@@ -60,15 +63,15 @@ class Config:
     dataset: str = "digits"
     data_dir: str | None = None
     data_path: str | None = None
-    optimizer: str = "adam"
-    learning_rate: float = 1e-3
+    optimizer: str = "nesterov"
+    learning_rate: float = 0.05
     momentum: float = 0.9
-    schedule: str = "constant"
+    schedule: str = "exponential"
     warmup_epochs: int = 1
     decay_rate: float = 0.9
-    weight_decay: float = 0.0
+    weight_decay: float = 5e-4
     batch_size: int = 32
-    epochs: int = 15
+    epochs: int = 40
     seed: int = 0
     gradients: str = "manual"
     keep: int = 3

@@ -208,6 +208,7 @@ def fit(
     try:
         if checkpointer is not None:
             directory.mkdir(parents=True, exist_ok=True)
+            say(f"workdir: {directory}")
             if checkpointer.latest_step() is not None:
                 state, meta = checkpointer.restore(state)
                 _check_meta(meta, run, checkpointer)
