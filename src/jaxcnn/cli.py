@@ -78,6 +78,10 @@ _TRAIN_FLAGS: dict[str, tuple[type, str]] = {
 }
 
 
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def _default_workdir() -> Path:
     stem = Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     path, suffix = stem, 1
@@ -98,7 +102,7 @@ def _train(args: argparse.Namespace) -> int:
     else:
         config = train.Config(**overrides)
     print(
-        f"training {config.model} on {config.dataset}: {config.epochs} epochs, batch {config.batch_size}, "
+        f"training {config.model} on {config.dataset}: {_plural(config.epochs, 'epoch')}, batch {config.batch_size}, "
         f"{config.optimizer} lr {config.learning_rate:g} ({config.schedule}), gradients {config.gradients}",
         flush=True,
     )
@@ -107,8 +111,8 @@ def _train(args: argparse.Namespace) -> int:
     last = history[-1]
     accuracy = "n/a" if last.get("test_accuracy") is None else f"{last['test_accuracy']:.4f}"
     print(
-        f"done: test accuracy {accuracy}, test loss {last['test_loss']:.4f} after {last['epoch']} epochs "
-        f"({int(state.step)} steps); workdir {workdir}"
+        f"done: test accuracy {accuracy}, test loss {last['test_loss']:.4f} after {_plural(last['epoch'], 'epoch')} "
+        f"({_plural(int(state.step), 'step')}); workdir {workdir}"
     )
     return 0
 

@@ -375,6 +375,10 @@ class _ProgressBar:
     """A rich progress bar per epoch on stderr (drawn only on a terminal), or nothing."""
 
     def __init__(self, enabled: bool):
+        if enabled:
+            from rich.console import Console
+
+            enabled = Console(stderr=True).is_terminal  # a log file gets the summary lines only
         self.enabled = enabled
         self._progress = None
         self._task = None
