@@ -90,7 +90,7 @@ def test_resume_after_sigkill_and_after_a_clean_stop_match_the_straight_run(stra
     while len(train.read_metrics(killed)) < 2 and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
     process.send_signal(signal.SIGKILL)
-    process.wait()
+    assert process.wait() == -signal.SIGKILL  # killed, not finished
     result = jaxcnn("train", "--workdir", str(killed), "--no-progress")
     assert result.returncode == 0, result.stderr
     assert_same_bits(train.restore(killed), reference)
@@ -250,6 +250,24 @@ def test_resuming_with_another_model_or_data_set_is_an_error(straight, capsys):
     assert (workdir / "config.json").read_text() == config
 
 
+def test_a_finished_run_without_metrics_reports_nothing_to_train(straight, tmp_path, capsys):
+    workdir = tmp_path / "run"
+    shutil.copytree(straight[0], workdir)
+    (workdir / "metrics.jsonl").unlink()
+    assert cli.main(["train", "--workdir", str(workdir), "--no-progress"]) == 0
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last == f"done: nothing to train (180 steps already taken); workdir {workdir}"
+
+
+def test_data_paths_are_saved_absolute(tmp_path, monkeypatch, capsys):
+    write_npz(tmp_path / "mine.npz")
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["train", "--dataset", "npz", "--data-path", "mine.npz", "--epochs", "1", "--workdir", "w"]) == 0
+    assert train.read_config(tmp_path / "w").data_path == str(tmp_path / "mine.npz")
+    monkeypatch.chdir(tmp_path.parent)
+    assert cli.main(["eval", "--workdir", str(tmp_path / "w")]) == 0
+
+
 def test_eval_and_plot_errors(tmp_path, capsys):
     assert cli.main(["eval", "--workdir", str(tmp_path / "none")]) == 2
     assert "does not exist" in capsys.readouterr().err
@@ -257,6 +275,10 @@ def test_eval_and_plot_errors(tmp_path, capsys):
     assert "no metrics in" in capsys.readouterr().err
     assert cli.main(["eval", "--workdir", str(tmp_path)]) == 2
     assert "not a jaxcnn workdir" in capsys.readouterr().err
+    (tmp_path / "file").write_text("x")
+    for command in ("eval", "plot"):
+        assert cli.main([command, "--workdir", str(tmp_path / "file")]) == 2
+        assert "is not a directory" in capsys.readouterr().err
 
 
 def test_a_diverging_run_exits_3_and_keeps_the_last_good_checkpoint(tmp_path, capsys):

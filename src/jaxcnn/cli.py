@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -69,6 +70,7 @@ _TRAIN_FLAGS: dict[str, tuple[type, str]] = {
     "weight_decay": (float, "weight decay (decoupled for adamw, L2 otherwise)"),
     "schedule": (str, "learning-rate schedule"),
     "warmup_epochs": (int, "warm-up epochs of warmup_cosine"),
+    "schedule_epochs": (int, "horizon of the cosine schedules in epochs (default: --epochs)"),
     "decay_rate": (float, "per-epoch factor of the exponential schedule"),
     "batch_size": (int, "examples per step"),
     "epochs": (int, "epochs in all (more than a finished run has extends it)"),
@@ -94,6 +96,9 @@ def _train(args: argparse.Namespace) -> int:
     from jaxcnn import train
 
     overrides = {name: getattr(args, name) for name in _TRAIN_FLAGS if getattr(args, name) is not None}
+    for name in ("data_dir", "data_path"):  # absolute, so that eval and resume work from any directory
+        if overrides.get(name):
+            overrides[name] = os.path.abspath(overrides[name])
     if args.normalize is not None:
         overrides["normalize"] = args.normalize
     workdir = Path(args.workdir) if args.workdir else _default_workdir()
@@ -108,13 +113,19 @@ def _train(args: argparse.Namespace) -> int:
     )
     log = lambda line: print(line, flush=True)
     state, history = train.fit(config, workdir, log=log, progress=not args.no_progress)
+    if not history:  # a finished run whose metrics.jsonl was removed: nothing trained, nothing to report
+        print(f"done: nothing to train ({_plural(int(state.step), 'step')} already taken); workdir {workdir}")
+        return 0
     last = history[-1]
-    accuracy = "n/a" if last.get("test_accuracy") is None else f"{last['test_accuracy']:.4f}"
     print(
-        f"done: test accuracy {accuracy}, test loss {last['test_loss']:.4f} after {_plural(last['epoch'], 'epoch')} "
-        f"({_plural(int(state.step), 'step')}); workdir {workdir}"
+        f"done: test accuracy {_number(last.get('test_accuracy'))}, test loss {_number(last.get('test_loss'))} "
+        f"after {_plural(last['epoch'], 'epoch')} ({_plural(int(state.step), 'step')}); workdir {workdir}"
     )
     return 0
+
+
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -123,9 +134,9 @@ def _eval(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     result = train.evaluate_workdir(args.workdir, split=args.split, batch_size=args.batch_size)
-    accuracy = "n/a" if "accuracy" not in result else f"{result['accuracy']:.4f}"
     print(
-        f"{args.split} accuracy {accuracy}, loss {result['loss']:.4f} on {result['count']} images "
+        f"{args.split} accuracy {_number(result.get('accuracy'))}, loss {_number(result['loss'])} on "
+        f"{result['count']} images "
         f"(checkpoint of epoch {result['epoch']}, step {result['step']}) in {args.workdir}"
     )
     return 0

@@ -198,7 +198,8 @@ def read_npz(path: Path, required: Sequence[str], optional: Sequence[str] = ()) 
             array, or cannot be read.
     """
     if not path.is_file():
-        raise DataError(f"npz file '{path}' does not exist" if not path.exists() else f"'{path}' is not a file")
+        problem = "does not exist" if not path.exists() else "is not a file"
+        raise DataError(f"npz file '{path}' {problem}")
     if not zipfile.is_zipfile(path):
         raise DataError(f"'{path}' is not an .npz archive (not a zip file)")
     arrays = {}

@@ -31,6 +31,7 @@ class CheckpointError(ValueError):
 
 def _quiet_orbax() -> Any:
     # orbax and absl log every save at INFO/WARNING level; a training command's output is its own
+    _silence_closed_loop_noise()
     for name in ("absl", "orbax", "orbax.checkpoint"):
         logging.getLogger(name).setLevel(logging.ERROR)
     import orbax.checkpoint as ocp
@@ -80,7 +81,9 @@ class Checkpointer:
     def _open(self):
         if self._manager is None:
             ocp = _quiet_orbax()
-            options = ocp.CheckpointManagerOptions(max_to_keep=self.keep, create=True, enable_async_checkpointing=False)
+            options = ocp.CheckpointManagerOptions(
+                max_to_keep=self.keep, create=True, enable_async_checkpointing=False, cleanup_tmp_directories=True
+            )
             self._manager = ocp.CheckpointManager(self.directory, options=options)
         return self._manager
 
@@ -134,7 +137,6 @@ class Checkpointer:
             restored = self._open().restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
             meta = restored["meta"]
         except Exception as error:  # orbax raises many types; each means the same to a user
-            _silence_closed_loop_noise()
             where = self.path(step)
             raise CheckpointError(f"checkpoint {where} is corrupt or unreadable: {_first_line(error)}") from None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT or "sha256" not in meta:
@@ -159,14 +161,14 @@ class Checkpointer:
         if meta.get("paths") != paths or len(meta["sha256"]) != len(expected):
             raise CheckpointError(
                 f"checkpoint {where} does not match this model and optimizer "
-                f"({len(meta.get('paths', []))} arrays saved, {len(expected)} expected)"
+                f"({len(meta.get('paths', []))} arrays saved, {len(expected)} expected; was it trained with "
+                "another optimizer setting, such as rmsprop's momentum switched on or off?)"
             )
         abstract = {_name(i): jax.ShapeDtypeStruct(a.shape, a.dtype) for i, a in enumerate(expected)}
         try:
             restored = self._open().restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
             payload = restored["state"]
         except Exception as error:
-            _silence_closed_loop_noise()
             raise CheckpointError(f"checkpoint {where} is corrupt or unreadable: {_first_line(error)}") from None
         leaves = []
         for index, (want, digest) in enumerate(zip(expected, meta["sha256"])):
@@ -192,9 +194,10 @@ def _first_line(error: BaseException, limit: int = 200) -> str:
 
 
 def _silence_closed_loop_noise() -> None:
-    """After orbax fails to read a checkpoint, its storage threads may still finish reads whose callbacks hit
+    """When orbax fails to read a checkpoint, its storage threads may still finish reads whose callbacks hit
     orbax's closed asyncio loop; Python would print each of those as an ignored-exception traceback. Filter out
-    exactly those (RuntimeError "Event loop is closed"); every other unraisable exception is reported as before."""
+    exactly those (RuntimeError "Event loop is closed"), installed before orbax runs since the threads may
+    report before the failure reaches us; every other unraisable exception is reported as before."""
     previous = sys.unraisablehook
     if getattr(previous, "_jaxcnn_filter", False):
         return

@@ -13,6 +13,8 @@ import operator
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jaxcnn.functional._args import is_int
@@ -23,9 +25,10 @@ GRADIENTS = ("autodiff", "manual", "engine")
 DATASETS = ("cifar10", "digits", "fashion_mnist", "mnist", "npz", "synthetic")
 
 # Fields a resumed run must share with the run it continues: its checkpoints hold this model's parameters for
-# this data set, in this optimizer's state, and its random stream comes from this seed. Everything else (more
-# epochs, a new learning rate or schedule, another gradient mode) may change on resume.
-RESUME_FIXED = ("model", "dataset", "optimizer", "seed")
+# this data set, in this optimizer's state; its random stream comes from this seed, and its data order and
+# per-epoch schedule from this batch size. Everything else (more epochs, a new learning rate or schedule,
+# another gradient mode) may change on resume; the data themselves are checked by fingerprint.
+RESUME_FIXED = ("model", "dataset", "optimizer", "seed", "batch_size")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,8 +49,11 @@ class Config:
       momentum: the momentum of ``"momentum"``, ``"nesterov"`` and ``"rmsprop"``, in [0, 1).
       schedule: ``"constant"``, ``"exponential"`` (times ``decay_rate`` after every epoch), ``"cosine"`` (decay to
         0 over ``epochs``) or ``"warmup_cosine"`` (linear warm-up over ``warmup_epochs``, then cosine decay to 0).
-        The cosine schedules span the configured ``epochs``: extending such a run changes the rest of its schedule.
+        The cosine schedules span ``schedule_epochs`` (default: ``epochs``): extending such a run without it
+        changes the rest of its schedule.
       warmup_epochs: the warm-up length of ``"warmup_cosine"``, in epochs (>= 0).
+      schedule_epochs: the horizon of the cosine schedules, in epochs; None means ``epochs``. Set it to train a
+        cosine run in stages (``epochs=3``, then 6, with ``schedule_epochs=6``) bit for bit like one of 6 epochs.
       decay_rate: the per-epoch factor of ``"exponential"``, in (0, 1].
       weight_decay: L2 weight decay; decoupled (AdamW-style) for ``"adamw"``, added to the gradient otherwise.
       batch_size: examples per step (>= 1); the last batch of an epoch holds the remainder.
@@ -68,6 +74,7 @@ class Config:
     momentum: float = 0.9
     schedule: str = "exponential"
     warmup_epochs: int = 1
+    schedule_epochs: int | None = None
     decay_rate: float = 0.9
     weight_decay: float = 5e-4
     batch_size: int = 32
@@ -79,6 +86,16 @@ class Config:
 
     def __post_init__(self) -> None:
         from jaxcnn import models
+
+        # numpy scalars (np.int64(3)) are accepted and stored as Python numbers, so the config stays JSON-able
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, np.integer):
+                object.__setattr__(self, field.name, int(value))
+            elif isinstance(value, np.floating):
+                object.__setattr__(self, field.name, float(value))
+            elif isinstance(value, np.bool_):
+                object.__setattr__(self, field.name, bool(value))
 
         _choice("model", self.model, models.names())
         _choice("dataset", self.dataset, DATASETS)
@@ -97,6 +114,8 @@ class Config:
         _integer("epochs", self.epochs, 1)
         _integer("warmup_epochs", self.warmup_epochs, 0)
         _integer("keep", self.keep, 1)
+        if self.schedule_epochs is not None:
+            _integer("schedule_epochs", self.schedule_epochs, 1)
         _integer("seed", self.seed, 0)
         if self.seed >= 2**32:
             raise ValueError(f"seed must be an int in [0, 2**32), got {self.seed}")
@@ -153,8 +172,12 @@ def _choice(name: str, value: Any, known: Any) -> None:
 
 
 def _number(name: str, value: Any, what: str, ok: Callable[[float], bool]) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
-        raise ValueError(f"{name} must be {what}, got {value!r}")
+    try:
+        good = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and ok(value)
+    except OverflowError:  # an int too large for a float
+        good = False
+    if not good:
+        raise ValueError(f"{name} must be {what}, got {value!r}"[:200])
 
 
 def _integer(name: str, value: Any, minimum: int) -> None:
@@ -165,22 +188,25 @@ def _integer(name: str, value: Any, minimum: int) -> None:
 def make_schedule(config: Config, steps_per_epoch: int) -> optax.Schedule:
     """The learning rate as a function of the step count (always a function, so optimizer state has one shape).
 
-    ``"cosine"`` and ``"warmup_cosine"`` decay to 0 over ``config.epochs * steps_per_epoch`` steps; the warm-up
-    is capped below the run's length.
+    ``"exponential"`` multiplies the rate by ``decay_rate`` after every epoch; ``"cosine"`` and
+    ``"warmup_cosine"`` decay to 0 over ``(schedule_epochs or epochs) * steps_per_epoch`` steps, the warm-up
+    capped below that. The rate comes out as float32 in every mode, so 64-bit mode cannot change the update.
     """
-    total = config.epochs * steps_per_epoch
+    total = (config.schedule_epochs or config.epochs) * steps_per_epoch
     if config.schedule == "constant":
-        return optax.constant_schedule(config.learning_rate)
-    if config.schedule == "exponential":
-        return optax.exponential_decay(
+        schedule = optax.constant_schedule(config.learning_rate)
+    elif config.schedule == "exponential":
+        schedule = optax.exponential_decay(
             config.learning_rate, transition_steps=steps_per_epoch, decay_rate=config.decay_rate, staircase=True
         )
-    if config.schedule == "cosine":
-        return optax.cosine_decay_schedule(config.learning_rate, decay_steps=total)
-    warmup = min(config.warmup_epochs * steps_per_epoch, total - 1)
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=config.learning_rate, warmup_steps=warmup, decay_steps=total, end_value=0.0
-    )
+    elif config.schedule == "cosine":
+        schedule = optax.cosine_decay_schedule(config.learning_rate, decay_steps=total)
+    else:
+        warmup = min(config.warmup_epochs * steps_per_epoch, total - 1)
+        schedule = optax.warmup_cosine_decay_schedule(
+            init_value=0.0, peak_value=config.learning_rate, warmup_steps=warmup, decay_steps=total, end_value=0.0
+        )
+    return lambda count: jnp.asarray(schedule(count), jnp.float32)
 
 
 def make_optimizer(config: Config, steps_per_epoch: int) -> tuple[optax.GradientTransformation, optax.Schedule]:

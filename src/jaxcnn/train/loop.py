@@ -12,6 +12,7 @@ at any moment) and resumed ends with the same bits as one that never stopped, on
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -71,10 +72,14 @@ def _write_atomically(path: Path, text: str) -> None:
 def read_config(workdir: str | os.PathLike) -> Config:
     """The :class:`Config` saved in ``workdir/config.json``."""
     path = Path(workdir) / CONFIG_FILE
+    if Path(workdir).exists() and not Path(workdir).is_dir():
+        raise ValueError(f"workdir {workdir} is not a directory")
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} not found: {workdir} is not a jaxcnn workdir") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} cannot be read: {error}") from None
     try:
         return Config.from_json(text)
     except ValueError as error:
@@ -144,7 +149,24 @@ class Run:
         self.model = build_model(config, self.input_shape, self.data.num_classes)
         _check_labels(self.data, self.model.output_shape(self.input_shape)[-1])
         self.steps_per_epoch = data_lib.num_batches(len(self.data.y_train), config.batch_size)
+        if config.epochs * self.steps_per_epoch >= 2**31:
+            raise ValueError(
+                f"epochs ({config.epochs}) x steps per epoch ({self.steps_per_epoch}) exceeds the int32 step counter"
+            )
         self.optimizer, self.schedule = make_optimizer(config, self.steps_per_epoch)
+        self._fingerprint: str | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        """A SHA-256 of the (normalised) train and test arrays: a resumed run must see the same data."""
+        if self._fingerprint is None:
+            digest = hashlib.sha256()
+            for array in (self.data.x_train, self.data.y_train, self.data.x_test, self.data.y_test):
+                array = np.ascontiguousarray(array)
+                digest.update(f"{array.dtype.str}{array.shape}".encode())
+                digest.update(memoryview(array).cast("B"))
+            self._fingerprint = digest.hexdigest()
+        return self._fingerprint
 
     def initial_state(self) -> TrainState:
         return create_train_state(self.model, self.optimizer, jax.random.key(self.config.seed), self.input_shape)
@@ -157,6 +179,8 @@ class Run:
             "model": self.config.model,
             "dataset": self.config.dataset,
             "steps_per_epoch": self.steps_per_epoch,
+            "data_sha256": self.fingerprint,
+            "config": self.config.to_dict(),
         }
 
 
@@ -196,10 +220,19 @@ def fit(
     """
     if not isinstance(config, Config):
         raise ValueError(f"fit expects a jaxcnn.train.Config, got {type(config).__name__}")
+    with jax.enable_x64(False):  # the same bits whether or not the caller turned 64-bit types on
+        return _fit(config, Path(workdir) if workdir is not None else None, data, log, progress)
+
+
+def _fit(
+    config: Config,
+    directory: Path | None,
+    data: data_lib.Dataset | None,
+    log: Callable[[str], None] | None,
+    progress: bool,
+) -> tuple[TrainState, list[dict[str, Any]]]:
     say = log or (lambda line: None)
-    directory = Path(workdir) if workdir is not None else None
-    if directory is not None:
-        _check_workdir(directory, config)
+    resuming = directory is not None and _check_workdir(directory, config)
     run = Run(config, data)
     state = run.initial_state()
     history: list[dict[str, Any]] = []
@@ -216,7 +249,10 @@ def fit(
                 history = [r for r in read_metrics(directory) if r["epoch"] <= meta["epoch"]]
                 say(f"resuming {directory} from epoch {meta['epoch']} (step {int(state.step)})")
             _write_atomically(directory / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in history))
-            _write_atomically(directory / CONFIG_FILE, config.to_json())
+            if not resuming:
+                _write_atomically(directory / CONFIG_FILE, config.to_json())
+            # a resumed run's new config replaces the saved one only with its first checkpoint: a resume that
+            # fails (bad flags, divergence) leaves the run's config as it was
         state = _train(run, state, history, first_epoch, directory, checkpointer, say, progress)
     finally:
         if checkpointer is not None:
@@ -224,7 +260,8 @@ def fit(
     return state, history
 
 
-def _check_workdir(directory: Path, config: Config) -> None:
+def _check_workdir(directory: Path, config: Config) -> bool:
+    """Whether ``directory`` holds a run to resume; raises ValueError if ``config`` cannot resume it."""
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"workdir {directory} exists and is not a directory")
     if (directory / CONFIG_FILE).exists():
@@ -235,8 +272,10 @@ def _check_workdir(directory: Path, config: Config) -> None:
                 f"workdir {directory} holds a run this config cannot resume ({'; '.join(conflicts)}); "
                 "use a new workdir"
             )
-    elif (directory / CHECKPOINT_DIR).is_dir() and any((directory / CHECKPOINT_DIR).iterdir()):
+        return True
+    if (directory / CHECKPOINT_DIR).is_dir() and any((directory / CHECKPOINT_DIR).iterdir()):
         raise ValueError(f"workdir {directory} has checkpoints but no {CONFIG_FILE}; use a new workdir")
+    return False
 
 
 def _check_meta(meta: dict[str, Any], run: Run, checkpointer: Checkpointer) -> None:
@@ -245,6 +284,11 @@ def _check_meta(meta: dict[str, Any], run: Run, checkpointer: Checkpointer) -> N
         raise ValueError(
             f"checkpoint {where} was trained on images {tuple(meta.get('input_shape', ()))} with "
             f"{meta.get('num_classes')} classes, but the data now has {run.input_shape} and {run.data.num_classes}"
+        )
+    if meta.get("data_sha256", run.fingerprint) != run.fingerprint:
+        raise ValueError(
+            f"the {run.config.dataset} data differ from those checkpoint {where} was trained on (other files, or "
+            "normalisation switched); resume with the same data, or use a new workdir"
         )
 
 
@@ -300,6 +344,8 @@ def _train(
                     file.flush()
                     os.fsync(file.fileno())
                 checkpointer.save(state, run.meta(epoch))
+                if epoch == first_epoch:
+                    _write_atomically(directory / CONFIG_FILE, config.to_json())
             say(_summary(record, config.epochs))
     finally:
         bar.stop()
@@ -421,8 +467,8 @@ class _ProgressBar:
 def restore(workdir: str | os.PathLike, *, step: int | None = None) -> TrainState:
     """The :class:`TrainState` of ``workdir``'s latest checkpoint (or of checkpoint ``step``).
 
-    The model and optimizer are rebuilt from ``workdir/config.json`` and the data shape saved with the
-    checkpoint, so the data set itself is not read.
+    The model and optimizer are rebuilt from the config and data shape saved with the checkpoint, so the data
+    set itself is not read.
 
     Raises:
       FileNotFoundError: ``workdir`` holds no run; CheckpointError: no checkpoint, or a corrupt one.
@@ -432,8 +478,12 @@ def restore(workdir: str | os.PathLike, *, step: int | None = None) -> TrainStat
 
 def restore_run(workdir: str | os.PathLike, *, step: int | None = None) -> tuple[Config, TrainState, Any, dict]:
     """``(config, state, model, meta)`` of ``workdir``'s latest checkpoint (or of checkpoint ``step``)."""
-    directory = Path(workdir)
-    if not directory.is_dir():
+    with jax.enable_x64(False):
+        return _restore_run(Path(workdir), step)
+
+
+def _restore_run(directory: Path, step: int | None) -> tuple[Config, TrainState, Any, dict]:
+    if not directory.exists():
         raise FileNotFoundError(f"workdir {directory} does not exist")
     config = read_config(directory)
     with Checkpointer(directory / CHECKPOINT_DIR, keep=config.keep) as checkpointer:
@@ -448,6 +498,12 @@ def restore_run(workdir: str | os.PathLike, *, step: int | None = None) -> tuple
         num_classes = meta.get("num_classes")
         if not input_shape or not isinstance(num_classes, int):
             raise CheckpointError(f"checkpoint {checkpointer.path(step)} is corrupt: its metadata is incomplete")
+        if isinstance(meta.get("config"), dict):  # the config this checkpoint was trained with
+            try:
+                config = Config.from_dict(meta["config"])
+            except ValueError as error:
+                where = checkpointer.path(step)
+                raise CheckpointError(f"checkpoint {where} holds an invalid config: {error}") from None
         model = build_model(config, input_shape, num_classes)
         optimizer, _ = make_optimizer(config, int(meta.get("steps_per_epoch", 1)))
         template = create_train_state(model, optimizer, jax.random.key(config.seed), input_shape)
@@ -460,6 +516,11 @@ def evaluate_workdir(workdir: str | os.PathLike, *, split: str = "test", batch_s
     if split not in ("test", "train"):
         raise ValueError(f"split must be 'test' or 'train', got {split!r}")
     config, state, model, meta = restore_run(workdir)
+    with jax.enable_x64(False):
+        return _evaluate_restored(config, state, model, meta, split, batch_size)
+
+
+def _evaluate_restored(config, state, model, meta, split, batch_size) -> dict[str, Any]:
     dataset = load_data(config)
     if list(dataset.input_shape) != list(meta["input_shape"]):
         raise ValueError(

@@ -24,8 +24,10 @@ def plot_metrics(workdir: str | os.PathLike, output: str | os.PathLike | None = 
     from matplotlib.figure import Figure
 
     directory = Path(workdir)
-    if not directory.is_dir():
+    if not directory.exists():
         raise FileNotFoundError(f"workdir {directory} does not exist")
+    if not directory.is_dir():
+        raise ValueError(f"workdir {directory} is not a directory")
     records = read_metrics(directory)
     if not records:
         raise ValueError(f"no metrics in {directory / METRICS_FILE}: train into this workdir first")
@@ -38,15 +40,21 @@ def plot_metrics(workdir: str | os.PathLike, output: str | os.PathLike | None = 
     FigureCanvasAgg(figure)
     loss_axes, accuracy_axes = figure.subplots(1, 2)
     for axes, quantity in ((loss_axes, "loss"), (accuracy_axes, "accuracy")):
+        plotted = []
         for split, style in (("train", "-o"), ("test", "-s")):
             values = series(f"{split}_{quantity}")
             if any(value == value for value in values):  # skip all-NaN series (no accuracy for regression)
                 axes.plot(epochs, values, style, markersize=3, label=split)
+                plotted.extend(value for value in values if value == value)
         axes.set_xlabel("epoch")
         axes.set_ylabel(quantity)
         axes.grid(alpha=0.3)
-        axes.legend()
-    loss_axes.set_yscale("log")
+        if plotted:
+            axes.legend()
+            if quantity == "loss" and min(plotted) > 0:
+                axes.set_yscale("log")
+        else:
+            axes.text(0.5, 0.5, f"no {quantity} recorded", ha="center", va="center", transform=axes.transAxes)
     figure.suptitle(f"{directory.name}: {len(records)} epochs")
     path = Path(output) if output is not None else directory / CURVES_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
