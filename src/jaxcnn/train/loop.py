@@ -251,8 +251,8 @@ def _fit(
             _write_atomically(directory / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in history))
             if not resuming:
                 _write_atomically(directory / CONFIG_FILE, config.to_json())
-            # a resumed run's new config replaces the saved one only with its first checkpoint: a resume that
-            # fails (bad flags, divergence) leaves the run's config as it was
+            # a resumed run's new config replaces the saved one only once its first epoch has gone well: a
+            # resume that fails (bad flags, divergence) leaves the run's config as it was
         state = _train(run, state, history, first_epoch, directory, checkpointer, say, progress)
     finally:
         if checkpointer is not None:
@@ -343,9 +343,9 @@ def _train(
                     file.write(json.dumps(record) + "\n")
                     file.flush()
                     os.fsync(file.fileno())
-                checkpointer.save(state, run.meta(epoch))
-                if epoch == first_epoch:
+                if epoch == first_epoch:  # the first good epoch of this invocation: its config becomes the run's
                     _write_atomically(directory / CONFIG_FILE, config.to_json())
+                checkpointer.save(state, run.meta(epoch))
             say(_summary(record, config.epochs))
     finally:
         bar.stop()
