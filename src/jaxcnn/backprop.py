@@ -111,12 +111,7 @@ def value_and_grad(
 ) -> Callable[..., tuple[tuple[jax.Array, State], Params]]:
     """The explicit reverse pass of ``loss_fn(model(x), y)``, shaped like ``jax.value_and_grad(..., has_aux=True)``.
 
-    Args:
-      model: any :class:`jaxcnn.nn.Layer` (usually a ``Sequential``).
-      loss_fn: ``loss_fn(predictions, targets) -> scalar``.
-      loss_vjp: its hand-derived VJP ``(predictions, targets, dloss) -> dpredictions``; looked up among the
-        registered functional ops when omitted.
-      train: the mode the forward runs in (training by default).
+    Takes the arguments of :func:`reverse_pass`, which does the work and also keeps the predictions.
 
     Returns:
       ``f(params, state, x, y, *, key=None) -> ((loss, new_state), grads)`` with ``grads`` shaped like
