@@ -70,7 +70,7 @@ _TRAIN_FLAGS: dict[str, tuple[type, str]] = {
     "weight_decay": (float, "weight decay (decoupled for adamw, L2 otherwise)"),
     "schedule": (str, "learning-rate schedule"),
     "warmup_epochs": (int, "warm-up epochs of warmup_cosine"),
-    "schedule_epochs": (int, "horizon of the cosine schedules in epochs (default: --epochs)"),
+    "schedule_epochs": (int, "horizon of the cosine schedules in epochs"),
     "decay_rate": (float, "per-epoch factor of the exponential schedule"),
     "batch_size": (int, "examples per step"),
     "epochs": (int, "epochs in all (more than a finished run has extends it)"),
@@ -78,6 +78,9 @@ _TRAIN_FLAGS: dict[str, tuple[type, str]] = {
     "gradients": (str, "autodiff (jax.grad), manual (hand rules via custom_vjp) or engine (explicit reverse pass)"),
     "keep": (int, "checkpoints to keep"),
 }
+
+
+_DEFAULT_TEXT = {"data_dir": "none", "data_path": "none", "schedule_epochs": "--epochs"}
 
 
 def _plural(count: int, noun: str) -> str:
@@ -176,7 +179,7 @@ def _add_train(commands) -> None:
             type=kind,
             default=None,
             metavar=name.upper(),
-            help=f"{text} (default: {getattr(defaults, name)}{suffix})",
+            help=f"{text} (default: {_DEFAULT_TEXT.get(name, getattr(defaults, name))}{suffix})",
         )
     parser.add_argument(
         "--normalize",
