@@ -4,10 +4,12 @@ See :class:`jaxcnn.nn.Layer` for the protocol a layer of your own implements.
 """
 
 from jaxcnn.nn.activations import ELU, GELU, Activation, LeakyReLU, ReLU, Sigmoid, Softplus, Tanh
+from jaxcnn.nn.container import Container
 from jaxcnn.nn.conv import Conv2D
 from jaxcnn.nn.dense import Dense, Flatten
 from jaxcnn.nn.layer import Layer, LayerCall, Static, manual_apply
 from jaxcnn.nn.pool import AvgPool2D, GlobalAvgPool2D, MaxPool2D
+from jaxcnn.nn.residual import Residual, SubsampleShortcut
 from jaxcnn.nn.sequential import Sequential
 
 __all__ = [
@@ -15,6 +17,7 @@ __all__ = [
     "GELU",
     "Activation",
     "AvgPool2D",
+    "Container",
     "Conv2D",
     "Dense",
     "Flatten",
@@ -24,10 +27,12 @@ __all__ = [
     "LeakyReLU",
     "MaxPool2D",
     "ReLU",
+    "Residual",
     "Sequential",
     "Sigmoid",
     "Softplus",
     "Static",
+    "SubsampleShortcut",
     "Tanh",
     "manual_apply",
 ]
