@@ -524,6 +524,11 @@ def check_model(
     return report
 
 
+def _first_output(result: Any) -> Any:
+    """``y`` of an op that returns ``(y, state...)``; the result itself otherwise."""
+    return result[0] if isinstance(result, tuple) else result
+
+
 def check_op(
     forward: Callable[..., jax.Array],
     *args: Any,
@@ -548,6 +553,9 @@ def check_op(
 
     Returns:
       A :class:`Report` with one ``hand vs autodiff`` and one ``hand vs finite diff`` row per argument.
+
+    For ops that return ``(y, state...)`` (such as ``batch_norm``), only ``y`` is differentiated: the hand rule
+    receives the cotangent of ``y`` alone.
     """
     name = _dtype_name(dtype)
     seed = _check_seed(seed)
@@ -580,7 +588,7 @@ def check_op(
             full = list(at)
             for i, value in zip(positions, diff):
                 full[i] = value
-            return forward(*full, **options)
+            return _first_output(forward(*full, **options))
 
         diff_args = tuple(args[i] for i in positions)
         y = jax.eval_shape(call, *diff_args)
@@ -609,7 +617,7 @@ def check_op(
             def output(value, i):
                 full = list(args64)
                 full[i] = value
-                return forward(*full, **options)
+                return _first_output(forward(*full, **options))
 
             for n, i in enumerate(positions):
                 result = _finite_difference_check(

@@ -30,6 +30,14 @@ from jaxcnn.functional.losses import (
     softmax_cross_entropy,
     softmax_cross_entropy_vjp,
 )
+from jaxcnn.functional.norm import (
+    batch_norm,
+    batch_norm_vjp,
+    group_norm,
+    group_norm_vjp,
+    layer_norm,
+    layer_norm_vjp,
+)
 from jaxcnn.functional.pool import (
     avg_pool2d,
     avg_pool2d_vjp,
@@ -43,6 +51,8 @@ __all__ = [
     "HandRule",
     "avg_pool2d",
     "avg_pool2d_vjp",
+    "batch_norm",
+    "batch_norm_vjp",
     "conv2d",
     "conv2d_vjp",
     "dense",
@@ -53,7 +63,11 @@ __all__ = [
     "gelu_vjp",
     "global_avg_pool2d",
     "global_avg_pool2d_vjp",
+    "group_norm",
+    "group_norm_vjp",
     "hand_rule",
+    "layer_norm",
+    "layer_norm_vjp",
     "leaky_relu",
     "leaky_relu_vjp",
     "log_softmax",

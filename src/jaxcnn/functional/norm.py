@@ -1,0 +1,431 @@
+"""Batch, layer and group normalisation (features on the last axis) and their hand-derived backward rules.
+
+All three standardise ``x`` over some axes and then apply a per-channel affine map::
+
+    xhat = (x - mean) * inv,   inv = rsqrt(var + epsilon),   y = xhat * scale + bias
+
+with ``mean`` and the *biased* ``var`` (mean of squared deviations) taken over the op's axes: every axis but the
+last for batch norm, the last axis for layer norm, every non-batch axis and the group's channels for group norm.
+The semantics (and the order of the floating-point operations, ``(x - mean) * (inv * scale) + bias``) are those
+of ``flax.linen.BatchNorm``, ``LayerNorm`` and ``GroupNorm``. Statistics are computed in at least float32 (inputs
+in bfloat16 or float16 are promoted, the result is cast back), as Flax does.
+
+The shared work is done by two private helpers on a "view" of ``x`` whose trailing axes index the parameters:
+``x`` itself for batch and layer norm, ``x`` reshaped to ``(N, ..., groups, C // groups)`` for group norm.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jaxcnn.functional._args import positive_int
+from jaxcnn.functional._registry import register
+
+# -- validation -----------------------------------------------------------------------------------------------
+
+
+def _check_x(op: str, x: jax.Array) -> None:
+    if x.ndim < 2:
+        raise ValueError(f"{op}: `x` must have rank >= 2 (N, ..., C), got shape {tuple(x.shape)}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"{op}: `x` must be a floating-point array, got dtype {x.dtype}")
+
+
+def _check_channels(op: str, name: str, value: Any, channels: int, *, optional: bool = True) -> None:
+    """``value`` must be a ``(channels,)`` array (or None when ``optional``)."""
+    if value is None and optional:
+        return
+    shape = None if value is None else tuple(jnp.shape(value))
+    if shape != (channels,):
+        raise ValueError(f"{op}: `{name}` must have shape ({channels},), got {shape}")
+
+
+def _check_number(op: str, name: str, value: Any, low: float, high: float = math.inf) -> float:
+    """``value`` as a float if it is a finite real number in ``[low, high]``; ValueError otherwise."""
+    try:
+        number = None if isinstance(value, (bool, np.bool_)) else float(value)
+    except (TypeError, ValueError):
+        number = None
+    if number is None or not math.isfinite(number) or not low <= number <= high:
+        bounds = f">= {low:g}" if high == math.inf else f"in [{low:g}, {high:g}]"
+        raise ValueError(f"{op}: `{name}` must be a finite number {bounds}, got {value!r}")
+    return number
+
+
+def _check_dy(op: str, x: jax.Array, dy: jax.Array) -> None:
+    if tuple(jnp.shape(dy)) != tuple(x.shape):
+        raise ValueError(f"{op}: `dy` must have the shape of `x` {tuple(x.shape)}, got {tuple(jnp.shape(dy))}")
+
+
+def _check_common(op: str, x: jax.Array, scale: Any, bias: Any, epsilon: Any) -> float:
+    _check_x(op, x)
+    _check_channels(op, "scale", scale, x.shape[-1])
+    _check_channels(op, "bias", bias, x.shape[-1])
+    return _check_number(op, "epsilon", epsilon, 0.0)
+
+
+def _check_batch_norm(op, x, scale, bias, running_mean, running_var, train, momentum, epsilon) -> float:
+    epsilon = _check_common(op, x, scale, bias, epsilon)
+    _check_channels(op, "running_mean", running_mean, x.shape[-1], optional=False)
+    _check_channels(op, "running_var", running_var, x.shape[-1], optional=False)
+    if not isinstance(train, (bool, np.bool_)):
+        raise ValueError(f"{op}: `train` must be a bool, got {train!r}")
+    _check_number(op, "momentum", momentum, 0.0, 1.0)
+    return epsilon
+
+
+def _check_groups(op: str, channels: int, groups: Any) -> int:
+    try:
+        groups = positive_int(groups, "groups")
+    except ValueError as error:
+        raise ValueError(f"{op}: {error}") from None
+    if channels % groups:
+        raise ValueError(f"{op}: channels (={channels}) must be divisible by `groups` (={groups})")
+    return groups
+
+
+# -- shared math ----------------------------------------------------------------------------------------------
+
+
+def _dtypes(x: jax.Array, scale: Any, bias: Any, *others: Any) -> tuple[Any, Any]:
+    """``(compute dtype, output dtype)``. The output dtype promotes ``x``, ``scale`` and ``bias`` (as Flax); the
+    compute dtype promotes every array given (None skipped) to at least float32, so that the statistics of
+    half-precision inputs are not accumulated in half precision."""
+    output = jnp.result_type(*(a for a in (x, scale, bias) if a is not None))
+    compute = jnp.result_type(output, *(a for a in others if a is not None))
+    return jnp.promote_types(compute, jnp.float32), output
+
+
+def _cast(value: Any, dtype: Any) -> Any:
+    return None if value is None else jnp.asarray(value).astype(dtype)
+
+
+def _per_channel(param: jax.Array | None, ndim: int, param_shape: tuple[int, ...]) -> jax.Array | None:
+    """A ``(C,)`` parameter reshaped to broadcast against a view of rank ``ndim`` ending in ``param_shape``."""
+    return None if param is None else param.reshape((1,) * (ndim - len(param_shape)) + param_shape)
+
+
+def _moments(x: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    """Mean and biased variance over ``axes`` (kept as size-1 axes), in two passes: free of the cancellation
+    of Flax's default one-pass ``E[x^2] - E[x]^2``, with which it agrees to that formula's round-off."""
+    mean = jnp.mean(x, axis=axes, keepdims=True)
+    centred = x - mean
+    return mean, jnp.mean(centred * centred, axis=axes, keepdims=True)
+
+
+def _normalize(x, scale, bias, *, axes, param_shape, epsilon, stats=None):
+    """``y = (x - mean) * (rsqrt(var + epsilon) * scale) + bias`` on a view; returns ``(y, mean, var)``.
+
+    ``x``, ``scale``, ``bias`` are in the compute dtype; ``scale``/``bias`` are ``(C,)`` or None and act on the
+    trailing ``param_shape`` axes of ``x``. ``stats``: fixed ``(mean, var)`` broadcastable to ``x``; when None
+    they are the batch statistics over ``axes``.
+    """
+    mean, var = _moments(x, axes) if stats is None else stats
+    multiplier = lax.rsqrt(var + epsilon)
+    if scale is not None:
+        multiplier = multiplier * _per_channel(scale, x.ndim, param_shape)
+    y = (x - mean) * multiplier
+    if bias is not None:
+        y = y + _per_channel(bias, x.ndim, param_shape)
+    return y, mean, var
+
+
+def _normalize_vjp(x, scale, dy, *, axes, param_shape, epsilon, stats=None):
+    """Cotangents ``(dx, dscale, dbias)`` of :func:`_normalize` (same view and arguments); ``dscale`` and
+    ``dbias`` are ``(C,)`` and returned whether or not the forward had them."""
+    mean, var = _moments(x, axes) if stats is None else stats
+    inv = lax.rsqrt(var + epsilon)
+    xhat = (x - mean) * inv
+    # y = xhat * scale + bias per channel: the parameters collect dy (times xhat) from every non-channel cell.
+    leading = tuple(range(x.ndim - len(param_shape)))
+    dbias = jnp.sum(dy, axis=leading).reshape(-1)
+    dscale = jnp.sum(dy * xhat, axis=leading).reshape(-1)
+    dxhat = dy if scale is None else dy * _per_channel(scale, x.ndim, param_shape)
+    if stats is not None:
+        # fixed statistics: xhat is affine in x, dxhat/dx = inv
+        return dxhat * inv, dscale, dbias
+    # Batch statistics over M cells: d mean/dx_i = 1/M, d var/dx_i = 2 (x_i - mean)/M (the mean's own term
+    # vanishes since sum (x - mean) = 0) and d inv/d var = -inv^3/2, so
+    # d xhat_j/d x_i = inv (delta_ij - 1/M - xhat_i xhat_j / M). Contracting with dxhat_j:
+    # dx = inv/M (M dxhat - sum dxhat - xhat sum(dxhat xhat)) = inv (dxhat - mean(dxhat) - xhat mean(dxhat xhat)).
+    centre = jnp.mean(dxhat, axis=axes, keepdims=True)
+    along = jnp.mean(dxhat * xhat, axis=axes, keepdims=True)
+    return inv * (dxhat - centre - xhat * along), dscale, dbias
+
+
+def _cotangents(x, scale, bias, dx, dscale, dbias):
+    """Cast to the primal dtypes; None for a parameter the forward did not have."""
+    return (
+        dx.astype(x.dtype),
+        None if scale is None else dscale.astype(jnp.asarray(scale).dtype),
+        None if bias is None else dbias.astype(jnp.asarray(bias).dtype),
+    )
+
+
+# -- batch norm -----------------------------------------------------------------------------------------------
+
+
+def batch_norm(
+    x: jax.Array,
+    scale: jax.Array | None,
+    bias: jax.Array | None,
+    running_mean: jax.Array,
+    running_var: jax.Array,
+    *,
+    train: bool = True,
+    momentum: float = 0.9,
+    epsilon: float = 1e-5,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Batch normalisation over every axis but the last (``flax.linen.BatchNorm``).
+
+    Args:
+      x: ``(..., C)``: ``(N, H, W, C)`` conv features or ``(N, C)`` dense features (rank >= 2).
+      scale, bias: ``(C,)`` or None (no scale / no bias).
+      running_mean, running_var: ``(C,)`` running statistics (state, not differentiated).
+      train: True: normalise with the batch mean and biased batch variance and update the running statistics;
+        False: normalise with the running statistics and return them unchanged.
+      momentum: in ``[0, 1]``; ``new = momentum * running + (1 - momentum) * batch`` (biased ``var``, as Flax).
+      epsilon: ``>= 0``, added to the variance.
+
+    Returns:
+      ``(y, new_running_mean, new_running_var)``: ``y`` of the shape of ``x`` in the promoted dtype of ``x``,
+      ``scale`` and ``bias``; the running statistics ``(C,)`` in their own dtypes.
+    """
+    x = jnp.asarray(x)
+    epsilon = _check_batch_norm("batch_norm", x, scale, bias, running_mean, running_var, train, momentum, epsilon)
+    dtype, out_dtype = _dtypes(x, scale, bias, running_mean, running_var)
+    view, stats = x.astype(dtype), None
+    channels = x.shape[-1]
+    if not train:
+        stats = tuple(_per_channel(_cast(s, dtype), x.ndim, (channels,)) for s in (running_mean, running_var))
+    y, mean, var = _normalize(
+        view,
+        _cast(scale, dtype),
+        _cast(bias, dtype),
+        axes=tuple(range(x.ndim - 1)),
+        param_shape=(channels,),
+        epsilon=epsilon,
+        stats=stats,
+    )
+    y = y.astype(out_dtype)
+    if not train:
+        return y, running_mean, running_var
+    new_stats = tuple(
+        (momentum * _cast(old, dtype) + (1 - momentum) * batch.reshape(-1)).astype(jnp.asarray(old).dtype)
+        for old, batch in ((running_mean, mean), (running_var, var))
+    )
+    return (y, *new_stats)
+
+
+def batch_norm_vjp(
+    x: jax.Array,
+    scale: jax.Array | None,
+    bias: jax.Array | None,
+    running_mean: jax.Array,
+    running_var: jax.Array,
+    dy: jax.Array,
+    *,
+    train: bool = True,
+    momentum: float = 0.9,
+    epsilon: float = 1e-5,
+) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+    """Hand-derived VJP of :func:`batch_norm` with respect to ``y`` only (the running statistics are state).
+
+    Args:
+      x, scale, bias, running_mean, running_var, train, momentum, epsilon: as in the forward.
+      dy: cotangent of ``y``, shape of ``x``.
+
+    Returns:
+      ``(dx, dscale, dbias)``: ``dx`` shape of ``x``, ``dscale``/``dbias`` ``(C,)`` (None where the forward had
+      no scale / bias), each in its primal's dtype.
+    """
+    x = jnp.asarray(x)
+    epsilon = _check_batch_norm("batch_norm_vjp", x, scale, bias, running_mean, running_var, train, momentum, epsilon)
+    _check_dy("batch_norm_vjp", x, dy)
+    dtype, _ = _dtypes(x, scale, bias, running_mean, running_var, dy)
+    channels = x.shape[-1]
+    stats = None
+    if not train:
+        stats = tuple(_per_channel(_cast(s, dtype), x.ndim, (channels,)) for s in (running_mean, running_var))
+    dx, dscale, dbias = _normalize_vjp(
+        x.astype(dtype),
+        _cast(scale, dtype),
+        _cast(dy, dtype),
+        axes=tuple(range(x.ndim - 1)),
+        param_shape=(channels,),
+        epsilon=epsilon,
+        stats=stats,
+    )
+    return _cotangents(x, scale, bias, dx, dscale, dbias)
+
+
+def _batch_norm_vjp(args, dy, **options):
+    x, scale, bias, running_mean, running_var = args
+    dx, dscale, dbias = batch_norm_vjp(x, scale, bias, running_mean, running_var, dy, **options)
+    return tuple(c for c, p in ((dx, x), (dscale, scale), (dbias, bias)) if p is not None)
+
+
+register(batch_norm, _batch_norm_vjp, differentiable=(0, 1, 2))
+
+
+# -- layer norm -----------------------------------------------------------------------------------------------
+
+
+def layer_norm(
+    x: jax.Array, scale: jax.Array | None = None, bias: jax.Array | None = None, *, epsilon: float = 1e-6
+) -> jax.Array:
+    """Layer normalisation over the last axis of each example (``flax.linen.LayerNorm`` defaults).
+
+    Args:
+      x: ``(N, ..., C)`` (rank >= 2); every ``(..., :)`` row is normalised on its own.
+      scale, bias: ``(C,)`` or None.
+      epsilon: ``>= 0``, added to the (biased) variance.
+
+    Returns:
+      ``y``, shape of ``x``, in the promoted dtype of ``x``, ``scale`` and ``bias``.
+    """
+    x = jnp.asarray(x)
+    epsilon = _check_common("layer_norm", x, scale, bias, epsilon)
+    dtype, out_dtype = _dtypes(x, scale, bias)
+    y, _, _ = _normalize(
+        x.astype(dtype),
+        _cast(scale, dtype),
+        _cast(bias, dtype),
+        axes=(x.ndim - 1,),
+        param_shape=(x.shape[-1],),
+        epsilon=epsilon,
+    )
+    return y.astype(out_dtype)
+
+
+def layer_norm_vjp(
+    x: jax.Array, scale: jax.Array | None, bias: jax.Array | None, dy: jax.Array, *, epsilon: float = 1e-6
+) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+    """Hand-derived VJP of :func:`layer_norm`.
+
+    Args:
+      x, scale, bias, epsilon: as in the forward; dy: cotangent of ``y``, shape of ``x``.
+
+    Returns:
+      ``(dx, dscale, dbias)``: shape of ``x``, ``(C,)``, ``(C,)`` (None where the forward had no scale / bias),
+      each in its primal's dtype.
+    """
+    x = jnp.asarray(x)
+    epsilon = _check_common("layer_norm_vjp", x, scale, bias, epsilon)
+    _check_dy("layer_norm_vjp", x, dy)
+    dtype, _ = _dtypes(x, scale, bias, dy)
+    dx, dscale, dbias = _normalize_vjp(
+        x.astype(dtype),
+        _cast(scale, dtype),
+        _cast(dy, dtype),
+        axes=(x.ndim - 1,),
+        param_shape=(x.shape[-1],),
+        epsilon=epsilon,
+    )
+    return _cotangents(x, scale, bias, dx, dscale, dbias)
+
+
+# -- group norm -----------------------------------------------------------------------------------------------
+
+
+def _group_view(x: jax.Array, groups: int) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, int]]:
+    """``(view shape, reduced axes, parameter shape)`` of ``x`` split into ``(N, ..., groups, C // groups)``."""
+    shape = (*x.shape[:-1], groups, x.shape[-1] // groups)
+    axes = (*range(1, x.ndim - 1), x.ndim)  # every non-batch axis and the channels within a group
+    return shape, axes, shape[-2:]
+
+
+def group_norm(
+    x: jax.Array,
+    scale: jax.Array | None = None,
+    bias: jax.Array | None = None,
+    *,
+    groups: int,
+    epsilon: float = 1e-6,
+) -> jax.Array:
+    """Group normalisation (``flax.linen.GroupNorm(num_groups=groups)``).
+
+    The ``C`` channels are split into ``groups`` consecutive groups; each example's group is normalised over all
+    of its non-batch axes and the group's channels. ``groups=1`` normalises each example over ``(H, W, C)``;
+    ``groups=C`` is instance normalisation.
+
+    Args:
+      x: ``(N, ..., C)`` (rank >= 2), ``C`` divisible by ``groups``.
+      scale, bias: ``(C,)`` or None.
+      groups: number of groups, a positive divisor of ``C``.
+      epsilon: ``>= 0``, added to the (biased) variance.
+
+    Returns:
+      ``y``, shape of ``x``, in the promoted dtype of ``x``, ``scale`` and ``bias``.
+    """
+    x = jnp.asarray(x)
+    epsilon = _check_common("group_norm", x, scale, bias, epsilon)
+    groups = _check_groups("group_norm", x.shape[-1], groups)
+    dtype, out_dtype = _dtypes(x, scale, bias)
+    shape, axes, param_shape = _group_view(x, groups)
+    y, _, _ = _normalize(
+        x.astype(dtype).reshape(shape),
+        _cast(scale, dtype),
+        _cast(bias, dtype),
+        axes=axes,
+        param_shape=param_shape,
+        epsilon=epsilon,
+    )
+    return y.reshape(x.shape).astype(out_dtype)
+
+
+def group_norm_vjp(
+    x: jax.Array,
+    scale: jax.Array | None,
+    bias: jax.Array | None,
+    dy: jax.Array,
+    *,
+    groups: int,
+    epsilon: float = 1e-6,
+) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+    """Hand-derived VJP of :func:`group_norm`.
+
+    Args:
+      x, scale, bias, groups, epsilon: as in the forward; dy: cotangent of ``y``, shape of ``x``.
+
+    Returns:
+      ``(dx, dscale, dbias)``: shape of ``x``, ``(C,)``, ``(C,)`` (None where the forward had no scale / bias),
+      each in its primal's dtype.
+    """
+    x = jnp.asarray(x)
+    epsilon = _check_common("group_norm_vjp", x, scale, bias, epsilon)
+    groups = _check_groups("group_norm_vjp", x.shape[-1], groups)
+    _check_dy("group_norm_vjp", x, dy)
+    dtype, _ = _dtypes(x, scale, bias, dy)
+    shape, axes, param_shape = _group_view(x, groups)
+    # the reshape into groups is a permutation-free relabelling, so its VJP is the reshape back
+    dx, dscale, dbias = _normalize_vjp(
+        x.astype(dtype).reshape(shape),
+        _cast(scale, dtype),
+        _cast(dy, dtype).reshape(shape),
+        axes=axes,
+        param_shape=param_shape,
+        epsilon=epsilon,
+    )
+    return _cotangents(x, scale, bias, dx.reshape(x.shape), dscale, dbias)
+
+
+def _affine_vjp_adapter(vjp):
+    """Uniform adapter for ``vjp(x, scale, bias, dy, **options)``: one cotangent per array passed."""
+
+    def adapter(args, dy, **options):
+        x, scale, bias = (list(args) + [None, None])[:3]
+        cotangents = vjp(x, scale, bias, dy, **options)
+        return tuple(c for c, p in zip(cotangents, (x, scale, bias)) if p is not None)
+
+    return adapter
+
+
+register(layer_norm, _affine_vjp_adapter(layer_norm_vjp), differentiable=(0, 1, 2))
+register(group_norm, _affine_vjp_adapter(group_norm_vjp), differentiable=(0, 1, 2))
