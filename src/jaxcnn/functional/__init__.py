@@ -22,7 +22,9 @@ from jaxcnn.functional.activations import (
     tanh_vjp,
 )
 from jaxcnn.functional.conv import conv2d, conv2d_vjp
+from jaxcnn.functional.conv_transpose import conv_transpose2d, conv_transpose2d_vjp
 from jaxcnn.functional.dense import dense, dense_vjp
+from jaxcnn.functional.dropout import dropout, dropout_mask, dropout_vjp
 from jaxcnn.functional.losses import (
     log_softmax,
     mean_squared_error,
@@ -46,6 +48,7 @@ from jaxcnn.functional.pool import (
     max_pool2d,
     max_pool2d_vjp,
 )
+from jaxcnn.functional.resample import upsample_nearest2d, upsample_nearest2d_vjp
 
 __all__ = [
     "HandRule",
@@ -55,8 +58,13 @@ __all__ = [
     "batch_norm_vjp",
     "conv2d",
     "conv2d_vjp",
+    "conv_transpose2d",
+    "conv_transpose2d_vjp",
     "dense",
     "dense_vjp",
+    "dropout",
+    "dropout_mask",
+    "dropout_vjp",
     "elu",
     "elu_vjp",
     "gelu",
@@ -87,4 +95,6 @@ __all__ = [
     "softplus_vjp",
     "tanh",
     "tanh_vjp",
+    "upsample_nearest2d",
+    "upsample_nearest2d_vjp",
 ]
