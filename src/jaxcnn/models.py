@@ -53,8 +53,144 @@ def lenet5(num_classes: int = 10) -> nn.Sequential:
     )
 
 
-MODELS: dict[str, Callable[..., nn.Sequential]] = {"mnist_cnn": mnist_cnn, "lenet5": lenet5}
-INPUT_SHAPES: dict[str, tuple[int, ...]] = {"mnist_cnn": (28, 28, 1), "lenet5": (28, 28, 1)}
+def _basic_block(features: int, stride: int, in_features: int, shortcut: str) -> list[nn.Layer]:
+    """Two 3x3 convolutions with BatchNorm, added to a shortcut, then ReLU (He et al., 2015, figure 2).
+
+    ``shortcut`` says what maps the input when the shape changes: ``"projection"`` (1x1 conv + BatchNorm) or
+    ``"subsample"`` (the parameter-free "option A" of the CIFAR ResNets).
+    """
+    block = nn.Sequential(
+        [
+            nn.Conv2D(features, 3, stride=stride, padding=1, use_bias=False),
+            nn.BatchNorm(),
+            nn.ReLU(),
+            nn.Conv2D(features, 3, padding=1, use_bias=False),
+            nn.BatchNorm(),
+        ]
+    )
+    skip = None
+    if stride != 1 or in_features != features:
+        if shortcut == "projection":
+            skip = nn.Sequential([nn.Conv2D(features, 1, stride=stride, use_bias=False), nn.BatchNorm()])
+        else:
+            skip = nn.SubsampleShortcut(features, stride)
+    return [nn.Residual(block, skip), nn.ReLU()]
+
+
+def _bottleneck_block(width: int, stride: int, in_features: int) -> list[nn.Layer]:
+    """1x1 reduce, 3x3 (strided, as torchvision's ResNet v1.5), 1x1 expand to ``4 * width``, each with
+    BatchNorm; a projection shortcut when the shape changes; ReLU after the sum."""
+    features = 4 * width
+    block = nn.Sequential(
+        [
+            nn.Conv2D(width, 1, use_bias=False),
+            nn.BatchNorm(),
+            nn.ReLU(),
+            nn.Conv2D(width, 3, stride=stride, padding=1, use_bias=False),
+            nn.BatchNorm(),
+            nn.ReLU(),
+            nn.Conv2D(features, 1, use_bias=False),
+            nn.BatchNorm(),
+        ]
+    )
+    skip = None
+    if stride != 1 or in_features != features:
+        skip = nn.Sequential([nn.Conv2D(features, 1, stride=stride, use_bias=False), nn.BatchNorm()])
+    return [nn.Residual(block, skip), nn.ReLU()]
+
+
+def _stages(widths, depths, in_features: int, make_block, expansion: int = 1) -> list[nn.Layer]:
+    """Stages of ``depths[i]`` blocks of ``widths[i]``; every stage but the first halves the resolution in its
+    first block. A block outputs ``expansion * width`` channels."""
+    layers: list[nn.Layer] = []
+    for stage, (width, depth) in enumerate(zip(widths, depths)):
+        for index in range(depth):
+            stride = 2 if stage > 0 and index == 0 else 1
+            layers.extend(make_block(width, stride, in_features))
+            in_features = expansion * width
+    return layers
+
+
+def resnet18_cifar(num_classes: int = 10) -> nn.Sequential:
+    """ResNet-18 for 32x32 images: a 3x3 stem without max-pooling, four stages of two basic blocks
+    (64, 128, 256, 512 channels, projection shortcuts), global average pooling, dense.
+
+    11,173,962 parameters for 10 classes (the CIFAR ResNet-18 of kuangliu/pytorch-cifar), plus BatchNorm's
+    running statistics in the state.
+    """
+    stem = [nn.Conv2D(64, 3, padding=1, use_bias=False), nn.BatchNorm(), nn.ReLU()]
+    block = lambda width, stride, in_features: _basic_block(width, stride, in_features, "projection")
+    body = _stages((64, 128, 256, 512), (2, 2, 2, 2), 64, block)
+    return nn.Sequential([*stem, *body, nn.GlobalAvgPool2D(), nn.Dense(num_classes)])
+
+
+def resnet20_cifar(num_classes: int = 10) -> nn.Sequential:
+    """ResNet-20 of the original ResNet paper's CIFAR-10 section (He et al., 2015, section 4.2): a 3x3 stem, three
+    stages of three basic blocks (16, 32, 64 channels) with parameter-free shortcuts (stride-2 subsampling and
+    zero channels, "option A"), global average pooling, dense.
+
+    269,722 parameters for 10 classes (the paper's "0.27M").
+    """
+    stem = [nn.Conv2D(16, 3, padding=1, use_bias=False), nn.BatchNorm(), nn.ReLU()]
+    block = lambda width, stride, in_features: _basic_block(width, stride, in_features, "subsample")
+    body = _stages((16, 32, 64), (3, 3, 3), 16, block)
+    return nn.Sequential([*stem, *body, nn.GlobalAvgPool2D(), nn.Dense(num_classes)])
+
+
+def resnet50(num_classes: int = 1000) -> nn.Sequential:
+    """ResNet-50 in the ImageNet layout (torchvision's v1.5: the stride on the 3x3 convolution): a 7x7 stride-2
+    stem and 3x3 stride-2 max-pooling, bottleneck stages of 3, 4, 6, 3 blocks (widths 64, 128, 256, 512, outputs
+    4x wider), global average pooling, dense.
+
+    25,557,032 parameters for 1,000 classes on 224x224x3 inputs, as torchvision's.
+    """
+    stem = [
+        nn.Conv2D(64, 7, stride=2, padding=3, use_bias=False),
+        nn.BatchNorm(),
+        nn.ReLU(),
+        nn.MaxPool2D(3, 2, padding=1),
+    ]
+    body = _stages((64, 128, 256, 512), (3, 4, 6, 3), 64, _bottleneck_block, expansion=4)
+    return nn.Sequential([*stem, *body, nn.GlobalAvgPool2D(), nn.Dense(num_classes)])
+
+
+def conv_autoencoder(channels: int = 1) -> nn.Sequential:
+    """A convolutional autoencoder for reconstruction (MSE against its input): two stride-2 convolutions down
+    (16, 32 channels), two stride-2 transposed convolutions back up to ``channels``; ReLU between, linear output.
+
+    On 28x28x1 inputs the code is 7x7x32; the output has the input's shape for any size divisible by 4.
+    """
+    return nn.Sequential(
+        [
+            nn.Conv2D(16, 3, stride=2, padding="SAME"),
+            nn.ReLU(),
+            nn.Conv2D(32, 3, stride=2, padding="SAME"),
+            nn.ReLU(),
+            nn.ConvTranspose2D(16, 3, stride=2, padding="SAME"),
+            nn.ReLU(),
+            nn.ConvTranspose2D(channels, 3, stride=2, padding="SAME"),
+        ]
+    )
+
+
+MODELS: dict[str, Callable[..., nn.Sequential]] = {
+    "mnist_cnn": mnist_cnn,
+    "lenet5": lenet5,
+    "resnet18_cifar": resnet18_cifar,
+    "resnet20_cifar": resnet20_cifar,
+    "resnet50": resnet50,
+    "conv_autoencoder": conv_autoencoder,
+}
+INPUT_SHAPES: dict[str, tuple[int, ...]] = {
+    "mnist_cnn": (28, 28, 1),
+    "lenet5": (28, 28, 1),
+    "resnet18_cifar": (32, 32, 3),
+    "resnet20_cifar": (32, 32, 3),
+    "resnet50": (224, 224, 3),
+    "conv_autoencoder": (28, 28, 1),
+}
+# Models trained to reconstruct their input (mean squared error) rather than to classify.
+RECONSTRUCTION = frozenset({"conv_autoencoder"})
 
 
 def get(name: str, **kwargs) -> nn.Sequential:
@@ -76,3 +212,8 @@ def input_shape(name: str) -> tuple[int, ...]:
 def names() -> list[str]:
     """The known architecture names."""
     return sorted(MODELS)
+
+
+def classifiers() -> list[str]:
+    """The names of the architectures that classify (the ones ``jaxcnn train`` trains)."""
+    return sorted(set(MODELS) - RECONSTRUCTION)

@@ -107,3 +107,73 @@ class Conv2D(Layer):
         if self.use_bias:
             grads["bias"] = db.astype(params["bias"].dtype)
         return dx, grads
+
+
+@dataclass(frozen=True)
+class ConvTranspose2D(Layer):
+    """Transposed 2-D convolution (Flax linen's ``ConvTranspose``): NHWC input, HWIO kernel with ``I`` the input
+    channels; parameters ``kernel`` and ``bias``.
+
+    Args:
+      features: output channels.
+      kernel_size: int or ``(kh, kw)``.
+      stride, padding, dilation: as :func:`jaxcnn.functional.conv_transpose2d` (``dilation`` dilates the
+        kernel); ``stride`` s upsamples by about s.
+      use_bias: add a learned bias (zeros at init).
+
+    The kernel starts from ``lecun_normal`` (fan-in ``kh * kw * C``), as in Flax.
+    Input ``(N, H, W, C)``; output ``(N, OH, OW, features)``.
+    """
+
+    features: int
+    kernel_size: int | Pair = 3
+    stride: int | Pair = 1
+    padding: Padding = "VALID"
+    dilation: int | Pair = 1
+    use_bias: bool = True
+
+    name_prefix: ClassVar[str] = "ConvTranspose"
+
+    def __post_init__(self):
+        object.__setattr__(self, "features", positive_int(self.features, "features"))
+        object.__setattr__(self, "kernel_size", pair(self.kernel_size, "kernel_size"))
+        object.__setattr__(self, "stride", pair(self.stride, "stride"))
+        object.__setattr__(self, "dilation", pair(self.dilation, "dilation"))
+        object.__setattr__(self, "padding", freeze_padding(self.padding))
+
+    @property
+    def _options(self) -> dict[str, Any]:
+        return dict(stride=self.stride, padding=self.padding, dilation=self.dilation)
+
+    def output_shape(self, input_shape: Shape) -> Shape:
+        if len(input_shape) != 3:
+            raise ValueError(
+                f"ConvTranspose2D expects inputs of shape (H, W, C) (batch excluded), got {tuple(input_shape)}"
+            )
+        x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
+        w = jax.ShapeDtypeStruct((*self.kernel_size, input_shape[2], self.features), jnp.float32)
+        return tuple(jax.eval_shape(lambda x, w: F.conv_transpose2d(x, w, **self._options), x, w).shape[1:])
+
+    def init(self, key: jax.Array, input_shape: Shape, *, dtype: Any = jnp.float32) -> tuple[Params, dict]:
+        check_key(key)
+        input_shape = check_input_shape(input_shape)
+        self.output_shape(input_shape)
+        shape = (*self.kernel_size, input_shape[2], self.features)
+        params = {"kernel": jax.nn.initializers.lecun_normal()(key, shape, dtype)}
+        if self.use_bias:
+            params["bias"] = jnp.zeros((self.features,), dtype)
+        return params, {}
+
+    def forward(self, params: Params, x: jax.Array) -> tuple[jax.Array, ConvResiduals]:
+        check_param_keys("ConvTranspose2D", params, ["kernel", "bias"] if self.use_bias else ["kernel"])
+        channels = params["kernel"].shape[2]
+        if x.ndim != 4 or x.shape[3] != channels:
+            raise ValueError(f"ConvTranspose2D expects input of shape (N, H, W, {channels}), got {tuple(x.shape)}")
+        return F.conv_transpose2d(x, params["kernel"], params.get("bias"), **self._options), ConvResiduals(x)
+
+    def backward(self, params: Params, residuals: ConvResiduals, dy: jax.Array) -> tuple[jax.Array, Params]:
+        dx, dw, db = F.conv_transpose2d_vjp(residuals.x, params["kernel"], dy, **self._options)
+        grads = {"kernel": dw}
+        if self.use_bias:
+            grads["bias"] = db.astype(params["bias"].dtype)
+        return dx, grads
