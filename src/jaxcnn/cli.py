@@ -24,6 +24,7 @@ def _gradcheck(args: argparse.Namespace) -> int:
     import jax
     import jax.numpy as jnp
 
+    import jaxcnn.functional as F
     from jaxcnn import gradcheck, models
 
     model = models.get(args.model)
@@ -37,14 +38,19 @@ def _gradcheck(args: argparse.Namespace) -> int:
     params, state = model.init(jax.random.fold_in(key, 0), input_shape)
     # explicit dtypes: the same seed gives the same data whether or not 64-bit types are on
     x = jax.random.normal(jax.random.fold_in(key, 1), (args.batch_size, *input_shape), jnp.float32)
-    num_classes = model.output_shape(input_shape)[-1]
-    y = jax.random.randint(jax.random.fold_in(key, 2), (args.batch_size,), 0, num_classes, jnp.int32)
+    if args.model in models.RECONSTRUCTION:  # an autoencoder: mean squared error against its own input
+        loss_fn, y = F.mean_squared_error, x
+    else:
+        num_classes = model.output_shape(input_shape)[-1]
+        loss_fn = F.softmax_cross_entropy
+        y = jax.random.randint(jax.random.fold_in(key, 2), (args.batch_size,), 0, num_classes, jnp.int32)
     report = gradcheck.check_model(
         model,
         params,
         state,
         x,
         y,
+        loss_fn=loss_fn,
         dtype=dtype,
         seed=args.seed,
         key=jax.random.fold_in(key, 3),
@@ -157,7 +163,7 @@ def _add_train(commands) -> None:
     from jaxcnn.train import config
 
     choices = {
-        "model": models.names(),
+        "model": models.classifiers(),
         "dataset": config.DATASETS,
         "optimizer": config.OPTIMIZERS,
         "schedule": config.SCHEDULES,

@@ -98,6 +98,11 @@ class Config:
                 object.__setattr__(self, field.name, bool(value))
 
         _choice("model", self.model, models.names())
+        if self.model in models.RECONSTRUCTION:
+            raise ValueError(
+                f"model {self.model!r} reconstructs its input (mean squared error); jaxcnn train trains "
+                f"classifiers: {', '.join(models.classifiers())}"
+            )
         _choice("dataset", self.dataset, DATASETS)
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("schedule", self.schedule, SCHEDULES)

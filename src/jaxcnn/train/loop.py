@@ -305,8 +305,7 @@ def _train(
     config = run.config
     x_train, y_train = run.data.train
     x_test, y_test = run.data.test
-    train_step = make_train_step(run.model, run.optimizer, gradients=config.gradients)
-    eval_step = make_eval_step(run.model)
+    train_step, eval_step = _compiled_steps(run)
     order_key = data_key(state.key)
     bar = _ProgressBar(progress)
     try:
@@ -350,6 +349,28 @@ def _train(
     finally:
         bar.stop()
     return state
+
+
+_STEPS: dict[tuple, tuple[Callable, Callable]] = {}
+_STEPS_KEPT = 8
+
+
+def _compiled_steps(run: Run) -> tuple[Callable, Callable]:
+    """The jitted train and eval steps of ``run``, shared by every ``fit`` with the same model, optimizer and
+    gradient mode in this process (so a resumed or repeated run compiles nothing again)."""
+    config = run.config
+    horizon = (config.schedule_epochs or config.epochs) if config.schedule in ("cosine", "warmup_cosine") else None
+    optimizer_fields = (config.optimizer, config.learning_rate, config.momentum, config.weight_decay)
+    schedule_fields = (config.schedule, config.decay_rate, config.warmup_epochs, horizon, run.steps_per_epoch)
+    key = (run.model, config.gradients, optimizer_fields, schedule_fields)
+    if key not in _STEPS:
+        if len(_STEPS) >= _STEPS_KEPT:
+            _STEPS.pop(next(iter(_STEPS)))
+        _STEPS[key] = (
+            make_train_step(run.model, run.optimizer, gradients=config.gradients),
+            make_eval_step(run.model),
+        )
+    return _STEPS[key]
 
 
 def _summary(record: dict[str, Any], epochs: int) -> str:
