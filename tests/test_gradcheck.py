@@ -251,3 +251,20 @@ def test_zero_background_images_at_initialisation_pass(name):
     x = x.at[:, : x.shape[1] // 2].set(0.0)
     report = jc.gradcheck.check_model(model, params, state, x, y)
     assert report.ok, report.table()
+
+
+def test_check_op_cotangents_are_not_the_callers_own_draws():
+    """numpy's default_rng((s, 0)) draws what default_rng(s) draws: the checker tags its seed paths, so the
+    cotangent of check_op(seed=s) is never the input a test drew with default_rng(s) (which would make, e.g.,
+    batch_norm's true dx vanish and leave only round-off to compare)."""
+    from jaxcnn.gradcheck import _normal
+
+    shape = (4, 3, 3, 2)
+    for seed in (0, 1, 7):
+        users = np.random.default_rng(seed).standard_normal(shape)
+        assert not np.allclose(_normal((seed, 0), shape), users)
+        assert not np.allclose(_normal((seed,), shape), users)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal(shape))
+    ones, zeros = jnp.ones((2,)), jnp.zeros((2,))
+    report = jc.gradcheck.check_op(F.batch_norm, x, 1.5 * ones, zeros, zeros, ones, seed=0)
+    assert report.ok, report.table()
