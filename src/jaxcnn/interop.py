@@ -55,7 +55,10 @@ def _functional(layer: nn.Layer):
         nn.Tanh: lambda layer: jnp.tanh,
         nn.Softplus: lambda layer: fnn.softplus,
         nn.MaxPool2D: lambda layer: lambda x: fnn.max_pool(x, **pool_options(layer)),
-        nn.AvgPool2D: lambda layer: lambda x: fnn.avg_pool(x, **pool_options(layer), count_include_pad=False),
+        # Flax divides by counts built in the default dtype (float64 under jax_enable_x64): keep x's dtype
+        nn.AvgPool2D: lambda layer: lambda x: fnn.avg_pool(
+            x, **pool_options(layer), count_include_pad=False
+        ).astype(x.dtype),
         nn.GlobalAvgPool2D: lambda layer: lambda x: jnp.mean(x, axis=(1, 2)),
         nn.Flatten: lambda layer: lambda x: x.reshape(x.shape[0], -1),
         nn.Upsample2D: lambda layer: lambda x: jnp.repeat(jnp.repeat(x, layer.scale[0], 1), layer.scale[1], 2),
@@ -198,8 +201,8 @@ def from_flax(
         submodules carry the same auto-names, such as Flax's MNIST-example CNN for ``mnist_cnn``).
       variables: ``{"params": ..., "batch_stats": ...}`` (``batch_stats`` only for models with BatchNorm).
       model: the jaxcnn model to receive them.
-      input_shape: one example's shape; when given, every array's shape and dtype are checked against
-        ``model.init`` (otherwise only the names are).
+      input_shape: one example's shape; when given, every array's shape is checked against ``model.init``
+        (otherwise the names are: every layer's parameters and statistics present, nothing else).
 
     Raises:
       ValueError: names (or, with ``input_shape``, shapes) that do not match the model's layout.
@@ -246,12 +249,34 @@ def _compare(what: str, got: Any, want: Any) -> None:
             )
 
 
+def _expected_keys(layer: nn.Layer) -> tuple[list[str], list[str]] | None:
+    """The parameter and state names a built-in leaf layer has (None for layers this module cannot tell)."""
+    if isinstance(layer, (nn.Conv2D, nn.ConvTranspose2D, nn.Dense)):
+        return (["kernel", "bias"] if layer.use_bias else ["kernel"]), []
+    if isinstance(layer, (nn.BatchNorm, nn.LayerNorm, nn.GroupNorm)):
+        names = [name for name, used in (("scale", layer.use_scale), ("bias", layer.use_bias)) if used]
+        return names, (["mean", "var"] if isinstance(layer, nn.BatchNorm) else [])
+    if _functional(layer) is not None or isinstance(layer, nn.Dropout):
+        return [], []
+    return None
+
+
 def _check_names(layer: nn.Layer, params: Any, state: Any, path: str) -> None:
-    if not isinstance(layer, nn.Container):
+    """Every layer's parameters and statistics present under its name, and nothing else."""
+    where = path or "the model"
+    if isinstance(layer, nn.Container):
+        layer.check_names(params, state)
+        for name, child in layer.named_children():
+            _check_names(child, params.get(name, {}), state.get(name, {}), f"{path}/{name}" if path else name)
         return
-    layer.check_names(params, state)
-    for name, child in layer.named_children():
-        _check_names(child, params.get(name, {}), state.get(name, {}), f"{path}/{name}")
+    expected = _expected_keys(layer)
+    if expected is None:
+        return
+    for what, tree, names in (("params", params, expected[0]), ("batch_stats", state, expected[1])):
+        got = sorted(tree) if isinstance(tree, dict) else tree
+        if got != sorted(names):
+            kind = type(layer).__name__
+            raise ValueError(f"from_flax: {what} of {where} ({kind}) are {got}, expected {sorted(names)}")
 
 
 def parameter_count(params: Any) -> int:

@@ -27,6 +27,7 @@ from jaxcnn.nn.layer import (
     Shape,
     State,
     check_gradients_mode,
+    check_key,
     layer_key,
     named,
 )
@@ -63,6 +64,8 @@ class Container(Layer):
     ) -> tuple[jax.Array, dict[str, Any], State]:
         """Run the wiring with ``visit`` for each child: ``(y, extras by child name, new_state)``."""
         self.check_names(params, state)
+        if key is not None:
+            check_key(key)
         children = {name: (index, layer) for index, (name, layer) in enumerate(self.named_children())}
         extras: dict[str, Any] = {}
         new_state: dict[str, State] = {}

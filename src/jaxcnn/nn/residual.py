@@ -82,7 +82,14 @@ class Residual(Container):
     def wire(self, run, x: jax.Array) -> jax.Array:
         """Both branches see ``x``; their outputs add up."""
         skip = x if self.shortcut is None else run("shortcut", x)
-        return run("block", x) + skip
+        out = run("block", x)
+        if out.shape != skip.shape:
+            what = "the identity shortcut" if self.shortcut is None else "the shortcut"
+            raise ValueError(
+                f"Residual: the block's output {tuple(out.shape)} and {what}'s {tuple(skip.shape)} must have the "
+                f"same shape to be added (input {tuple(x.shape)})"
+            )
+        return out + skip
 
     def backward(self, params: Params, residuals: dict[str, Residuals], dy: jax.Array) -> tuple[jax.Array, Params]:
         """``dy`` goes to both branches unchanged; ``dx`` is the sum of what they send back."""
