@@ -92,7 +92,6 @@ def test_resume_after_sigkill_matches_the_straight_run(straight, tmp_path):
     assert [r["epoch"] for r in train.read_metrics(killed)] == [1, 2, 3, 4]
 
 
-@pytest.mark.slow
 def test_default_train_reaches_97_percent_on_digits(tmp_path):
     result = jaxcnn("train", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
