@@ -199,6 +199,59 @@ def _add_train(commands) -> None:
     assert {f.name for f in dataclasses.fields(config.Config)} == set(_TRAIN_FLAGS) | {"normalize"}
 
 
+def _bench(args: argparse.Namespace) -> int:
+    import json
+
+    from jaxcnn import bench, models
+
+    names = [name.strip() for name in args.models.split(",") if name.strip()]
+    for name in names:
+        models.get(name)  # unknown names: the one-line error listing the known ones
+    contenders = [c.strip() for c in args.contenders.split(",") if c.strip()] if args.contenders else bench.CONTENDERS
+    log = (lambda line: print(line, file=sys.stderr, flush=True)) if not args.quiet else None
+    result = bench.run(
+        names,
+        batch_size=args.batch_size,
+        rounds=args.rounds,
+        steps=args.steps,
+        warmup=args.warmup,
+        contenders=contenders,
+        log=log,
+    )
+    table = bench.markdown(result)
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    (output / "bench.md").write_text(table)
+    print(table, end="")
+    print(f"written: {output / 'bench.json'}, {output / 'bench.md'}")
+    return 0
+
+
+def _add_bench(commands) -> None:
+    from jaxcnn import bench
+
+    parser = commands.add_parser(
+        "bench",
+        help="time the training step against Flax and PyTorch (eager and compiled), interleaved, medians",
+        description="Time one training step (SGD momentum, float32, synthetic batch on the device) of each model "
+        "for jaxcnn's three gradient modes, the same model in Flax linen, and in PyTorch eager and torch.compile "
+        "when torch is installed. Contenders take turns for several rounds; the median img/s and ratios to "
+        "PyTorch eager are printed as a Markdown table and written with the raw rounds as JSON.",
+    )
+    parser.add_argument("--models", default="mnist_cnn", help="comma-separated model names (default: mnist_cnn)")
+    parser.add_argument("--batch-size", type=int, default=128, help="images per step (default: 128)")
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (default: 7)")
+    parser.add_argument("--steps", type=int, default=10, help="steps per round (default: 10)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps after compiling (default: 3)")
+    parser.add_argument(
+        "--contenders", default=None, help=f"comma-separated subset of: {', '.join(bench.CONTENDERS)} (default: all)"
+    )
+    parser.add_argument("--output", default="benchmarks/latest", help="directory for bench.json and bench.md")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    parser.set_defaults(run=_bench)
+
+
 def _add_eval_and_plot(commands) -> None:
     evaluate = commands.add_parser(
         "eval", help="evaluate a workdir's latest checkpoint", description="Evaluate a workdir's latest checkpoint."
@@ -233,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.required = True
     _add_train(commands)
     _add_eval_and_plot(commands)
+    _add_bench(commands)
     check = commands.add_parser(
         "gradcheck",
         help="check a model's hand-derived gradients against autodiff and finite differences",
