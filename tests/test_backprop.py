@@ -34,8 +34,16 @@ def three_paths(model, params, state, x, y, loss_fn=F.softmax_cross_entropy):
     return autodiff, bridge, (engine_loss, engine_grads)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32], ids=["float64", "float32"])
-@pytest.mark.parametrize("name", sorted(MODELS))
+# every model in float64; in float32 the largest one only with the slow cases
+@pytest.mark.parametrize(
+    "name,dtype",
+    [(name, jnp.float64) for name in sorted(MODELS)]
+    + [
+        pytest.param(name, jnp.float32, marks=[pytest.mark.slow] if name == "every_layer" else [])
+        for name in sorted(MODELS)
+    ],
+    ids=[f"{name}-float64" for name in sorted(MODELS)] + [f"{name}-float32" for name in sorted(MODELS)],
+)
 def test_engine_bridge_and_autodiff_agree(name, dtype):
     model, params, state, x, y = setup(name, dtype)
     (loss_a, grads_a), (loss_b, grads_b), (loss_e, grads_e) = three_paths(model, params, state, x, y)

@@ -244,7 +244,7 @@ def test_seed_must_be_non_negative():
         jc.gradcheck.check_model(model, params, state, x, y, seed=-1)
 
 
-@pytest.mark.parametrize("name", ["mnist_cnn", "every_layer"])
+@pytest.mark.parametrize("name", ["mnist_cnn", pytest.param("every_layer", marks=pytest.mark.slow)])
 def test_zero_background_images_at_initialisation_pass(name):
     """Zero biases on zero pixels put pre-activations exactly on ReLU kinks; the checks must not trip on them."""
     model, params, state, x, y = data(name, batch=2)
