@@ -1,7 +1,33 @@
 """Small models shared by the tests."""
 
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
 import jaxcnn as jc
 from jaxcnn import nn
+
+
+def random_variables(model, input_shape, seed=0, dtype=jnp.float64):
+    """``(params, state)`` with the layout of ``model.init`` but random values from numpy: kernels ~ N(0, 1/fan_in),
+    scales and running variances in [0.5, 1.5], biases and running means ~ N(0, 0.2^2), so that every parameter
+    and running statistic matters. Built from ``jax.eval_shape`` of ``init``, so nothing is compiled."""
+    shapes = jax.eval_shape(lambda key: model.init(key, input_shape, dtype=dtype), jax.random.key(0))
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        name = path[-1].key
+        if name == "kernel":
+            values = rng.standard_normal(leaf.shape) / math.sqrt(math.prod(leaf.shape[:-1]))
+        elif name in ("scale", "var"):
+            values = rng.uniform(0.5, 1.5, leaf.shape)
+        else:  # bias, mean
+            values = 0.2 * rng.standard_normal(leaf.shape)
+        return jnp.asarray(values, leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 def every_layer_model() -> nn.Sequential:

@@ -13,30 +13,11 @@ import jaxcnn as jc
 import jaxcnn.functional as F
 from conftest import assert_trees_close, normal, relative_error
 from jaxcnn import nn, train
+from models_for_tests import random_variables
 
 # -- helpers --------------------------------------------------------------------------------------------------
 
 
-def random_variables(model, input_shape, seed=0, dtype=jnp.float64):
-    """``(params, state)`` with the layout of ``model.init`` but random values from numpy: kernels ~ N(0, 1/fan_in),
-    BatchNorm/LayerNorm scales and running variances around 1, biases and running means around 0.
-
-    Built from ``jax.eval_shape`` of ``init``, so nothing is compiled; non-trivial scales, biases and running
-    statistics make every one of them matter."""
-    shapes = jax.eval_shape(lambda key: model.init(key, input_shape, dtype=dtype), jax.random.key(0))
-    rng = np.random.default_rng(seed)
-
-    def fill(path, leaf):
-        name = path[-1].key
-        if name == "kernel":
-            values = rng.standard_normal(leaf.shape) / math.sqrt(math.prod(leaf.shape[:-1]))
-        elif name in ("scale", "var"):
-            values = rng.uniform(0.5, 1.5, leaf.shape)
-        else:  # bias, mean
-            values = 0.2 * rng.standard_normal(leaf.shape)
-        return jnp.asarray(values, leaf.dtype)
-
-    return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 def labels(seed, batch, classes):

@@ -1,7 +1,6 @@
 """Flax interop: to_flax gives a flax.linen module computing the same function on the same variables (eval and
 train mode, running statistics included); from_flax takes Flax variables back, checked against the model."""
 
-import math
 
 import flax.linen as linen
 import jax
@@ -13,28 +12,14 @@ import jaxcnn as jc
 from conftest import normal, relative_error
 from jaxcnn import nn
 from jaxcnn.interop import from_flax, to_flax
+from models_for_tests import random_variables as shared_random_variables
 
 TOLERANCE = 1e-5  # float32
 
 
 def random_variables(model, input_shape, seed=0, dtype=jnp.float32):
-    """``(params, state)`` with the layout of ``model.init`` and random values (numpy; nothing compiled): kernels
-    ~ N(0, 1/fan_in), scales and running variances in [0.5, 1.5], biases and running means ~ N(0, 0.2^2), so
-    that every parameter and running statistic matters."""
-    shapes = jax.eval_shape(lambda key: model.init(key, input_shape, dtype=dtype), jax.random.key(0))
-    rng = np.random.default_rng(seed)
-
-    def fill(path, leaf):
-        name = path[-1].key
-        if name == "kernel":
-            values = rng.standard_normal(leaf.shape) / math.sqrt(math.prod(leaf.shape[:-1]))
-        elif name in ("scale", "var"):
-            values = rng.uniform(0.5, 1.5, leaf.shape)
-        else:  # bias, mean
-            values = 0.2 * rng.standard_normal(leaf.shape)
-        return jnp.asarray(values, leaf.dtype)
-
-    return jax.tree_util.tree_map_with_path(fill, shapes)
+    """The shared helper, float32 by default (interop parity is checked in float32)."""
+    return shared_random_variables(model, input_shape, seed=seed, dtype=dtype)
 
 
 def assert_close(actual, expected, what=""):

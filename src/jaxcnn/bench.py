@@ -40,23 +40,27 @@ def _batch(input_shape: tuple[int, ...], batch_size: int, num_classes: int, seed
     return x, y
 
 
+def _jax_runner(step: Callable, carry: Any, x: np.ndarray, y: np.ndarray) -> Runner:
+    """``runner(steps)`` for a jitted ``step(carry, x, y) -> (carry, aux)`` that donates its carry."""
+    x, y = jax.device_put(x), jax.device_put(y)
+    holder = {"carry": carry}
+
+    def run(steps: int) -> None:
+        carry = holder["carry"]
+        for _ in range(steps):
+            carry, aux = step(carry, x, y)
+        jax.block_until_ready((carry, aux))
+        holder["carry"] = carry
+
+    return run
+
+
 def _jaxcnn_runner(model: nn.Layer, input_shape, x, y, gradients: str) -> Runner:
     from jaxcnn import train
 
     optimizer = optax.sgd(LEARNING_RATE, MOMENTUM)
     state = train.create_train_state(model, optimizer, jax.random.key(0), input_shape)
-    step = train.make_train_step(model, optimizer, gradients=gradients)
-    x, y = jax.device_put(x), jax.device_put(y)
-    holder = {"state": state}
-
-    def run(steps: int) -> None:
-        state = holder["state"]
-        for _ in range(steps):
-            state, metrics = step(state, x, y)
-        jax.block_until_ready((state, metrics))
-        holder["state"] = state
-
-    return run
+    return _jax_runner(train.make_train_step(model, optimizer, gradients=gradients), state, x, y)
 
 
 def _flax_runner(model: nn.Layer, input_shape, x, y) -> Runner:
@@ -82,18 +86,8 @@ def _flax_runner(model: nn.Layer, input_shape, x, y) -> Runner:
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return (optax.apply_updates(params, updates), stats, opt_state), value
 
-    step = jax.jit(train_step, donate_argnums=0)
-    holder = {"carry": (variables["params"], variables.get("batch_stats", {}), optimizer.init(variables["params"]))}
-    x, y = jax.device_put(x), jax.device_put(y)
-
-    def run(steps: int) -> None:
-        carry = holder["carry"]
-        for _ in range(steps):
-            carry, value = step(carry, x, y)
-        jax.block_until_ready((carry, value))
-        holder["carry"] = carry
-
-    return run
+    carry = (variables["params"], variables.get("batch_stats", {}), optimizer.init(variables["params"]))
+    return _jax_runner(jax.jit(train_step, donate_argnums=0), carry, x, y)
 
 
 def torch_module(model: nn.Layer, input_shape: tuple[int, ...]):

@@ -112,16 +112,9 @@ def dropout_vjp(x: jax.Array, rate: float, key: jax.Array | None, dy: jax.Array)
     _check_x("dropout_vjp", x)
     if jnp.shape(dy) != jnp.shape(x):
         raise ValueError(f"dropout_vjp: `dy` must have the shape of `x` {tuple(jnp.shape(x))}, got {jnp.shape(dy)}")
-    dy = dy.astype(x.dtype)
     # y = m * x / keep with a fixed 0/1 mask m: the Jacobian is diagonal, dy_i/dx_i = m_i / keep, so
-    # dx = where(m, dy / keep, 0) -- the forward applied to dy (rate 0: identity; rate 1: zero).
-    if rate == 0.0:
-        return dy
-    if rate == 1.0:
-        return jnp.zeros_like(dy)
-    keep = 1.0 - rate
-    mask = jax.random.bernoulli(key, p=keep, shape=x.shape)
-    return lax.select(mask, dy / keep, jnp.zeros_like(dy))
+    # dx = where(m, dy / keep, 0) -- the forward itself applied to dy, with the same key (hence the same mask).
+    return dropout(dy.astype(x.dtype), rate, key)
 
 
 def _dropout_vjp(args, dy, **options):

@@ -11,7 +11,17 @@ import jax.numpy as jnp
 import jaxcnn.functional as F
 from jaxcnn.functional._args import Padding, Pair, explicit_padding, pair, positive_int
 from jaxcnn.functional.conv import conv_geometry
-from jaxcnn.nn.layer import Layer, Params, Shape, check_input_shape, check_key, check_param_keys
+from jaxcnn.functional.conv_transpose import conv_transpose_geometry
+from jaxcnn.nn.layer import (
+    Layer,
+    Params,
+    Shape,
+    check_input_shape,
+    check_key,
+    check_param_keys,
+    kernel_and_bias,
+    kernel_grads,
+)
 
 
 def freeze_padding(padding: Padding) -> Padding:
@@ -85,10 +95,7 @@ class Conv2D(Layer):
         check_key(key)
         input_shape = check_input_shape(input_shape)
         self.output_shape(input_shape)
-        params = {"kernel": jax.nn.initializers.lecun_normal()(key, self._kernel_shape(input_shape[2]), dtype)}
-        if self.use_bias:
-            params["bias"] = jnp.zeros((self.features,), dtype)
-        return params, {}
+        return kernel_and_bias(key, self._kernel_shape(input_shape[2]), self.use_bias, dtype), {}
 
     def _check_x(self, params: Params, x: jax.Array) -> None:
         check_param_keys("Conv2D", params, ["kernel", "bias"] if self.use_bias else ["kernel"])
@@ -103,10 +110,7 @@ class Conv2D(Layer):
 
     def backward(self, params: Params, residuals: ConvResiduals, dy: jax.Array) -> tuple[jax.Array, Params]:
         dx, dw, db = F.conv2d_vjp(residuals.x, params["kernel"], dy, **self._options)
-        grads = {"kernel": dw}
-        if self.use_bias:
-            grads["bias"] = db.astype(params["bias"].dtype)
-        return dx, grads
+        return dx, kernel_grads(params, dw, db, self.use_bias)
 
 
 @dataclass(frozen=True)
@@ -150,19 +154,20 @@ class ConvTranspose2D(Layer):
             raise ValueError(
                 f"ConvTranspose2D expects inputs of shape (H, W, C) (batch excluded), got {tuple(input_shape)}"
             )
-        x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
-        w = jax.ShapeDtypeStruct((*self.kernel_size, input_shape[2], self.features), jnp.float32)
-        return tuple(jax.eval_shape(lambda x, w: F.conv_transpose2d(x, w, **self._options), x, w).shape[1:])
+        _, _, _, out = conv_transpose_geometry(
+            (1, *input_shape),
+            (*self.kernel_size, input_shape[2], self.features),
+            op="ConvTranspose2D",
+            **self._options,
+        )
+        return (*out, self.features)
 
     def init(self, key: jax.Array, input_shape: Shape, *, dtype: Any = jnp.float32) -> tuple[Params, dict]:
         check_key(key)
         input_shape = check_input_shape(input_shape)
         self.output_shape(input_shape)
         shape = (*self.kernel_size, input_shape[2], self.features)
-        params = {"kernel": jax.nn.initializers.lecun_normal()(key, shape, dtype)}
-        if self.use_bias:
-            params["bias"] = jnp.zeros((self.features,), dtype)
-        return params, {}
+        return kernel_and_bias(key, shape, self.use_bias, dtype), {}
 
     def forward(self, params: Params, x: jax.Array) -> tuple[jax.Array, ConvResiduals]:
         check_param_keys("ConvTranspose2D", params, ["kernel", "bias"] if self.use_bias else ["kernel"])
@@ -173,7 +178,4 @@ class ConvTranspose2D(Layer):
 
     def backward(self, params: Params, residuals: ConvResiduals, dy: jax.Array) -> tuple[jax.Array, Params]:
         dx, dw, db = F.conv_transpose2d_vjp(residuals.x, params["kernel"], dy, **self._options)
-        grads = {"kernel": dw}
-        if self.use_bias:
-            grads["bias"] = db.astype(params["bias"].dtype)
-        return dx, grads
+        return dx, kernel_grads(params, dw, db, self.use_bias)

@@ -11,7 +11,17 @@ import jax.numpy as jnp
 
 import jaxcnn.functional as F
 from jaxcnn.functional._args import positive_int
-from jaxcnn.nn.layer import Layer, Params, Shape, Static, check_input_shape, check_key, check_param_keys
+from jaxcnn.nn.layer import (
+    Layer,
+    Params,
+    Shape,
+    Static,
+    check_input_shape,
+    check_key,
+    check_param_keys,
+    kernel_and_bias,
+    kernel_grads,
+)
 
 
 class DenseResiduals(NamedTuple):
@@ -42,10 +52,7 @@ class Dense(Layer):
         check_key(key)
         input_shape = check_input_shape(input_shape)
         self.output_shape(input_shape)
-        params = {"kernel": jax.nn.initializers.lecun_normal()(key, (input_shape[-1], self.features), dtype)}
-        if self.use_bias:
-            params["bias"] = jnp.zeros((self.features,), dtype)
-        return params, {}
+        return kernel_and_bias(key, (input_shape[-1], self.features), self.use_bias, dtype), {}
 
     def forward(self, params: Params, x: jax.Array) -> tuple[jax.Array, DenseResiduals]:
         check_param_keys("Dense", params, ["kernel", "bias"] if self.use_bias else ["kernel"])
@@ -56,10 +63,7 @@ class Dense(Layer):
 
     def backward(self, params: Params, residuals: DenseResiduals, dy: jax.Array) -> tuple[jax.Array, Params]:
         dx, dw, db = F.dense_vjp(residuals.x, params["kernel"], dy)
-        grads = {"kernel": dw}
-        if self.use_bias:
-            grads["bias"] = db.astype(params["bias"].dtype)
-        return dx, grads
+        return dx, kernel_grads(params, dw, db, self.use_bias)
 
 
 class FlattenResiduals(NamedTuple):

@@ -102,6 +102,22 @@ def check_param_keys(layer: str, params: Any, expected: Sequence[str]) -> None:
         )
 
 
+def kernel_and_bias(key: jax.Array, kernel_shape: Shape, use_bias: bool, dtype: Any) -> Params:
+    """Flax's initial ``kernel`` (lecun-normal, fan-in = product of all but the last axis) and ``bias`` (zeros)."""
+    params = {"kernel": jax.nn.initializers.lecun_normal()(key, tuple(kernel_shape), dtype)}
+    if use_bias:
+        params["bias"] = jnp.zeros((kernel_shape[-1],), dtype)
+    return params
+
+
+def kernel_grads(params: Params, dw: jax.Array, db: jax.Array, use_bias: bool) -> Params:
+    """``{"kernel": dw, "bias": db}`` shaped like ``params`` (the bias gradient in the bias's dtype)."""
+    grads = {"kernel": dw}
+    if use_bias:
+        grads["bias"] = db.astype(params["bias"].dtype)
+    return grads
+
+
 @contextlib.contextmanager
 def named(name: str) -> Iterator[None]:
     """Prefix a ValueError raised inside with the layer's name, so errors say where in a model they happened."""
