@@ -629,3 +629,34 @@ def test_bfloat16_batchnorm_residual_model_runs():
     out16, _ = model.apply(params16, state16, x, train=True)
     out32, _ = model.apply(params, state, x.astype(jnp.float32), train=True)
     assert relative_error(out16, out32) < 0.1
+
+
+# (stride, input (H, W, C), features): odd and even sizes, channel padding split evenly and unevenly, stride 1-3
+SUBSAMPLE_CASES = [
+    (2, (6, 6, 2), 4),
+    (2, (7, 5, 3), 8),
+    (1, (5, 4, 2), 5),
+    (3, (7, 8, 1), 4),
+    (2, (1, 3, 4), 4),
+]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("stride,shape,features", SUBSAMPLE_CASES)
+def test_subsample_shortcut_backward_against_jax_vjp(stride, shape, features, dtype):
+    layer = nn.SubsampleShortcut(features, stride)
+    x = normal(11, (3, *shape), dtype)
+    y, saved = layer.forward({}, x)
+    assert y.shape[1:] == layer.output_shape(shape)
+    dy = normal(12, y.shape, dtype)
+    dx, _ = layer.backward({}, saved, dy)
+    (expected,) = jax.vjp(lambda x: layer.forward({}, x)[0], x)[1](dy)
+    assert_trees_close(dx, expected, dtype, "SubsampleShortcut dx")
+
+
+@pytest.mark.parametrize("stride,shape,features", SUBSAMPLE_CASES[:2])
+def test_subsample_shortcut_finite_differences(stride, shape, features):
+    model = nn.Sequential([nn.SubsampleShortcut(features, stride)])
+    report = jc.gradcheck.check_layers(model, {}, {}, normal(13, (2, *shape)))
+    assert report.ok, report.table()
+    assert any(check.method == "hand vs finite diff" for check in report.checks)
