@@ -72,11 +72,25 @@ def test_conv2d_vjp_matches_autodiff(case, dtype):
 
     @jax.jit
     def hand_and_autodiff(x, w, b, dy):
-        return F.conv2d_vjp(x, w, dy, **options), jax.vjp(forward, x, w, b)[1](dy)
+        hand = {method: F.conv2d_vjp(x, w, dy, **options, dw_method=method) for method in ("taps", "conv")}
+        return hand, jax.vjp(forward, x, w, b)[1](dy)
 
-    (dx, dw, db), expected = hand_and_autodiff(x, w, b, dy)
-    assert (dx.dtype, dw.dtype, db.dtype) == (dtype, dtype, dtype)
-    assert_trees_close((dx, dw, db), expected, dtype, f"conv2d {case}")
+    hand, expected = hand_and_autodiff(x, w, b, dy)
+    for method, (dx, dw, db) in hand.items():  # both weight-gradient formulations, whatever the backend
+        assert (dx.dtype, dw.dtype, db.dtype) == (dtype, dtype, dtype)
+        assert_trees_close((dx, dw, db), expected, dtype, f"conv2d dw_method={method} {case}")
+
+
+def test_conv2d_vjp_dw_method_per_backend_and_bad_names():
+    assert F.conv.dw_method_for("cpu") == "taps"
+    assert F.conv.dw_method_for("gpu") == F.conv.dw_method_for("tpu") == "conv"
+    x, w = normal(0, (1, 5, 5, 2)), normal(1, (3, 3, 2, 2))
+    dy = normal(2, (1, 3, 3, 2))
+    auto = F.conv2d_vjp(x, w, dy)
+    chosen = F.conv2d_vjp(x, w, dy, dw_method=F.conv.dw_method_for())
+    np.testing.assert_array_equal(auto[1], chosen[1])
+    with pytest.raises(ValueError, match=r"conv2d_vjp: unknown dw_method 'im2col'; known: auto, taps, conv"):
+        F.conv2d_vjp(x, w, dy, dw_method="im2col")
 
 
 @pytest.mark.parametrize("case", CONV_CASES[::5], ids=[f"conv{i}" for i in range(0, len(CONV_CASES), 5)])

@@ -31,6 +31,17 @@ from jaxcnn.functional._registry import register
 
 _DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 
+# How conv2d_vjp forms the weight gradient (see its docstring). "auto" picks per backend: on XLA:CPU the per-tap
+# GEMMs measured fastest (benchmarks/RESULTS.md); on GPUs and TPUs the convolution maps onto the library's
+# (cuDNN's) weight-gradient kernels, which a chain of per-tap GEMMs cannot match.
+DW_METHODS = ("auto", "taps", "conv")
+_DW_AUTO = {"cpu": "taps"}
+
+
+def dw_method_for(backend: str | None = None) -> str:
+    """The weight-gradient formulation ``dw_method="auto"`` uses on ``backend`` (default: JAX's default)."""
+    return _DW_AUTO.get(backend or jax.default_backend(), "conv")
+
 
 def conv_geometry(
     x_shape: tuple[int, ...],
@@ -125,6 +136,7 @@ def conv2d_vjp(
     padding: Padding = "VALID",
     dilation: int | Pair = 1,
     groups: int = 1,
+    dw_method: str = "auto",
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Hand-derived VJP of :func:`conv2d`: cotangents ``(dx, dw, db)`` of ``x``, ``w`` and the bias.
 
@@ -132,6 +144,10 @@ def conv2d_vjp(
       x: the forward input, ``(N, H, W, C)``.
       w: the kernel, ``(KH, KW, C // groups, F)``.
       dy: cotangent of the output, ``(N, OH, OW, F)``.
+      dw_method: how ``dw`` is formed (the same sum, two formulations): ``"taps"``, one GEMM per kernel tap
+        over the strided slice of ``x`` that tap saw; ``"conv"``, one convolution of ``x`` with ``dy`` in which
+        the batch is the contracted axis and the forward's stride becomes the kernel dilation; ``"auto"`` (the
+        default), whichever :func:`dw_method_for` names for the current backend.
 
     Returns:
       ``dx`` ``(N, H, W, C)``, ``dw`` ``(KH, KW, C // groups, F)``, ``db`` ``(F,)`` (``dy`` summed; returned
@@ -145,6 +161,10 @@ def conv2d_vjp(
     kh, kw, in_per_group, features = w.shape
     if dy.shape != (n, out[0], out[1], features):
         raise ValueError(f"conv2d_vjp: `dy` must have shape {(n, *out, features)}, got {tuple(dy.shape)}")
+    if dw_method not in DW_METHODS:
+        raise ValueError(f"conv2d_vjp: unknown dw_method {dw_method!r}; known: {', '.join(DW_METHODS)}")
+    if dw_method == "auto":
+        dw_method = dw_method_for()
 
     x_dtype, w_dtype = x.dtype, w.dtype
     dtype = jnp.result_type(x, w, dy)
@@ -178,25 +198,57 @@ def conv2d_vjp(
         feature_group_count=groups,
     )
 
-    # dw[j] = sum over batch and outputs of x_pad[o * stride + j * dilation] (x) dy[o]: for each kernel tap,
-    # take the strided slice of x_pad that tap saw and contract it with dy over (n, oh, ow) -- one GEMM per
-    # tap, per group.
+    if dw_method == "conv":
+        dw = _dw_as_conv(x, dy, (kh, kw), stride, dilation, pads, groups)
+    else:
+        dw = _dw_as_taps(x, dy, (kh, kw), stride, dilation, pads, groups)
+    return dx.astype(x_dtype), dw.astype(w_dtype), db
+
+
+def _dw_as_taps(x, dy, kernel, stride, dilation, pads, groups) -> jax.Array:
+    """dw[j] = sum over batch and outputs of x_pad[o * stride + j * dilation] (x) dy[o]: for each kernel tap, the
+    strided slice of x_pad that tap saw, contracted with dy over (n, oh, ow) -- one GEMM per tap, per group."""
+    n, _, _, channels = x.shape
+    _, oh, ow, features = dy.shape
+    in_per_group, per_group = channels // groups, features // groups
     zero = jnp.zeros((), x.dtype)
     x_pad = lax.pad(x, zero, [(0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)])
-    dy_groups = dy.reshape(n, out[0], out[1], groups, per_group)
+    dy_groups = dy.reshape(n, oh, ow, groups, per_group)
     taps = []
-    for i in range(kh):
-        for j in range(kw):
+    for i in range(kernel[0]):
+        for j in range(kernel[1]):
             top, left = i * dilation[0], j * dilation[1]
             seen = lax.slice(
                 x_pad,
                 (0, top, left, 0),
-                (n, top + (out[0] - 1) * stride[0] + 1, left + (out[1] - 1) * stride[1] + 1, channels),
+                (n, top + (oh - 1) * stride[0] + 1, left + (ow - 1) * stride[1] + 1, channels),
                 (1, stride[0], stride[1], 1),
-            ).reshape(n, out[0], out[1], groups, in_per_group)
+            ).reshape(n, oh, ow, groups, in_per_group)
             taps.append(jnp.einsum("nhwgi,nhwgo->igo", seen, dy_groups).reshape(in_per_group, features))
-    dw = jnp.stack(taps).reshape(kh, kw, in_per_group, features)
-    return dx.astype(x_dtype), dw.astype(w_dtype), db
+    return jnp.stack(taps).reshape(*kernel, in_per_group, features)
+
+
+def _dw_as_conv(x, dy, kernel, stride, dilation, pads, groups) -> jax.Array:
+    """The same sum read as one convolution: dw[j, c, f] = sum_{n, o} x_pad[n, o * stride + j * dilation, c]
+    dy[n, o, f] is a correlation of x (channels as the batch, the batch as the contracted feature axis) with dy
+    (outputs as the kernel's window, dilated by the forward's stride), stepping by the forward's dilation. The
+    high padding is trimmed so the output is exactly the kernel's size (a window step past it saw no input);
+    groups split the channels (the lhs batch) and the features alike, which is ``batch_group_count``."""
+    _, height, width, _ = x.shape
+    _, oh, ow, _ = dy.shape
+    trimmed = [
+        (p[0], (o - 1) * s + (k - 1) * d + 1 - size - p[0])
+        for p, o, s, k, d, size in zip(pads, (oh, ow), stride, kernel, dilation, (height, width))
+    ]
+    return lax.conv_general_dilated(
+        x.transpose(3, 1, 2, 0),  # (C, H, W, N): channels as the batch, the batch as the features
+        dy.transpose(1, 2, 0, 3),  # (OH, OW, N, F): the outputs as the window, N in, F out
+        dilation,
+        trimmed,
+        rhs_dilation=stride,
+        dimension_numbers=("NHWC", "HWIO", "HWNC"),  # output (KH, KW, C // groups, F), HWIO
+        batch_group_count=groups,
+    )
 
 
 def _conv2d_vjp(args, dy, **options):
