@@ -82,9 +82,15 @@ _TRAIN_FLAGS: dict[str, tuple[type, str]] = {
     "epochs": (int, "epochs in all (more than a finished run has extends it)"),
     "seed": (int, "seeds initialisation, data order and every random draw"),
     "gradients": (str, "autodiff (jax.grad), manual (hand rules via custom_vjp) or engine (explicit reverse pass)"),
+    "dtype": (str, "compute dtype of the train step (bfloat16: mixed precision, float32 master weights)"),
     "keep": (int, "checkpoints to keep"),
 }
 
+# on/off Config fields: --name / --no-name
+_SWITCHES = {
+    "normalize": "standardise images per channel with the training set's statistics",
+    "remat": "recompute each block's activations in the backward pass to save memory (autodiff, manual)",
+}
 
 _DEFAULT_TEXT = {"data_dir": "none", "data_path": "none", "schedule_epochs": "--epochs"}
 
@@ -108,8 +114,9 @@ def _train(args: argparse.Namespace) -> int:
     for name in ("data_dir", "data_path"):  # absolute, so that eval and resume work from any directory
         if overrides.get(name):
             overrides[name] = os.path.abspath(overrides[name])
-    if args.normalize is not None:
-        overrides["normalize"] = args.normalize
+    for name in _SWITCHES:
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
     workdir = Path(args.workdir) if args.workdir else _default_workdir()
     if (workdir / train.loop.CONFIG_FILE).exists():
         config = train.read_config(workdir).replace(**overrides)
@@ -117,7 +124,9 @@ def _train(args: argparse.Namespace) -> int:
         config = train.Config(**overrides)
     print(
         f"training {config.model} on {config.dataset}: {_plural(config.epochs, 'epoch')}, batch {config.batch_size}, "
-        f"{config.optimizer} lr {config.learning_rate:g} ({config.schedule}), gradients {config.gradients}",
+        f"{config.optimizer} lr {config.learning_rate:g} ({config.schedule}), gradients {config.gradients}"
+        + (f", {config.dtype}" if config.dtype != "float32" else "")
+        + (", remat" if config.remat else ""),
         flush=True,
     )
     log = lambda line: print(line, flush=True)
@@ -168,6 +177,7 @@ def _add_train(commands) -> None:
         "optimizer": config.OPTIMIZERS,
         "schedule": config.SCHEDULES,
         "gradients": config.GRADIENTS,
+        "dtype": config.DTYPES,
     }
     defaults = config.Config()
     parser = commands.add_parser(
@@ -187,16 +197,17 @@ def _add_train(commands) -> None:
             metavar=name.upper(),
             help=f"{text} (default: {_DEFAULT_TEXT.get(name, getattr(defaults, name))}{suffix})",
         )
-    parser.add_argument(
-        "--normalize",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="standardise images per channel with the training set's statistics (default: on)",
-    )
+    for name, text in _SWITCHES.items():
+        parser.add_argument(
+            "--" + name,
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help=f"{text} (default: {'on' if getattr(defaults, name) else 'off'})",
+        )
     parser.add_argument("--workdir", default=None, help="run directory (default: a new runs/<timestamp>)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(run=_train)
-    assert {f.name for f in dataclasses.fields(config.Config)} == set(_TRAIN_FLAGS) | {"normalize"}
+    assert {f.name for f in dataclasses.fields(config.Config)} == set(_TRAIN_FLAGS) | set(_SWITCHES)
 
 
 def _bench(args: argparse.Namespace) -> int:

@@ -115,12 +115,25 @@ class Container(Layer):
         train: bool = False,
         key: jax.Array | None = None,
         gradients: str = "autodiff",
+        remat: bool = False,
     ) -> tuple[jax.Array, State]:
-        """``(y, new_state)``; with ``gradients="manual"`` every leaf layer runs through its own custom_vjp bridge."""
+        """``(y, new_state)``; with ``gradients="manual"`` every leaf layer runs through its own custom_vjp bridge.
+
+        ``remat=True`` runs each child under ``jax.checkpoint``: a differentiated call keeps only the children's
+        inputs and recomputes their insides in the backward pass (less memory, one more forward per child).
+        """
         check_gradients_mode(gradients)
+        if not isinstance(remat, bool):
+            raise ValueError(f"remat must be a bool, got {remat!r}")
+
+        def run_child(layer, p, s, inputs, k):
+            return layer.apply(p, s, inputs, train=train, key=k, gradients=gradients)
 
         def visit(name, layer, p, s, inputs, k):
-            y, new_state = layer.apply(p, s, inputs, train=train, key=k, gradients=gradients)
+            if remat:
+                y, new_state = jax.checkpoint(run_child, static_argnums=0)(layer, p, s, inputs, k)
+            else:
+                y, new_state = run_child(layer, p, s, inputs, k)
             return y, None, new_state
 
         y, _, new_state = self._run(params, state, x, key, visit)

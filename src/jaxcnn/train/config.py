@@ -22,6 +22,7 @@ from jaxcnn.functional._args import is_int
 OPTIMIZERS = ("adam", "adamw", "momentum", "nesterov", "rmsprop", "sgd")
 SCHEDULES = ("constant", "cosine", "exponential", "warmup_cosine")
 GRADIENTS = ("autodiff", "manual", "engine")
+DTYPES = ("float32", "bfloat16")
 DATASETS = ("cifar10", "digits", "fashion_mnist", "mnist", "npz", "synthetic")
 
 # Fields a resumed run must share with the run it continues: its checkpoints hold this model's parameters for
@@ -61,6 +62,10 @@ class Config:
       seed: seeds initialisation, data order and every random draw (an int in [0, 2**32)).
       gradients: ``"autodiff"`` (jax.grad), ``"manual"`` (hand rules through jax.custom_vjp) or ``"engine"``
         (the explicit reverse pass of :mod:`jaxcnn.backprop`).
+      dtype: the compute dtype of the train step: ``"float32"``, or ``"bfloat16"`` for mixed precision (bf16
+        forward and backward; float32 master weights, loss, optimizer state and evaluation).
+      remat: recompute each block's activations in the backward pass (``jax.checkpoint`` per child of the
+        model) to save memory; needs ``gradients`` ``"autodiff"`` or ``"manual"``.
       keep: how many of the latest checkpoints a workdir keeps (>= 1).
       normalize: standardise images per channel with the training set's mean and standard deviation.
     """
@@ -81,6 +86,8 @@ class Config:
     epochs: int = 40
     seed: int = 0
     gradients: str = "manual"
+    dtype: str = "float32"
+    remat: bool = False
     keep: int = 3
     normalize: bool = True
 
@@ -107,6 +114,7 @@ class Config:
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("schedule", self.schedule, SCHEDULES)
         _choice("gradients", self.gradients, GRADIENTS)
+        _choice("dtype", self.dtype, DTYPES)
         for name in ("data_dir", "data_path"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
@@ -124,8 +132,11 @@ class Config:
         _integer("seed", self.seed, 0)
         if self.seed >= 2**32:
             raise ValueError(f"seed must be an int in [0, 2**32), got {self.seed}")
-        if not isinstance(self.normalize, bool):
-            raise ValueError(f"normalize must be true or false, got {self.normalize!r}")
+        for name in ("normalize", "remat"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.remat and self.gradients == "engine":
+            raise ValueError("remat needs gradients 'autodiff' or 'manual' (the engine keeps every residual)")
         if self.optimizer in ("momentum", "nesterov") and self.momentum == 0:
             raise ValueError(f"optimizer {self.optimizer!r} needs momentum > 0 (or use optimizer 'sgd')")
         if self.dataset == "npz" and self.data_path is None:

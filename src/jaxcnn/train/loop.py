@@ -362,12 +362,14 @@ def _compiled_steps(run: Run) -> tuple[Callable, Callable]:
     horizon = (config.schedule_epochs or config.epochs) if config.schedule in ("cosine", "warmup_cosine") else None
     optimizer_fields = (config.optimizer, config.learning_rate, config.momentum, config.weight_decay)
     schedule_fields = (config.schedule, config.decay_rate, config.warmup_epochs, horizon, run.steps_per_epoch)
-    key = (run.model, config.gradients, optimizer_fields, schedule_fields)
+    key = (run.model, config.gradients, config.dtype, config.remat, optimizer_fields, schedule_fields)
     if key not in _STEPS:
         if len(_STEPS) >= _STEPS_KEPT:
             _STEPS.pop(next(iter(_STEPS)))
         _STEPS[key] = (
-            make_train_step(run.model, run.optimizer, gradients=config.gradients),
+            make_train_step(
+                run.model, run.optimizer, gradients=config.gradients, dtype=config.dtype, remat=config.remat
+            ),
             make_eval_step(run.model),
         )
     return _STEPS[key]

@@ -12,6 +12,7 @@ import optax
 
 from jaxcnn import backprop
 from jaxcnn.functional import softmax_cross_entropy
+from jaxcnn.functional._args import is_int
 from jaxcnn.nn.layer import Layer, Params, State
 from jaxcnn.train.config import GRADIENTS
 from jaxcnn.train.state import TrainState
@@ -32,18 +33,91 @@ def _accuracy_of(predictions: jax.Array, y: jax.Array) -> jax.Array | None:
     return jnp.mean(jnp.argmax(predictions, axis=-1) == y, dtype=jnp.float32)
 
 
+def compute_dtype(dtype: Any) -> Any:
+    """The compute dtype a train step runs in: None (the parameters' own dtype) or a floating dtype.
+
+    Raises ValueError naming the value for anything else (``"bfloat16"``, ``"float16"``, ``"float32"`` and
+    ``"float64"`` are accepted, as names or dtypes).
+    """
+    if dtype is None:
+        return None
+    try:
+        resolved = jnp.dtype(dtype)
+    except TypeError:
+        resolved = None
+    if resolved is None or not jnp.issubdtype(resolved, jnp.floating):
+        raise ValueError(f"dtype must be a floating dtype such as 'bfloat16' or 'float32', got {dtype!r}")
+    return resolved
+
+
+def cast_floating(tree: Any, dtype: Any) -> Any:
+    """``tree`` with every floating-point leaf cast to ``dtype`` (integer leaves and keys are left alone)."""
+    return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(jnp.result_type(a), jnp.floating) else a, tree)
+
+
+def _float32_loss(loss_fn: LossFn, hand_vjp: bool) -> tuple[LossFn, backprop.LossVJP | None]:
+    """``loss_fn`` (and, with ``hand_vjp``, its hand VJP) evaluated on float32 predictions: the loss of a
+    half-precision forward is taken in float32, and its cotangent is handed back in the predictions' dtype."""
+
+    def loss32(predictions, targets):
+        return loss_fn(predictions.astype(jnp.float32), targets)
+
+    if not hand_vjp:
+        return loss32, None
+    vjp = backprop.loss_vjp_of(loss_fn)  # ValueError naming loss_fn when it has no registered rule
+
+    def loss32_vjp(predictions, targets, dloss):
+        return vjp(predictions.astype(jnp.float32), targets, dloss).astype(predictions.dtype)
+
+    return loss32, loss32_vjp
+
+
 def loss_and_grads_fn(
-    model: Layer, loss_fn: LossFn, gradients: str
+    model: Layer, loss_fn: LossFn, gradients: str, *, dtype: Any = None, remat: bool = False
 ) -> Callable[..., tuple[jax.Array, jax.Array, State, Params]]:
     """``f(params, state, x, y, key) -> (loss, predictions, new_state, grads)`` in one of the three gradient modes.
 
     ``"autodiff"``: ``jax.value_and_grad`` through the forward. ``"manual"``: the same, but every layer and the
     loss run through ``jax.custom_vjp`` with their hand-derived rules. ``"engine"``: the explicit reverse pass of
     :func:`jaxcnn.backprop.reverse_pass`, which uses no JAX differentiation at all.
+
+    Mixed precision (``dtype``, e.g. ``"bfloat16"``): the parameters (the master weights, float32) and ``x`` are
+    cast to ``dtype`` for the forward and backward passes; the loss is taken in float32 on the predictions cast
+    up; the gradients come back cast to each parameter's own dtype. The model state (BatchNorm's running
+    statistics) stays in its own dtype, and the norms compute their statistics in at least float32.
+
+    ``remat``: run each child of the model (a :class:`jaxcnn.nn.Container`, e.g. each block of a ``Sequential``)
+    under ``jax.checkpoint``, so its activations are recomputed in the backward pass instead of stored
+    ("autodiff" and "manual" only: the engine's reverse pass keeps every residual by design).
     """
     _check_gradients(gradients)
+    dtype = compute_dtype(dtype)
+    if remat:
+        from jaxcnn.nn.container import Container
+
+        if gradients == "engine":
+            raise ValueError("remat works with gradients='autodiff' or 'manual' (the engine keeps every residual)")
+        if not isinstance(model, Container):
+            raise ValueError(f"remat checkpoints a container's children; {type(model).__name__} has none")
+    loss_vjp = None
+    if dtype is not None:
+        loss_fn, loss_vjp = _float32_loss(loss_fn, hand_vjp=gradients != "autodiff")
+    inner = _loss_and_grads(model, loss_fn, gradients, loss_vjp, remat)
+    if dtype is None:
+        return inner
+
+    def mixed(params, state, x, y, key):
+        low = cast_floating(params, dtype)
+        loss, predictions, new_state, grads = inner(low, state, x.astype(dtype), y, key)
+        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+        return loss, predictions, new_state, grads
+
+    return mixed
+
+
+def _loss_and_grads(model, loss_fn, gradients, loss_vjp, remat):
     if gradients == "engine":
-        run = backprop.reverse_pass(model, loss_fn, train=True)
+        run = backprop.reverse_pass(model, loss_fn, loss_vjp=loss_vjp, train=True)
 
         def engine(params, state, x, y, key):
             result = run(params, state, x, y, key=key)
@@ -52,10 +126,11 @@ def loss_and_grads_fn(
         return engine
 
     mode = "manual" if gradients == "manual" else "autodiff"
-    loss_of = backprop.manual_loss(loss_fn) if mode == "manual" else loss_fn
+    loss_of = backprop.manual_loss(loss_fn, loss_vjp) if mode == "manual" else loss_fn
+    options = {"remat": True} if remat else {}
 
     def objective(params, state, x, y, key):
-        predictions, new_state = model.apply(params, state, x, train=True, key=key, gradients=mode)
+        predictions, new_state = model.apply(params, state, x, train=True, key=key, gradients=mode, **options)
         return loss_of(predictions, y), (predictions, new_state)
 
     value_and_grad = jax.value_and_grad(objective, has_aux=True)
@@ -73,6 +148,9 @@ def make_train_step(
     *,
     loss_fn: LossFn = softmax_cross_entropy,
     gradients: str = "autodiff",
+    dtype: Any = None,
+    remat: bool = False,
+    steps_per_call: int = 1,
 ) -> Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, Metrics]]:
     """A jit-compiled ``step(state, x, y) -> (new_state, metrics)``.
 
@@ -81,19 +159,31 @@ def make_train_step(
     ``s`` draws its randomness (dropout) from ``fold_in(state.key, s)``. Calls with the same shapes never
     recompile.
 
+    ``steps_per_call=K > 1`` compiles K consecutive steps into one program with ``lax.scan``: ``x`` is then
+    ``(K, N, *input_shape)``, ``y`` ``(K, N, ...)``, and every metric has a leading axis of K. It gives the same
+    parameters as K single calls. Whether it is faster depends on the backend (see benchmarks/RESULTS.md: it
+    pays on GPUs for small models; on XLA:CPU a Python loop of single steps was faster).
+
     Args:
       model: any :class:`jaxcnn.nn.Layer`.
       optimizer: the optax transform the state was created with.
       loss_fn: ``loss_fn(predictions, targets) -> scalar``; for ``gradients="manual"`` or ``"engine"`` it needs a
         hand-derived VJP registered in :mod:`jaxcnn.functional` (the built-in losses have one).
       gradients: ``"autodiff"``, ``"manual"`` or ``"engine"``.
+      dtype: the compute dtype for mixed precision (``"bfloat16"``: bf16 forward and backward, float32 master
+        weights, loss and optimizer); None computes in the parameters' dtype. See :func:`loss_and_grads_fn`.
+      remat: recompute each block's activations in the backward pass (``jax.checkpoint`` per child of the
+        model) to save memory; "autodiff" and "manual" only.
+      steps_per_call: train steps per call (>= 1), scanned (see above).
 
     Returns:
       ``step(state, x, y)`` with ``x`` of shape ``(N, *input_shape)`` and ``y`` the targets (``(N,)`` integer
       labels for cross-entropy). ``metrics`` stays on device: ``"loss"`` (the batch mean), ``"accuracy"``
       (integer labels only) and ``"count"`` (N), each a scalar.
     """
-    loss_and_grads = loss_and_grads_fn(model, loss_fn, gradients)
+    loss_and_grads = loss_and_grads_fn(model, loss_fn, gradients, dtype=dtype, remat=remat)
+    if not is_int(steps_per_call) or steps_per_call < 1:
+        raise ValueError(f"steps_per_call must be an int >= 1, got {steps_per_call!r}")
 
     def step(state: TrainState, x: jax.Array, y: jax.Array) -> tuple[TrainState, Metrics]:
         key = jax.random.fold_in(state.key, state.step)
@@ -107,7 +197,18 @@ def make_train_step(
         new_state = state.replace(params=params, model_state=model_state, opt_state=opt_state, step=state.step + 1)
         return new_state, metrics
 
-    return jax.jit(step, donate_argnums=0)
+    if steps_per_call == 1:
+        return jax.jit(step, donate_argnums=0)
+
+    def steps(state: TrainState, xs: jax.Array, ys: jax.Array) -> tuple[TrainState, Metrics]:
+        if xs.shape[0] != steps_per_call or ys.shape[0] != steps_per_call:
+            raise ValueError(
+                f"a {steps_per_call}-step call takes x and y with a leading axis of {steps_per_call}, "
+                f"got x {tuple(xs.shape)} and y {tuple(ys.shape)}"
+            )
+        return jax.lax.scan(lambda carry, batch: step(carry, *batch), state, (xs, ys))
+
+    return jax.jit(steps, donate_argnums=0)
 
 
 def make_eval_step(
