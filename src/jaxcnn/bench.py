@@ -19,7 +19,7 @@ import resource
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -29,6 +29,7 @@ from jaxcnn import models, nn
 
 CONTENDERS = ("jaxcnn-manual", "jaxcnn-autodiff", "jaxcnn-engine", "flax", "torch-eager", "torch-compile")
 LEARNING_RATE, MOMENTUM = 0.01, 0.9
+DTYPES = ("float32", "bfloat16")
 
 Runner = Callable[[int], None]  # runner(steps): take that many train steps and wait for the device
 
@@ -40,45 +41,91 @@ def _batch(input_shape: tuple[int, ...], batch_size: int, num_classes: int, seed
     return x, y
 
 
-def _jax_runner(step: Callable, carry: Any, x: np.ndarray, y: np.ndarray) -> Runner:
-    """``runner(steps)`` for a jitted ``step(carry, x, y) -> (carry, aux)`` that donates its carry."""
+class Options(NamedTuple):
+    """How every contender trains: the compute dtype, steps per compiled call (JAX contenders: ``lax.scan``),
+    and remat (jaxcnn contenders)."""
+
+    dtype: str = "float32"
+    steps_per_call: int = 1
+    remat: bool = False
+
+
+def _compiled_memory(compiled: Any) -> dict[str, int] | None:
+    """XLA's own account of a compiled step's memory (bytes): temporaries, arguments, outputs; None if the
+    backend gives none."""
+    try:
+        analysis = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 -- a backend without memory analysis reports nothing
+        return None
+    if analysis is None:
+        return None
+    return {
+        "temp_bytes": int(analysis.temp_size_in_bytes),
+        "argument_bytes": int(analysis.argument_size_in_bytes),
+        "output_bytes": int(analysis.output_size_in_bytes),
+    }
+
+
+def _jax_runner(step: Callable, carry: Any, x: np.ndarray, y: np.ndarray, steps_per_call: int) -> Runner:
+    """``runner(steps)`` for a jitted ``step(carry, x, y) -> (carry, aux)`` that donates its carry; with
+    ``steps_per_call`` K > 1 the step takes K stacked batches (the same batch K times) per call."""
+    if steps_per_call > 1:
+        x, y = np.stack([x] * steps_per_call), np.stack([y] * steps_per_call)
     x, y = jax.device_put(x), jax.device_put(y)
+    compiled = step.lower(carry, x, y).compile()  # ahead of time, so its memory analysis comes for free
     holder = {"carry": carry}
 
     def run(steps: int) -> None:
         carry = holder["carry"]
-        for _ in range(steps):
-            carry, aux = step(carry, x, y)
+        for _ in range(steps // steps_per_call):
+            carry, aux = compiled(carry, x, y)
         jax.block_until_ready((carry, aux))
         holder["carry"] = carry
 
+    memory = _compiled_memory(compiled)
+    run.memory = lambda: memory  # type: ignore[attr-defined]
     return run
 
 
-def _jaxcnn_runner(model: nn.Layer, input_shape, x, y, gradients: str) -> Runner:
+def _jaxcnn_runner(model: nn.Layer, input_shape, x, y, gradients: str, options: Options) -> Runner:
     from jaxcnn import train
 
     optimizer = optax.sgd(LEARNING_RATE, MOMENTUM)
     state = train.create_train_state(model, optimizer, jax.random.key(0), input_shape)
-    return _jax_runner(train.make_train_step(model, optimizer, gradients=gradients), state, x, y)
+    step = train.make_train_step(
+        model,
+        optimizer,
+        gradients=gradients,
+        dtype=None if options.dtype == "float32" else options.dtype,
+        remat=options.remat,
+        steps_per_call=options.steps_per_call,
+    )
+    return _jax_runner(step, state, x, y, options.steps_per_call)
 
 
-def _flax_runner(model: nn.Layer, input_shape, x, y) -> Runner:
+def _flax_runner(model: nn.Layer, input_shape, x, y, options: Options) -> Runner:
+    """The model as a Flax linen module (interop.to_flax), trained by ``jax.value_and_grad`` with the same mixed
+    precision policy as jaxcnn's (parameters and input cast to the compute dtype, loss in float32)."""
     from jaxcnn import functional as F
     from jaxcnn import interop
+    from jaxcnn.train.step import cast_floating
 
     params, model_state = model.init(jax.random.key(0), input_shape)
     module, variables = interop.to_flax(model, params, model_state)
     optimizer = optax.sgd(LEARNING_RATE, MOMENTUM)
     has_stats = "batch_stats" in variables
+    low = None if options.dtype == "float32" else jax.numpy.dtype(options.dtype)
 
     def loss(params, stats, x, y):
+        if low is not None:
+            params, x = cast_floating(params, low), x.astype(low)
         if has_stats:
             logits, updates = module.apply(
                 {"params": params, "batch_stats": stats}, x, train=True, mutable=["batch_stats"]
             )
-            return F.softmax_cross_entropy(logits, y), updates["batch_stats"]
-        return F.softmax_cross_entropy(module.apply({"params": params}, x, train=True), y), stats
+            return F.softmax_cross_entropy(logits.astype(np.float32), y), updates["batch_stats"]
+        logits = module.apply({"params": params}, x, train=True)
+        return F.softmax_cross_entropy(logits.astype(np.float32), y), stats
 
     def train_step(carry, x, y):
         params, stats, opt_state = carry
@@ -86,8 +133,11 @@ def _flax_runner(model: nn.Layer, input_shape, x, y) -> Runner:
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return (optax.apply_updates(params, updates), stats, opt_state), value
 
+    step = train_step
+    if options.steps_per_call > 1:
+        step = lambda carry, xs, ys: jax.lax.scan(lambda c, batch: train_step(c, *batch), carry, (xs, ys))
     carry = (variables["params"], variables.get("batch_stats", {}), optimizer.init(variables["params"]))
-    return _jax_runner(jax.jit(train_step, donate_argnums=0), carry, x, y)
+    return _jax_runner(jax.jit(step, donate_argnums=0), carry, x, y, options.steps_per_call)
 
 
 def torch_module(model: nn.Layer, input_shape: tuple[int, ...]):
@@ -169,19 +219,38 @@ def torch_module(model: nn.Layer, input_shape: tuple[int, ...]):
     return convert(model, tuple(input_shape))
 
 
-def _torch_runner(model: nn.Layer, input_shape, x, y, compiled: bool) -> Runner:
+def _torch_device() -> str:
+    """PyTorch's device for the comparison: CUDA when JAX itself runs on a GPU and torch sees one, else CPU."""
     import torch
 
-    module = torch_module(model, input_shape)
+    return "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+
+
+def _torch_runner(model: nn.Layer, input_shape, x, y, compiled: bool, options: Options) -> Runner:
+    """The PyTorch twin (:func:`torch_module`), eager or ``torch.compile``-d; on CUDA in channels_last (the
+    faster layout for cuDNN), with ``torch.autocast`` for a bfloat16 compute dtype."""
+    import torch
+
+    device = _torch_device()
+    module = torch_module(model, input_shape).to(device)
+    images = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(device)
+    if device == "cuda":
+        module = module.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
+        torch.backends.cudnn.benchmark = True
+        torch.cuda.reset_peak_memory_stats()
     module.train()
     optimizer = torch.optim.SGD(module.parameters(), lr=LEARNING_RATE, momentum=MOMENTUM)
-    images = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
-    labels = torch.from_numpy(y.astype(np.int64))
+    labels = torch.from_numpy(y.astype(np.int64)).to(device)
     loss_fn = torch.nn.CrossEntropyLoss()
+    autocast = options.dtype != "float32"
+    low = getattr(torch, options.dtype)
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(module(images), labels)
+        with torch.autocast(device, dtype=low, enabled=autocast):
+            logits = module(images)
+        loss = loss_fn(logits.float(), labels)
         loss.backward()
         optimizer.step()
         return loss
@@ -193,6 +262,12 @@ def _torch_runner(model: nn.Layer, input_shape, x, y, compiled: bool) -> Runner:
             loss = step_fn()
         loss.item()  # the device sync
 
+    def memory() -> dict[str, int] | None:  # read after the warm-up steps
+        if device != "cuda":
+            return None
+        return {"peak_allocated_bytes": int(torch.cuda.max_memory_allocated())}
+
+    run.memory = memory  # type: ignore[attr-defined]
     return run
 
 
@@ -234,6 +309,9 @@ def run(
     steps: int = 10,
     warmup: int = 3,
     contenders: Sequence[str] = CONTENDERS,
+    dtype: str = "float32",
+    steps_per_call: int = 1,
+    remat: bool = False,
     log: Callable[[str], None] | None = print,
 ) -> dict[str, Any]:
     """Benchmark the training step of each model for each contender (see the module docstring).
@@ -244,11 +322,18 @@ def run(
       rounds: interleaved timing rounds (the median is reported); steps: train steps per round.
       warmup: untimed steps per contender after compiling.
       contenders: a subset of :data:`CONTENDERS`; the PyTorch ones are skipped when torch is not installed.
+      dtype: ``"float32"`` or ``"bfloat16"`` (mixed precision: float32 master weights and loss; PyTorch
+        through ``torch.autocast``).
+      steps_per_call: train steps per compiled call for the JAX contenders (``lax.scan``); ``steps`` must be a
+        multiple of it. PyTorch takes one step per call.
+      remat: the jaxcnn contenders recompute activations in the backward pass (``jax.checkpoint`` per block).
       log: called with progress lines (None for silence).
 
     Returns:
       ``{"machine": ..., "settings": ..., "results": [{"model", "contender", "images_per_second",
-      "rounds_images_per_second", "ratio_to", "ratio", "seconds_to_compile"}, ...], "memory": ...}``.
+      "rounds_images_per_second", "ratio_to", "ratio", "seconds_to_compile", "memory"}, ...], "memory": ...}``.
+      A contender's ``memory`` is XLA's compiled-memory analysis for the JAX ones (``temp_bytes`` and more)
+      and the CUDA peak for PyTorch on a GPU; None where the backend gives none.
     """
     say = log or (lambda line: None)
     unknown = sorted(set(contenders) - set(CONTENDERS))
@@ -259,6 +344,13 @@ def run(
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     if not isinstance(warmup, int) or warmup < 0:
         raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if not isinstance(steps_per_call, int) or steps_per_call < 1 or steps % steps_per_call:
+        raise ValueError(f"steps_per_call must be an int >= 1 dividing steps (={steps}), got {steps_per_call!r}")
+    if not isinstance(remat, bool):
+        raise ValueError(f"remat must be a bool, got {remat!r}")
+    options = Options(dtype, steps_per_call, remat)
     try:
         import torch  # noqa: F401
 
@@ -271,26 +363,29 @@ def run(
         input_shape = models.input_shape(name)
         x, y = _batch(input_shape, batch_size, model.output_shape(input_shape)[-1])
         builders: dict[str, Callable[[], Runner]] = {
-            "jaxcnn-manual": lambda: _jaxcnn_runner(model, input_shape, x, y, "manual"),
-            "jaxcnn-autodiff": lambda: _jaxcnn_runner(model, input_shape, x, y, "autodiff"),
-            "jaxcnn-engine": lambda: _jaxcnn_runner(model, input_shape, x, y, "engine"),
-            "flax": lambda: _flax_runner(model, input_shape, x, y),
-            "torch-eager": lambda: _torch_runner(model, input_shape, x, y, compiled=False),
-            "torch-compile": lambda: _torch_runner(model, input_shape, x, y, compiled=True),
+            "jaxcnn-manual": lambda: _jaxcnn_runner(model, input_shape, x, y, "manual", options),
+            "jaxcnn-autodiff": lambda: _jaxcnn_runner(model, input_shape, x, y, "autodiff", options),
+            "jaxcnn-engine": lambda: _jaxcnn_runner(model, input_shape, x, y, "engine", options._replace(remat=False)),
+            "flax": lambda: _flax_runner(model, input_shape, x, y, options),
+            "torch-eager": lambda: _torch_runner(model, input_shape, x, y, False, options),
+            "torch-compile": lambda: _torch_runner(model, input_shape, x, y, True, options),
         }
         runners: dict[str, Runner] = {}
         compile_seconds: dict[str, float] = {}
+        memory: dict[str, Any] = {}
         for contender in contenders:
             if contender.startswith("torch") and not has_torch:
                 say(f"{name}: {contender} skipped (torch is not installed)")
                 continue
+            per_call = 1 if contender.startswith("torch") else steps_per_call
             try:
                 started = time.perf_counter()
                 runner = builders[contender]()
-                runner(1)  # compile
+                runner(per_call)  # compile (PyTorch: the first call compiles)
                 compile_seconds[contender] = time.perf_counter() - started
                 if warmup:
-                    runner(warmup)
+                    runner(max(warmup, per_call) // per_call * per_call)
+                memory[contender] = runner.memory()
                 runners[contender] = runner
                 say(f"{name}: {contender} ready ({compile_seconds[contender]:.1f}s to build and compile)")
             except ValueError as error:
@@ -314,13 +409,25 @@ def run(
                     "ratio_to": reference if reference in medians else None,
                     "ratio": medians[contender] / medians[reference] if reference in medians else None,
                     "seconds_to_compile": compile_seconds[contender],
+                    "memory": memory[contender],
                 }
             )
     settings = dict(
         models=list(model_names), batch_size=batch_size, rounds=rounds, steps=steps, warmup=warmup,
-        optimizer=f"sgd(lr={LEARNING_RATE}, momentum={MOMENTUM})", dtype="float32",
+        optimizer=f"sgd(lr={LEARNING_RATE}, momentum={MOMENTUM})", dtype=dtype, steps_per_call=steps_per_call,
+        remat=remat, torch_device=_torch_device() if has_torch else None,
+        xla_flags=os.environ.get("XLA_FLAGS", ""),
     )  # fmt: skip
     return {"machine": _machine(), "settings": settings, "results": results, "memory": _peak_memory()}
+
+
+def _memory_text(memory: dict[str, int] | None) -> str:
+    """A contender's memory in MiB: XLA's temporaries (plus arguments) for JAX, the CUDA peak for PyTorch."""
+    if not memory:
+        return ""
+    if "temp_bytes" in memory:
+        return f"{memory['temp_bytes'] / 2**20:,.1f} temp + {memory['argument_bytes'] / 2**20:,.1f} args"
+    return f"{memory['peak_allocated_bytes'] / 2**20:,.1f} peak"
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -332,16 +439,23 @@ def markdown(result: dict[str, Any]) -> str:
         f"Versions: python {machine['python']}, jax {machine['jax']}, flax {machine['flax']}, "
         f"optax {machine['optax']}, torch {machine['torch']}",
         f"Settings: batch {settings['batch_size']}, {settings['rounds']} interleaved rounds of "
-        f"{settings['steps']} steps (median), {settings['optimizer']}, {settings['dtype']}",
+        f"{settings['steps']} steps (median), {settings['optimizer']}, {settings['dtype']}"
+        + (
+            f", {settings.get('steps_per_call')} steps per JAX call (lax.scan)"
+            if settings.get("steps_per_call", 1) > 1
+            else ""
+        )
+        + (", remat" if settings.get("remat") else "")
+        + (f", XLA_FLAGS={settings['xla_flags']}" if settings.get("xla_flags") else ""),
         "",
-        "| model | contender | median img/s | ratio | compile s |",
-        "|---|---|---:|---:|---:|",
+        "| model | contender | median img/s | ratio | compile s | memory MiB |",
+        "|---|---|---:|---:|---:|---:|",
     ]
     for row in result["results"]:
         ratio = "" if row["ratio"] is None else f"{row['ratio']:.2f}x {row['ratio_to']}"
         lines.append(
             f"| {row['model']} | {row['contender']} | {row['images_per_second']:,.0f} | {ratio} | "
-            f"{row['seconds_to_compile']:.1f} |"
+            f"{row['seconds_to_compile']:.1f} | {_memory_text(row.get('memory'))} |"
         )
     memory = result["memory"]
     if memory.get("device_peak_bytes"):

@@ -227,6 +227,9 @@ def _bench(args: argparse.Namespace) -> int:
         steps=args.steps,
         warmup=args.warmup,
         contenders=contenders,
+        dtype=args.dtype,
+        steps_per_call=args.steps_per_call,
+        remat=args.remat,
         log=log,
     )
     table = bench.markdown(result)
@@ -245,7 +248,7 @@ def _add_bench(commands) -> None:
     parser = commands.add_parser(
         "bench",
         help="time the training step against Flax and PyTorch (eager and compiled), interleaved, medians",
-        description="Time one training step (SGD momentum, float32, synthetic batch on the device) of each model "
+        description="Time one training step (SGD momentum, synthetic batch on the device) of each model "
         "for jaxcnn's three gradient modes, the same model in Flax linen, and in PyTorch eager and torch.compile "
         "when torch is installed. Contenders take turns for several rounds; the median img/s and ratios to "
         "PyTorch eager are printed as a Markdown table and written with the raw rounds as JSON.",
@@ -258,6 +261,13 @@ def _add_bench(commands) -> None:
     parser.add_argument(
         "--contenders", default=None, help=f"comma-separated subset of: {', '.join(bench.CONTENDERS)} (default: all)"
     )
+    parser.add_argument(
+        "--dtype", default="float32", choices=bench.DTYPES, help="compute dtype (bfloat16: mixed precision)"
+    )
+    parser.add_argument(
+        "--steps-per-call", type=int, default=1, help="train steps per JAX call, by lax.scan (default: 1)"
+    )
+    parser.add_argument("--remat", action="store_true", help="jaxcnn contenders recompute activations per block")
     parser.add_argument("--output", default="benchmarks/latest", help="directory for bench.json and bench.md")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     parser.set_defaults(run=_bench)

@@ -1,0 +1,129 @@
+"""The accelerator comparison in one command (issue 5/6): jaxcnn against Flax and PyTorch on one GPU.
+
+    PYTHONPATH=src python benchmarks/accelerator.py --output OUT_DIR      # about 5 minutes on one H100/H200
+
+Sections, most important first, each written to OUT_DIR as soon as it is done (``NAME.json`` + ``NAME.md``),
+so a run cut short still leaves what it measured:
+
+0. ``gradients``: the hand-derived conv VJP (both weight-gradient formulations) against ``jax.vjp`` on this
+   device, float32, and which formulation ``dw_method="auto"`` picks here.
+1. ``resnet18_bf16``: resnet18_cifar, batch 256, bfloat16 mixed precision: jaxcnn manual and autodiff, Flax,
+   PyTorch eager and torch.compile (autocast bf16, channels_last).
+2. ``mnist_f32``: mnist_cnn, batch 128, float32, one step per call, every contender.
+3. ``mnist_f32_scan``: the same with 100 steps per call (``lax.scan``) for the JAX contenders.
+4. ``resnet18_f32``: resnet18_cifar, batch 256, float32: jaxcnn manual and autodiff, Flax, torch.compile.
+5. ``dw_methods``: resnet18_cifar bf16 manual step with the weight gradient as per-tap GEMMs vs one conv.
+
+Sections that would start after ``--budget`` seconds are skipped (and say so). ``--quick`` shrinks everything
+to a CPU smoke test (tiny batches, two rounds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from jaxcnn import bench  # noqa: E402
+from jaxcnn import functional as F  # noqa: E402
+from jaxcnn.functional import conv as conv_module  # noqa: E402
+
+
+def gradients_section() -> dict:
+    """Hand conv VJP vs jax.vjp on this device (float32), both dw formulations, a few geometries."""
+    rng = np.random.default_rng(0)
+    rows = []
+    cases = [((8, 16, 16, 32), (3, 3, 32, 64), 1, "SAME", 1), ((8, 15, 15, 16), (3, 3, 8, 32), 2, "SAME", 2)]
+    for x_shape, w_shape, stride, padding, groups in cases:
+        x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
+        w = jnp.asarray(rng.standard_normal(w_shape), jnp.float32)
+        options = dict(stride=stride, padding=padding, groups=groups)
+        y, vjp = jax.vjp(lambda x, w: F.conv2d(x, w, **options), x, w)
+        dy = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
+        expected = vjp(dy)
+        for method in ("taps", "conv"):
+            dx, dw, _ = jax.jit(lambda x, w, dy, m=method: F.conv2d_vjp(x, w, dy, **options, dw_method=m))(x, w, dy)
+            errors = [
+                float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b))) for a, b in zip((dx, dw), expected, strict=True)
+            ]
+            rows.append({"x": x_shape, "w": w_shape, "options": options, "dw_method": method, "rel_err": errors})
+    return {"backend": jax.default_backend(), "auto_dw_method": conv_module.dw_method_for(), "checks": rows}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output", default=os.environ.get("OUT", "benchmarks/accelerator-latest"))
+    parser.add_argument("--budget", type=float, default=270.0, help="start no section after this many seconds")
+    parser.add_argument("--quick", action="store_true", help="tiny CPU smoke test")
+    args = parser.parse_args()
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    quick = args.quick
+    small = dict(rounds=2, steps=4, warmup=1) if quick else dict(rounds=5, steps=20, warmup=3)
+    big_batch, mnist_batch = (8, 16) if quick else (256, 128)
+    scan = 2 if quick else 100  # quick: steps=4 is a multiple of 2
+    everyone = bench.CONTENDERS
+    no_engine = tuple(c for c in everyone if c != "jaxcnn-engine")
+    sections = [
+        ("resnet18_bf16", dict(model_names=["resnet18_cifar"], batch_size=big_batch, dtype="bfloat16",
+                               contenders=no_engine, **small)),
+        ("mnist_f32", dict(model_names=["mnist_cnn"], batch_size=mnist_batch, contenders=everyone,
+                           **(small if quick else dict(rounds=5, steps=100, warmup=10)))),
+        ("mnist_f32_scan", dict(model_names=["mnist_cnn"], batch_size=mnist_batch, steps_per_call=scan,
+                                contenders=("jaxcnn-manual", "jaxcnn-autodiff", "flax"),
+                                **(small if quick else dict(rounds=5, steps=400, warmup=100)))),
+        ("resnet18_f32", dict(model_names=["resnet18_cifar"], batch_size=big_batch,
+                              contenders=("jaxcnn-manual", "jaxcnn-autodiff", "flax", "torch-compile"), **small)),
+    ]  # fmt: skip
+
+    def log(line: str) -> None:
+        print(f"[{time.perf_counter() - started:6.1f}s] {line}", flush=True)
+
+    def write(name: str, result: dict, table: str | None = None) -> None:
+        (out / f"{name}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+        if table is not None:
+            (out / f"{name}.md").write_text(table)
+            print(table, flush=True)
+
+    log(f"devices: {jax.devices()}")
+    grads = gradients_section()
+    write("gradients", grads)
+    worst = max(max(row["rel_err"]) for row in grads["checks"])
+    log(f"gradients: auto dw_method {grads['auto_dw_method']}, worst relative error {worst:.2e}")
+    for name, settings in sections:
+        if time.perf_counter() - started > args.budget:
+            log(f"{name}: skipped (past the {args.budget:.0f}s budget)")
+            continue
+        result = bench.run(log=log, **settings)
+        write(name, result, bench.markdown(result))
+    if time.perf_counter() - started <= args.budget:
+        rows = {}
+        original = dict(conv_module._DW_AUTO)
+        backend = jax.default_backend()
+        for method in ("taps", "conv"):
+            conv_module._DW_AUTO[backend] = method  # read when the step is traced
+            result = bench.run(
+                ["resnet18_cifar"], batch_size=big_batch, dtype="bfloat16", contenders=("jaxcnn-manual",),
+                log=log, **small,
+            )  # fmt: skip
+            rows[method] = result["results"][0]
+        conv_module._DW_AUTO.clear()
+        conv_module._DW_AUTO.update(original)
+        write("dw_methods", rows)
+        log("dw_methods: " + ", ".join(f"{m} {r['images_per_second']:,.0f} img/s" for m, r in rows.items()))
+    log(f"done in {time.perf_counter() - started:.0f}s; results in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
