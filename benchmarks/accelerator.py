@@ -2,7 +2,8 @@
 
     PYTHONPATH=src python benchmarks/accelerator.py --output OUT_DIR      # about 5 minutes on one H100/H200
 
-Sections, most important first, each written to OUT_DIR as soon as it is done (``NAME.json`` + ``NAME.md``),
+Sections, most important first, each written to OUT_DIR as soon as it is done (``NAME.json``, and its table
+appended to ``tables.md``),
 so a run cut short still leaves what it measured:
 
 0. ``gradients``: the hand-derived conv VJP (both weight-gradient formulations) against ``jax.vjp`` on this
@@ -13,6 +14,10 @@ so a run cut short still leaves what it measured:
 3. ``mnist_f32_scan``: the same with 100 steps per call (``lax.scan``) for the JAX contenders.
 4. ``resnet18_f32``: resnet18_cifar, batch 256, float32: jaxcnn manual and autodiff, Flax, torch.compile.
 5. ``dw_methods``: resnet18_cifar bf16 manual step with the weight gradient as per-tap GEMMs vs one conv.
+6. ``profile_mnist`` / ``profile_resnet18``: ``benchmarks/profile_phases.py`` (forward, forward+backward and
+   whole step per contender, and kernels per program) for mnist_cnn f32 b128 and resnet18_cifar bf16 b256.
+
+``--sections a,b`` runs only those (in the order above).
 
 Sections that would start after ``--budget`` seconds are skipped (and say so). ``--quick`` shrinks everything
 to a CPU smoke test (tiny batches, two rounds).
@@ -32,6 +37,9 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import profile_phases  # noqa: E402
 
 from jaxcnn import bench  # noqa: E402
 from jaxcnn import functional as F  # noqa: E402
@@ -64,7 +72,10 @@ def main() -> int:
     parser.add_argument("--output", default=os.environ.get("OUT", "benchmarks/accelerator-latest"))
     parser.add_argument("--budget", type=float, default=270.0, help="start no section after this many seconds")
     parser.add_argument("--quick", action="store_true", help="tiny CPU smoke test")
+    parser.add_argument("--sections", default=None, help="comma-separated section names (default: all)")
     args = parser.parse_args()
+    chosen = None if args.sections is None else set(args.sections.split(","))
+    wanted = lambda name: chosen is None or name in chosen
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -91,8 +102,9 @@ def main() -> int:
 
     def write(name: str, result: dict, table: str | None = None) -> None:
         (out / f"{name}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-        if table is not None:
-            (out / f"{name}.md").write_text(table)
+        if table is not None:  # every table in one file (the device run returns a few files only)
+            with open(out / "tables.md", "a") as tables:
+                tables.write(f"## {name}\n\n{table}\n")
             print(table, flush=True)
 
     log(f"devices: {jax.devices()}")
@@ -101,12 +113,14 @@ def main() -> int:
     worst = max(max(row["rel_err"]) for row in grads["checks"])
     log(f"gradients: auto dw_method {grads['auto_dw_method']}, worst relative error {worst:.2e}")
     for name, settings in sections:
+        if not wanted(name):
+            continue
         if time.perf_counter() - started > args.budget:
             log(f"{name}: skipped (past the {args.budget:.0f}s budget)")
             continue
         result = bench.run(log=log, **settings)
         write(name, result, bench.markdown(result))
-    if time.perf_counter() - started <= args.budget:
+    if wanted("dw_methods") and time.perf_counter() - started <= args.budget:
         rows = {}
         original = dict(conv_module._DW_AUTO)
         backend = jax.default_backend()
@@ -121,6 +135,16 @@ def main() -> int:
         conv_module._DW_AUTO.update(original)
         write("dw_methods", rows)
         log("dw_methods: " + ", ".join(f"{m} {r['images_per_second']:,.0f} img/s" for m, r in rows.items()))
+    profiles = [
+        ("profile_mnist", "mnist_cnn", mnist_batch, "float32"),
+        ("profile_resnet18", "resnet18_cifar", big_batch, "bfloat16"),
+    ]
+    for name, model_name, batch, dtype in profiles:
+        if not wanted(name) or time.perf_counter() - started > args.budget:
+            continue
+        rows = profile_phases.profile(model_name, batch, dtype, rounds=small["rounds"])
+        title = f"{model_name}, batch {batch}, {dtype}, {jax.devices()[0].device_kind} (ms per call, medians)"
+        write(name, {"rows": rows}, profile_phases.markdown(rows, title))
     log(f"done in {time.perf_counter() - started:.0f}s; results in {out}")
     return 0
 
