@@ -80,7 +80,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     quick = args.quick
-    small = dict(rounds=2, steps=4, warmup=1) if quick else dict(rounds=5, steps=20, warmup=3)
+    small = dict(rounds=2, steps=4, warmup=1) if quick else dict(rounds=6, steps=20, warmup=3)
     big_batch, mnist_batch = (8, 16) if quick else (256, 128)
     scan = 2 if quick else 100  # quick: steps=4 is a multiple of 2
     everyone = bench.CONTENDERS
@@ -89,10 +89,10 @@ def main() -> int:
         ("resnet18_bf16", dict(model_names=["resnet18_cifar"], batch_size=big_batch, dtype="bfloat16",
                                contenders=no_engine, **small)),
         ("mnist_f32", dict(model_names=["mnist_cnn"], batch_size=mnist_batch, contenders=everyone,
-                           **(small if quick else dict(rounds=5, steps=100, warmup=10)))),
+                           **(small if quick else dict(rounds=8, steps=100, warmup=10)))),
         ("mnist_f32_scan", dict(model_names=["mnist_cnn"], batch_size=mnist_batch, steps_per_call=scan,
                                 contenders=("jaxcnn-manual", "jaxcnn-autodiff", "flax"),
-                                **(small if quick else dict(rounds=5, steps=400, warmup=100)))),
+                                **(small if quick else dict(rounds=6, steps=400, warmup=100)))),
         ("resnet18_f32", dict(model_names=["resnet18_cifar"], batch_size=big_batch,
                               contenders=("jaxcnn-manual", "jaxcnn-autodiff", "flax", "torch-compile"), **small)),
     ]  # fmt: skip

@@ -120,8 +120,11 @@ def profile(model_name: str, batch_size: int, dtype: str | None, rounds: int = 7
     times: dict[str, list[float]] = {name: [] for name in compiled}
     for fn, args in compiled.values():
         jax.block_until_ready(fn(*args))
-    for _ in range(rounds):
-        for name, (fn, args) in compiled.items():
+    names = list(compiled)
+    for round_index in range(rounds):
+        shift = round_index % len(names)  # rotate the order: no program always runs first
+        for name in names[shift:] + names[:shift]:
+            fn, args = compiled[name]
             started = time.perf_counter()
             for _ in range(calls):
                 result = fn(*args)

@@ -3,7 +3,8 @@
 Every contender trains the same architecture with the same optimizer (SGD with momentum 0.9, float32) on the
 same synthetic batch, already on the device. Each is compiled and warmed up first; then the contenders take
 turns, round after round (interleaved, so a noisy machine slows them alike), each round timing ``steps``
-consecutive steps ended by a device sync. The figure per contender is the median images per second over the
+consecutive steps ended by a device sync; each round starts one contender later than the last, so no contender
+always runs first. The figure per contender is the median images per second over the
 rounds; ratios are to PyTorch eager when it ran (else to jaxcnn autodiff). PyTorch is optional: it is used
 when installed, never a dependency of jaxcnn.
 
@@ -391,8 +392,12 @@ def run(
             except ValueError as error:
                 say(f"{name}: {contender} skipped ({error})")
         timings: dict[str, list[float]] = {contender: [] for contender in runners}
+        order = list(runners)
         for round_index in range(rounds):
-            for contender, runner in runners.items():
+            # each round starts one contender later: whatever the first (or last) place costs is shared out
+            shift = round_index % max(len(order), 1)
+            for contender in order[shift:] + order[:shift]:
+                runner = runners[contender]
                 started = time.perf_counter()
                 runner(steps)
                 timings[contender].append(batch_size * steps / (time.perf_counter() - started))
