@@ -111,34 +111,22 @@ def _per_channel(param: jax.Array | None, ndim: int, param_shape: tuple[int, ...
     return None if param is None else param.reshape((1,) * (ndim - len(param_shape)) + param_shape)
 
 
-def _moments(x: jax.Array, axes: tuple[int, ...], shift: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    """Mean and biased variance over ``axes`` (kept as size-1 axes).
-
-    Without ``shift``: two passes (the mean, then the mean squared deviation), free of cancellation. With a
-    ``shift`` K broadcastable to the statistics (batch norm passes its running mean): one pass over ``x - K``,
-    ``var = E[(x - K)^2] - E[x - K]^2`` -- every sum reads ``x`` once, which on memory-bound accelerators is
-    what a norm layer costs. It cancels only as much as ``(mean - K) / std`` is large: from ``K = 0`` it is
-    Flax's own ``use_fast_variance`` formula, and K tracks the mean as training goes. Clipped at 0 as Flax does.
-    """
-    if shift is None:
-        mean = jnp.mean(x, axis=axes, keepdims=True)
-        centred = x - mean
-        return mean, jnp.mean(centred * centred, axis=axes, keepdims=True)
-    shifted = x - shift
-    first = jnp.mean(shifted, axis=axes, keepdims=True)
-    second = jnp.mean(shifted * shifted, axis=axes, keepdims=True)
-    # the mean is summed directly too (a third sum over the same read), so that x - mean is exact where it can be
-    return jnp.mean(x, axis=axes, keepdims=True), jnp.maximum(second - first * first, 0)
+def _moments(x: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    """Mean and biased variance over ``axes`` (kept as size-1 axes), in two passes: free of the cancellation
+    of Flax's default one-pass ``E[x^2] - E[x]^2``, with which it agrees to that formula's round-off."""
+    mean = jnp.mean(x, axis=axes, keepdims=True)
+    centred = x - mean
+    return mean, jnp.mean(centred * centred, axis=axes, keepdims=True)
 
 
-def _normalize(x, scale, bias, *, axes, param_shape, epsilon, stats=None, shift=None):
+def _normalize(x, scale, bias, *, axes, param_shape, epsilon, stats=None):
     """``y = (x - mean) * (rsqrt(var + epsilon) * scale) + bias`` on a view; returns ``(y, mean, var)``.
 
     ``x``, ``scale``, ``bias`` are in the compute dtype; ``scale``/``bias`` are ``(C,)`` or None and act on the
     trailing ``param_shape`` axes of ``x``. ``stats``: fixed ``(mean, var)`` broadcastable to ``x``; when None
-    they are the batch statistics over ``axes`` (shifted by ``shift``: see :func:`_moments`).
+    they are the batch statistics over ``axes``.
     """
-    mean, var = _moments(x, axes, shift) if stats is None else stats
+    mean, var = _moments(x, axes) if stats is None else stats
     multiplier = lax.rsqrt(var + epsilon)
     if scale is not None:
         multiplier = multiplier * _per_channel(scale, x.ndim, param_shape)
@@ -148,10 +136,10 @@ def _normalize(x, scale, bias, *, axes, param_shape, epsilon, stats=None, shift=
     return y, mean, var
 
 
-def _normalize_vjp(x, scale, dy, *, axes, param_shape, epsilon, stats=None, shift=None):
+def _normalize_vjp(x, scale, dy, *, axes, param_shape, epsilon, stats=None):
     """Cotangents ``(dx, dscale, dbias)`` of :func:`_normalize` (same view and arguments); ``dscale`` and
     ``dbias`` are ``(C,)`` and returned whether or not the forward had them."""
-    mean, var = _moments(x, axes, shift) if stats is None else stats
+    mean, var = _moments(x, axes) if stats is None else stats
     inv = lax.rsqrt(var + epsilon)
     xhat = (x - mean) * inv
     # y = xhat * scale + bias per channel: the parameters collect dy (times xhat) from every non-channel cell.
@@ -212,11 +200,9 @@ def batch_norm(
     x = jnp.asarray(x)
     epsilon = _check_batch_norm("batch_norm", x, scale, bias, running_mean, running_var, train, momentum, epsilon)
     dtype, out_dtype = _dtypes(x, scale, bias, running_mean, running_var)
-    view, stats, shift = x.astype(dtype), None, None
+    view, stats = x.astype(dtype), None
     channels = x.shape[-1]
-    if train:
-        shift = _per_channel(_cast(running_mean, dtype), x.ndim, (channels,))
-    else:
+    if not train:
         stats = tuple(_per_channel(_cast(s, dtype), x.ndim, (channels,)) for s in (running_mean, running_var))
     y, mean, var = _normalize(
         view,
@@ -226,7 +212,6 @@ def batch_norm(
         param_shape=(channels,),
         epsilon=epsilon,
         stats=stats,
-        shift=shift,
     )
     y = y.astype(out_dtype)
     if not train:
@@ -265,10 +250,8 @@ def batch_norm_vjp(
     _check_dy("batch_norm_vjp", x, dy)
     dtype, _ = _dtypes(x, scale, bias, running_mean, running_var, dy)
     channels = x.shape[-1]
-    stats, shift = None, None
-    if train:  # the forward's statistics, computed the same way (shifted by the running mean)
-        shift = _per_channel(_cast(running_mean, dtype), x.ndim, (channels,))
-    else:
+    stats = None
+    if not train:
         stats = tuple(_per_channel(_cast(s, dtype), x.ndim, (channels,)) for s in (running_mean, running_var))
     dx, dscale, dbias = _normalize_vjp(
         x.astype(dtype),
@@ -278,7 +261,6 @@ def batch_norm_vjp(
         param_shape=(channels,),
         epsilon=epsilon,
         stats=stats,
-        shift=shift,
     )
     return _cotangents(x, scale, bias, dx, dscale, dbias)
 
