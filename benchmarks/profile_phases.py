@@ -25,6 +25,7 @@ import optax
 
 import jaxcnn as jc
 import jaxcnn.functional as F
+from jaxcnn import bench
 from jaxcnn.train.step import cast_floating, loss_and_grads_fn
 
 _NOT_KERNELS = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast", "copy-start", "copy-done"}
@@ -44,22 +45,6 @@ def kernel_count(compiled: Any) -> int | None:
         if match and match.group(1) not in _NOT_KERNELS:
             count += 1
     return count
-
-
-def _flax_loss_and_grads(model, params, state, low):
-    module, variables = jc.interop.to_flax(model, params, state)
-    has_stats = "batch_stats" in variables
-
-    def loss(p, stats, x, y):
-        if low is not None:
-            p, x = cast_floating(p, low), x.astype(low)
-        if has_stats:
-            logits, _ = module.apply({"params": p, "batch_stats": stats}, x, train=True, mutable=["batch_stats"])
-        else:
-            logits = module.apply({"params": p}, x, train=True)
-        return F.softmax_cross_entropy(logits.astype(jnp.float32), y)
-
-    return variables["params"], variables.get("batch_stats", {}), loss
 
 
 def programs(model_name: str, batch_size: int, dtype: str | None) -> dict[str, tuple[Any, tuple]]:
@@ -100,7 +85,8 @@ def programs(model_name: str, batch_size: int, dtype: str | None) -> dict[str, t
         add(f"jaxcnn-{mode} fwd+bwd", backward, params, state, x, y, key)
         add(f"jaxcnn-{mode} step", step, params, opt_state, state, x, y, key)
 
-    flax_params, stats, flax_loss = _flax_loss_and_grads(model, params, state, low)
+    flax_params, stats, with_stats = bench.flax_loss(model, params, state, dtype or "float32")
+    flax_loss = lambda p, s, x, y: with_stats(p, s, x, y)[0]
     flax_opt = optimizer.init(flax_params)
 
     def flax_step(p, o, s, x, y):

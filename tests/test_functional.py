@@ -81,6 +81,21 @@ def test_conv2d_vjp_matches_autodiff(case, dtype):
         assert_trees_close((dx, dw, db), expected, dtype, f"conv2d dw_method={method} {case}")
 
 
+@pytest.mark.parametrize("method", ["taps", "conv"])
+@pytest.mark.parametrize("case", CONV_CASES[2::9], ids=[f"conv{i}" for i in range(2, len(CONV_CASES), 9)])
+def test_conv2d_dw_methods_against_finite_differences(case, method):
+    """Each weight-gradient formulation, whichever the backend picks, against central differences (float64)."""
+    x, w, _, options = _conv_inputs(case, jnp.float64)
+    dy = normal(5, F.conv2d(x, w, **options).shape)
+    _, dw, _ = F.conv2d_vjp(x, w, dy, **options, dw_method=method)
+    rng = np.random.default_rng(0)
+    direction = jnp.asarray(rng.standard_normal(w.shape))
+    step = 1e-6
+    objective = lambda kernel: jnp.sum(F.conv2d(x, kernel, **options) * dy)
+    numeric = (objective(w + step * direction) - objective(w - step * direction)) / (2 * step)
+    assert float(jnp.sum(dw * direction)) == pytest.approx(float(numeric), rel=1e-6, abs=1e-8)
+
+
 def test_conv2d_vjp_dw_method_per_backend_and_bad_names():
     assert F.conv.dw_method_for("cpu") == "taps"
     assert F.conv.dw_method_for("gpu") == F.conv.dw_method_for("tpu") == "conv"

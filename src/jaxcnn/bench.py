@@ -104,18 +104,17 @@ def _jaxcnn_runner(model: nn.Layer, input_shape, x, y, gradients: str, options: 
     return _jax_runner(step, state, x, y, options.steps_per_call)
 
 
-def _flax_runner(model: nn.Layer, input_shape, x, y, options: Options) -> Runner:
-    """The model as a Flax linen module (interop.to_flax), trained by ``jax.value_and_grad`` with the same mixed
-    precision policy as jaxcnn's (parameters and input cast to the compute dtype, loss in float32)."""
+def flax_loss(model: nn.Layer, params: Any, state: Any, dtype: str = "float32"):
+    """The model as a Flax linen module (interop.to_flax) with jaxcnn's mixed precision policy (parameters and
+    input cast to ``dtype``, loss in float32): ``(flax_params, batch_stats, loss)`` with
+    ``loss(params, batch_stats, x, y) -> (value, new_batch_stats)``."""
     from jaxcnn import functional as F
     from jaxcnn import interop
     from jaxcnn.train.step import cast_floating
 
-    params, model_state = model.init(jax.random.key(0), input_shape)
-    module, variables = interop.to_flax(model, params, model_state)
-    optimizer = optax.sgd(LEARNING_RATE, MOMENTUM)
+    module, variables = interop.to_flax(model, params, state)
     has_stats = "batch_stats" in variables
-    low = None if options.dtype == "float32" else jax.numpy.dtype(options.dtype)
+    low = None if dtype == "float32" else jax.numpy.dtype(dtype)
 
     def loss(params, stats, x, y):
         if low is not None:
@@ -128,6 +127,14 @@ def _flax_runner(model: nn.Layer, input_shape, x, y, options: Options) -> Runner
         logits = module.apply({"params": params}, x, train=True)
         return F.softmax_cross_entropy(logits.astype(np.float32), y), stats
 
+    return variables["params"], variables.get("batch_stats", {}), loss
+
+
+def _flax_runner(model: nn.Layer, input_shape, x, y, options: Options) -> Runner:
+    """The Flax twin (:func:`flax_loss`) trained by ``jax.value_and_grad`` with the same optimizer."""
+    flax_params, stats, loss = flax_loss(model, *model.init(jax.random.key(0), input_shape), options.dtype)
+    optimizer = optax.sgd(LEARNING_RATE, MOMENTUM)
+
     def train_step(carry, x, y):
         params, stats, opt_state = carry
         (value, stats), grads = jax.value_and_grad(loss, has_aux=True)(params, stats, x, y)
@@ -137,7 +144,7 @@ def _flax_runner(model: nn.Layer, input_shape, x, y, options: Options) -> Runner
     step = train_step
     if options.steps_per_call > 1:
         step = lambda carry, xs, ys: jax.lax.scan(lambda c, batch: train_step(c, *batch), carry, (xs, ys))
-    carry = (variables["params"], variables.get("batch_stats", {}), optimizer.init(variables["params"]))
+    carry = (flax_params, stats, optimizer.init(flax_params))
     return _jax_runner(jax.jit(step, donate_argnums=0), carry, x, y, options.steps_per_call)
 
 
