@@ -142,6 +142,41 @@ def _loss_and_grads(model, loss_fn, gradients, loss_vjp, remat):
     return autodiff
 
 
+def train_step_function(
+    model: Layer,
+    optimizer: optax.GradientTransformation,
+    *,
+    loss_fn: LossFn = softmax_cross_entropy,
+    gradients: str = "autodiff",
+    dtype: Any = None,
+    remat: bool = False,
+) -> Callable[..., tuple[TrainState, Metrics]]:
+    """The train step of :func:`make_train_step` as a plain (not jit-compiled) function, to transform further:
+    ``jax.vmap`` it over an ensemble, ``jax.jit`` it with shardings over a mesh (see :mod:`jaxcnn.parallel`).
+
+    ``step(state, x, y, scale=None)``: a scalar ``scale`` multiplies the optimizer's updates, which sets an
+    ensemble member's learning rate relative to the optimizer's (exactly so for the optax optimizers whose
+    learning rate multiplies their final update: sgd, momentum, nesterov, adam, adamw, rmsprop).
+    """
+    loss_and_grads = loss_and_grads_fn(model, loss_fn, gradients, dtype=dtype, remat=remat)
+
+    def step(state: TrainState, x: jax.Array, y: jax.Array, scale: Any = None) -> tuple[TrainState, Metrics]:
+        key = jax.random.fold_in(state.key, state.step)
+        loss, predictions, model_state, grads = loss_and_grads(state.params, state.model_state, x, y, key)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        if scale is not None:
+            updates = jax.tree.map(lambda u: (u * scale).astype(u.dtype), updates)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss, "count": jnp.asarray(x.shape[0], jnp.int32)}
+        accuracy = _accuracy_of(predictions, y)
+        if accuracy is not None:
+            metrics["accuracy"] = accuracy
+        new_state = state.replace(params=params, model_state=model_state, opt_state=opt_state, step=state.step + 1)
+        return new_state, metrics
+
+    return step
+
+
 def make_train_step(
     model: Layer,
     optimizer: optax.GradientTransformation,
@@ -181,22 +216,9 @@ def make_train_step(
       labels for cross-entropy). ``metrics`` stays on device: ``"loss"`` (the batch mean), ``"accuracy"``
       (integer labels only) and ``"count"`` (N), each a scalar.
     """
-    loss_and_grads = loss_and_grads_fn(model, loss_fn, gradients, dtype=dtype, remat=remat)
     if not is_int(steps_per_call) or steps_per_call < 1:
         raise ValueError(f"steps_per_call must be an int >= 1, got {steps_per_call!r}")
-
-    def step(state: TrainState, x: jax.Array, y: jax.Array) -> tuple[TrainState, Metrics]:
-        key = jax.random.fold_in(state.key, state.step)
-        loss, predictions, model_state, grads = loss_and_grads(state.params, state.model_state, x, y, key)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "count": jnp.asarray(x.shape[0], jnp.int32)}
-        accuracy = _accuracy_of(predictions, y)
-        if accuracy is not None:
-            metrics["accuracy"] = accuracy
-        new_state = state.replace(params=params, model_state=model_state, opt_state=opt_state, step=state.step + 1)
-        return new_state, metrics
-
+    step = train_step_function(model, optimizer, loss_fn=loss_fn, gradients=gradients, dtype=dtype, remat=remat)
     if steps_per_call == 1:
         return jax.jit(step, donate_argnums=0)
 
@@ -219,6 +241,13 @@ def make_eval_step(
     ``metrics`` holds sums, so batches of any size add up exactly: ``"loss_sum"`` (the batch-mean loss times N),
     ``"correct"`` (integer labels only) and ``"count"`` (N).
     """
+    return jax.jit(eval_step_function(model, loss_fn=loss_fn))
+
+
+def eval_step_function(
+    model: Layer, *, loss_fn: LossFn = softmax_cross_entropy
+) -> Callable[[Params, State, jax.Array, jax.Array], Metrics]:
+    """The eval step of :func:`make_eval_step` as a plain (not jit-compiled) function."""
 
     def eval_step(params: Params, model_state: State, x: jax.Array, y: jax.Array) -> Metrics:
         predictions, _ = model.apply(params, model_state, x, train=False)
@@ -229,7 +258,7 @@ def make_eval_step(
             metrics["correct"] = jnp.sum(jnp.argmax(predictions, axis=-1) == y, dtype=jnp.int32)
         return metrics
 
-    return jax.jit(eval_step)
+    return eval_step
 
 
 def evaluate(
