@@ -83,6 +83,7 @@ _TRAIN_FLAGS: dict[str, tuple[type, str]] = {
     "seed": (int, "seeds initialisation, data order and every random draw"),
     "gradients": (str, "autodiff (jax.grad), manual (hand rules via custom_vjp) or engine (explicit reverse pass)"),
     "dtype": (str, "compute dtype of the train step (bfloat16: mixed precision, float32 master weights)"),
+    "ensemble": (int, "train K models at once in one vmapped step (seeds SEED..SEED+K-1); reports each and the mean"),
     "keep": (int, "checkpoints to keep"),
 }
 
@@ -108,7 +109,18 @@ def _default_workdir() -> Path:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from jaxcnn import parallel
+
+    # before anything touches a JAX backend: a multi-process run must join its peers first
+    distributed = parallel.initialize(args.coordinator, args.num_processes, args.process_id)
+    if args.devices is not None and args.devices < 1:
+        raise ValueError(f"--devices must be >= 1, got {args.devices}")
+    import jax
+
     from jaxcnn import train
+
+    primary = jax.process_index() == 0
+    say = (lambda line: print(line, flush=True)) if primary else (lambda line: None)
 
     overrides = {name: getattr(args, name) for name in _TRAIN_FLAGS if getattr(args, name) is not None}
     for name in ("data_dir", "data_path"):  # absolute, so that eval and resume work from any directory
@@ -122,22 +134,37 @@ def _train(args: argparse.Namespace) -> int:
         config = train.read_config(workdir).replace(**overrides)
     else:
         config = train.Config(**overrides)
-    print(
+    if distributed and not args.workdir:
+        raise ValueError("a multi-process run needs --workdir (the same directory for every process)")
+    placement = ""
+    if args.devices is not None or distributed:
+        count = args.devices if args.devices is not None else jax.device_count()
+        placement = f", data parallel over {_plural(count, 'device')}"
+        if distributed:
+            placement += f" in {_plural(jax.process_count(), 'process')}"
+    say(
         f"training {config.model} on {config.dataset}: {_plural(config.epochs, 'epoch')}, batch {config.batch_size}, "
         f"{config.optimizer} lr {config.learning_rate:g} ({config.schedule}), gradients {config.gradients}"
         + (f", {config.dtype}" if config.dtype != "float32" else "")
-        + (", remat" if config.remat else ""),
-        flush=True,
+        + (", remat" if config.remat else "")
+        + (f", ensemble of {config.ensemble}" if config.ensemble > 1 else "")
+        + placement
     )
-    log = lambda line: print(line, flush=True)
-    state, history = train.fit(config, workdir, log=log, progress=not args.no_progress)
+    state, history = train.fit(config, workdir, log=say, progress=not args.no_progress, devices=args.devices)
+    steps = _plural(train.checkpoint.step_number(state), "step")
     if not history:  # a finished run whose metrics.jsonl was removed: nothing trained, nothing to report
-        print(f"done: nothing to train ({_plural(int(state.step), 'step')} already taken); workdir {workdir}")
+        say(f"done: nothing to train ({steps} already taken); workdir {workdir}")
         return 0
     last = history[-1]
-    print(
-        f"done: test accuracy {_number(last.get('test_accuracy'))}, test loss {_number(last.get('test_loss'))} "
-        f"after {_plural(last['epoch'], 'epoch')} ({_plural(int(state.step), 'step')}); workdir {workdir}"
+    for k, member in enumerate(last.get("members", [])):
+        say(
+            f"member {k} (seed {config.seed + k}): test accuracy {_number(member['test_accuracy'])}, "
+            f"test loss {_number(member['test_loss'])}"
+        )
+    which = "ensemble " if "members" in last else ""
+    say(
+        f"done: {which}test accuracy {_number(last.get('test_accuracy'))}, test loss {_number(last.get('test_loss'))} "
+        f"after {_plural(last['epoch'], 'epoch')} ({steps}); workdir {workdir}"
     )
     return 0
 
@@ -206,6 +233,23 @@ def _add_train(commands) -> None:
         )
     parser.add_argument("--workdir", default=None, help="run directory (default: a new runs/<timestamp>)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    scale = parser.add_argument_group(
+        "data parallelism",
+        "Shard every batch over devices (parameters replicated, gradients all-reduced); over several processes "
+        "too. The process flags default to the environment variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES "
+        "and JAX_PROCESS_ID.",
+    )
+    scale.add_argument(
+        "--devices",
+        type=int,
+        default=None,
+        metavar="N",
+        help="devices in all (default: one; every device in a "
+        "multi-process run); simulate CPU devices with XLA_FLAGS=--xla_force_host_platform_device_count=N",
+    )
+    scale.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="address of process 0 (multi-process)")
+    scale.add_argument("--num-processes", type=int, default=None, metavar="P", help="number of processes")
+    scale.add_argument("--process-id", type=int, default=None, metavar="I", help="this process's index, 0..P-1")
     parser.set_defaults(run=_train)
     assert {f.name for f in dataclasses.fields(config.Config)} == set(_TRAIN_FLAGS) | set(_SWITCHES)
 

@@ -50,13 +50,16 @@ __all__ = [
     "create_ensemble_state",
     "data_mesh",
     "dp_optimizer",
+    "ensemble_batches",
     "ensemble_predictions",
+    "evaluate_ensemble",
     "gradient_noise_scale",
     "gradient_variance",
     "initialize",
     "make_data_parallel_eval_step",
     "make_data_parallel_train_step",
     "make_dp_train_step",
+    "make_ensemble_eval_step",
     "make_ensemble_train_step",
     "per_example_grads",
     "per_example_loss_and_grads",
@@ -389,6 +392,95 @@ def ensemble_predictions(model: Layer, params: Params, state: State, x: jax.Arra
     logits = jax.vmap(apply)(params, state)
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     return probs, jnp.mean(probs, axis=0)
+
+
+def make_ensemble_eval_step(model: Layer, *, loss_fn: LossFn = softmax_cross_entropy) -> Callable[..., Metrics]:
+    """A jit-compiled ``eval_step(params, state, x, y) -> sums`` for an ensemble (leading member axis) and a
+    shared batch, in inference mode.
+
+    ``sums``: ``"member_loss_sum"`` and ``"member_correct"`` (each ``(K,)``: every member on its own),
+    ``"loss_sum"`` (the ensemble's negative log-likelihood of the mean probabilities, summed), ``"correct"``
+    (the ensemble's argmax hits) and ``"count"``. Integer labels only.
+    """
+
+    def eval_step(params: Params, state: State, x: jax.Array, y: jax.Array) -> Metrics:
+        logits = jax.vmap(lambda p, s: model.apply(p, s, x, train=False)[0])(params, state)
+        count = x.shape[0]
+        member_loss = jax.vmap(lambda out: loss_fn(out, y))(logits) * count
+        probs = jnp.mean(jax.nn.softmax(logits.astype(jnp.float32), axis=-1), axis=0)
+        picked = jnp.take_along_axis(probs, y[:, None].astype(jnp.int32), axis=-1)[:, 0]
+        tiny = jnp.finfo(probs.dtype).tiny
+        return {
+            "member_loss_sum": member_loss,
+            "member_correct": jnp.sum(jnp.argmax(logits, axis=-1) == y, axis=-1, dtype=jnp.int32),
+            "loss_sum": -jnp.sum(jnp.log(jnp.maximum(picked, tiny))),
+            "correct": jnp.sum(jnp.argmax(probs, axis=-1) == y, dtype=jnp.int32),
+            "count": jnp.asarray(count, jnp.int32),
+        }
+
+    return jax.jit(eval_step)
+
+
+def evaluate_ensemble(
+    model: Layer,
+    params: Params,
+    state: State,
+    x: Any,
+    y: Any,
+    *,
+    batch_size: int = 256,
+    eval_step: Callable[..., Metrics] | None = None,
+) -> dict[str, Any]:
+    """The ensemble's and each member's test loss and accuracy over ``(x, y)`` (integer labels).
+
+    Returns:
+      ``{"loss", "accuracy", "count", "members": [{"loss", "accuracy"}, ...]}``: the ensemble predicts with the
+      mean of its members' softmax probabilities (its loss is the negative log-likelihood of that mean).
+    """
+    from jaxcnn.data import batches
+
+    step = eval_step or make_ensemble_eval_step(model)
+    y = np.asarray(y)
+    if not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"an ensemble is evaluated on integer class labels, got {y.dtype}")
+    totals: dict[str, Any] = {}
+    for x_batch, y_batch in batches(np.asarray(x), y, batch_size):
+        for name, value in step(params, state, x_batch, y_batch).items():
+            totals[name] = totals[name] + value if name in totals else value
+    if not totals:
+        raise ValueError("cannot evaluate on an empty set")
+    totals = jax.device_get(totals)
+    count = int(totals["count"])
+    members = [
+        {"loss": float(loss) / count, "accuracy": float(correct) / count}
+        for loss, correct in zip(totals["member_loss_sum"], totals["member_correct"])
+    ]
+    return {
+        "loss": float(totals["loss_sum"]) / count,
+        "accuracy": float(totals["correct"]) / count,
+        "count": count,
+        "members": members,
+    }
+
+
+def ensemble_batches(
+    x: np.ndarray, y: np.ndarray, batch_size: int, keys: Sequence[jax.Array], *, prefetch: int = 2
+) -> Iterator[tuple[jax.Array, jax.Array]]:
+    """One epoch for K members, each in its own order: batches ``(K, b, ...)`` where member ``k``'s rows are
+    those :func:`jaxcnn.data.batches` gives a single run with ``key=keys[k]`` (so member ``k`` sees exactly
+    the batches of that run)."""
+    from jaxcnn.data import epoch_order, num_batches
+
+    num_batches(len(x), batch_size)
+    orders = np.stack([epoch_order(key, len(x)) for key in keys])
+    queue: deque[tuple[jax.Array, jax.Array]] = deque()
+    for start in range(0, orders.shape[1], batch_size):
+        index = orders[:, start : start + batch_size]
+        queue.append((jax.device_put(x[index]), jax.device_put(y[index])))
+        if len(queue) > prefetch:
+            yield queue.popleft()
+    while queue:
+        yield queue.popleft()
 
 
 # -- data parallelism ------------------------------------------------------------------------------------------

@@ -55,6 +55,11 @@ def _name(index: int) -> str:
     return f"leaf_{index:05d}"
 
 
+def step_number(state: TrainState) -> int:
+    """The state's step count as an int (an ensemble's members share it; a replicated array is read locally)."""
+    return int(np.asarray(jax.device_get(state.step)).reshape(-1)[0])
+
+
 def all_finite(tree: Any) -> bool:
     """True when every floating-point leaf of ``tree`` is free of NaN and Inf (one reduction on device)."""
     checks = [
@@ -118,12 +123,12 @@ class Checkpointer:
         Refuses a state holding NaN or Inf: a diverged run never replaces a good checkpoint.
         """
         if not all_finite((state.params, state.model_state, state.opt_state)):
-            raise ValueError(f"refusing to write a checkpoint with non-finite values at step {int(state.step)}")
+            raise ValueError(f"refusing to write a checkpoint with non-finite values at step {step_number(state)}")
         ocp = _quiet_orbax()
         leaves, paths = _leaves_of(state)
-        record = dict(meta, format=FORMAT, step=int(state.step), paths=paths, sha256=[_digest(a) for a in leaves])
+        step = step_number(state)
+        record = dict(meta, format=FORMAT, step=step, paths=paths, sha256=[_digest(a) for a in leaves])
         payload = {_name(i): leaf for i, leaf in enumerate(leaves)}
-        step = int(state.step)
         self._open().save(
             step, args=ocp.args.Composite(state=ocp.args.StandardSave(payload), meta=ocp.args.JsonSave(record))
         )

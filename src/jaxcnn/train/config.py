@@ -27,9 +27,10 @@ DATASETS = ("cifar10", "digits", "fashion_mnist", "mnist", "npz", "synthetic")
 
 # Fields a resumed run must share with the run it continues: its checkpoints hold this model's parameters for
 # this data set, in this optimizer's state; its random stream comes from this seed, and its data order and
-# per-epoch schedule from this batch size. Everything else (more epochs, a new learning rate or schedule,
-# another gradient mode) may change on resume; the data themselves are checked by fingerprint.
-RESUME_FIXED = ("model", "dataset", "optimizer", "seed", "batch_size")
+# per-epoch schedule from this batch size; an ensemble's checkpoints hold its K members. Everything else (more
+# epochs, a new learning rate or schedule, another gradient mode, the devices it runs on) may change on resume;
+# the data themselves are checked by fingerprint.
+RESUME_FIXED = ("model", "dataset", "optimizer", "seed", "batch_size", "ensemble")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +67,9 @@ class Config:
         forward and backward; float32 master weights, loss, optimizer state and evaluation).
       remat: recompute each block's activations in the backward pass (``jax.checkpoint`` per child of the
         model) to save memory; needs ``gradients`` ``"autodiff"`` or ``"manual"``.
+      ensemble: train this many models at once (>= 1) in one vmapped step; member ``k`` is the run with seed
+        ``seed + k`` (its own initialisation, data order and dropout), and the ensemble predicts with the mean
+        of the members' probabilities.
       keep: how many of the latest checkpoints a workdir keeps (>= 1).
       normalize: standardise images per channel with the training set's mean and standard deviation.
     """
@@ -88,6 +92,7 @@ class Config:
     gradients: str = "manual"
     dtype: str = "float32"
     remat: bool = False
+    ensemble: int = 1
     keep: int = 3
     normalize: bool = True
 
@@ -127,11 +132,16 @@ class Config:
         _integer("epochs", self.epochs, 1)
         _integer("warmup_epochs", self.warmup_epochs, 0)
         _integer("keep", self.keep, 1)
+        _integer("ensemble", self.ensemble, 1)
         if self.schedule_epochs is not None:
             _integer("schedule_epochs", self.schedule_epochs, 1)
         _integer("seed", self.seed, 0)
         if self.seed >= 2**32:
             raise ValueError(f"seed must be an int in [0, 2**32), got {self.seed}")
+        if self.seed + self.ensemble > 2**32:
+            raise ValueError(
+                f"an ensemble of {self.ensemble} from seed {self.seed} needs seeds past 2**32 - 1"
+            )
         for name in ("normalize", "remat"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")

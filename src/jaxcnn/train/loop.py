@@ -25,8 +25,8 @@ import jax
 import numpy as np
 
 from jaxcnn import data as data_lib
-from jaxcnn import models
-from jaxcnn.train.checkpoint import Checkpointer, CheckpointError, all_finite
+from jaxcnn import models, parallel
+from jaxcnn.train.checkpoint import Checkpointer, CheckpointError, all_finite, step_number
 from jaxcnn.train.config import Config, make_optimizer
 from jaxcnn.train.state import TrainState, create_train_state, data_key
 from jaxcnn.train.step import evaluate, make_eval_step, make_train_step
@@ -169,7 +169,8 @@ class Run:
         return self._fingerprint
 
     def initial_state(self) -> TrainState:
-        return create_train_state(self.model, self.optimizer, jax.random.key(self.config.seed), self.input_shape)
+        """The state at step 0: one model, or an ensemble's K members (seeds ``seed .. seed + K - 1``) stacked."""
+        return initial_state(self.config, self.model, self.optimizer, self.input_shape)
 
     def meta(self, epoch: int) -> dict[str, Any]:
         return {
@@ -184,6 +185,13 @@ class Run:
         }
 
 
+def initial_state(config: Config, model: Any, optimizer: Any, input_shape: tuple[int, ...]) -> TrainState:
+    if config.ensemble > 1:
+        seeds = [config.seed + k for k in range(config.ensemble)]
+        return parallel.create_ensemble_state(model, optimizer, seeds, input_shape)
+    return create_train_state(model, optimizer, jax.random.key(config.seed), input_shape)
+
+
 # -- the loop --------------------------------------------------------------------------------------------------
 
 
@@ -194,6 +202,7 @@ def fit(
     data: data_lib.Dataset | None = None,
     log: Callable[[str], None] | None = print,
     progress: bool = False,
+    devices: int | None = None,
 ) -> tuple[TrainState, list[dict[str, Any]]]:
     """Train ``config.model`` on ``config.dataset`` for ``config.epochs`` epochs, resuming ``workdir`` if it has
     a checkpoint.
@@ -202,17 +211,27 @@ def fit(
     through the jit-compiled step, evaluates on the test set, appends a line to ``metrics.jsonl`` and writes a
     checkpoint. Asking a finished run for more epochs extends it; asking for fewer returns it as it is.
 
+    Data parallelism: with ``devices=N`` every step runs over a mesh of N devices (:mod:`jaxcnn.parallel`),
+    each batch sharded across them and the state replicated; the result is the single-device run's up to the
+    order of float additions. In a run over several processes (after :func:`jaxcnn.parallel.initialize`) every
+    process calls ``fit`` with the same arguments: each feeds only its own rows of every batch, the first
+    process alone writes ``config.json``, ``metrics.jsonl`` and the log, and each checkpoint is written once.
+
     Args:
       config: the run's :class:`Config`.
       workdir: where ``config.json``, ``metrics.jsonl`` and the checkpoints go; None trains in memory only.
       data: a :class:`jaxcnn.data.Dataset` to use instead of loading ``config.dataset``.
       log: called with each summary line (None for silence).
       progress: show a progress bar per epoch (on stderr).
+      devices: the number of devices in all to shard each batch over; None uses the default device alone (or,
+        in a multi-process run, every device of every process).
 
     Returns:
       ``(state, history)``: the final :class:`TrainState` and one dict per epoch with the fields of
       ``metrics.jsonl`` (``epoch, step, train_loss, train_accuracy, test_loss, test_accuracy, learning_rate,
-      seconds``).
+      seconds``). For an ensemble (``config.ensemble > 1``) every leaf of the state has a leading member axis;
+      the test fields are the ensemble's (mean probabilities), the train fields the members' mean, and
+      ``members`` lists each member's four loss and accuracy fields.
 
     Raises:
       ValueError: an invalid config, bad data, a workdir holding another model or data set, a corrupt checkpoint.
@@ -221,7 +240,12 @@ def fit(
     if not isinstance(config, Config):
         raise ValueError(f"fit expects a jaxcnn.train.Config, got {type(config).__name__}")
     with jax.enable_x64(False):  # the same bits whether or not the caller turned 64-bit types on
-        return _fit(config, Path(workdir) if workdir is not None else None, data, log, progress)
+        mesh = None
+        if devices is not None or jax.process_count() > 1:
+            if config.ensemble > 1:
+                raise ValueError("an ensemble trains on one device: --ensemble cannot be combined with --devices")
+            mesh = parallel.data_mesh(devices)
+        return _fit(config, Path(workdir) if workdir is not None else None, data, log, progress, mesh)
 
 
 def _fit(
@@ -230,8 +254,10 @@ def _fit(
     data: data_lib.Dataset | None,
     log: Callable[[str], None] | None,
     progress: bool,
+    mesh: Any,
 ) -> tuple[TrainState, list[dict[str, Any]]]:
-    say = log or (lambda line: None)
+    primary = jax.process_index() == 0  # the process that writes the workdir's files and the log
+    say = log if log is not None and primary else (lambda line: None)
     resuming = directory is not None and _check_workdir(directory, config)
     run = Run(config, data)
     state = run.initial_state()
@@ -247,17 +273,27 @@ def _fit(
                 _check_meta(meta, run, checkpointer)
                 first_epoch = int(meta["epoch"]) + 1
                 history = [r for r in read_metrics(directory) if r["epoch"] <= meta["epoch"]]
-                say(f"resuming {directory} from epoch {meta['epoch']} (step {int(state.step)})")
-            _write_atomically(directory / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in history))
-            if not resuming:
+                say(f"resuming {directory} from epoch {meta['epoch']} (step {step_number(state)})")
+            _barrier("jaxcnn-fit-start")  # every process has read the workdir before the first one writes to it
+            if primary:
+                _write_atomically(directory / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in history))
+            if not resuming and primary:
                 _write_atomically(directory / CONFIG_FILE, config.to_json())
             # a resumed run's new config replaces the saved one only once its first epoch has gone well: a
             # resume that fails (bad flags, divergence) leaves the run's config as it was
-        state = _train(run, state, history, first_epoch, directory, checkpointer, say, progress)
+        driver = _Ensemble(run) if config.ensemble > 1 else _Replicas(run, mesh)
+        state = _train(run, driver, state, history, first_epoch, directory, checkpointer, say, progress and primary)
     finally:
         if checkpointer is not None:
             checkpointer.close()
     return state, history
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def _check_workdir(directory: Path, config: Config) -> bool:
@@ -269,8 +305,7 @@ def _check_workdir(directory: Path, config: Config) -> bool:
         conflicts = config.resume_conflicts(saved)
         if conflicts:
             raise ValueError(
-                f"workdir {directory} holds a run this config cannot resume ({'; '.join(conflicts)}); "
-                "use a new workdir"
+                f"workdir {directory} holds a run this config cannot resume ({'; '.join(conflicts)}); use a new workdir"
             )
         return True
     if (directory / CHECKPOINT_DIR).is_dir() and any((directory / CHECKPOINT_DIR).iterdir()):
@@ -292,8 +327,57 @@ def _check_meta(meta: dict[str, Any], run: Run, checkpointer: Checkpointer) -> N
         )
 
 
+class _Replicas:
+    """One model's steps, on the default device or (with a mesh) data-parallel over the mesh's devices."""
+
+    def __init__(self, run: Run, mesh: Any):
+        self.run, self.mesh = run, mesh
+        self.train_step, self.eval_step = _compiled_steps(run, mesh)
+        self.order_key: jax.Array | None = None
+
+    def place(self, state: TrainState) -> TrainState:
+        self.order_key = data_key(state.key)
+        return state if self.mesh is None else parallel.replicate(state, self.mesh)
+
+    def batches(self, epoch: int):
+        x, y = self.run.data.train
+        key = jax.random.fold_in(self.order_key, epoch)
+        if self.mesh is None:
+            return data_lib.batches(x, y, self.run.config.batch_size, key=key)
+        return parallel.sharded_batches(x, y, self.run.config.batch_size, self.mesh, key=key)
+
+    def evaluate(self, state: TrainState) -> dict[str, Any]:
+        x, y = self.run.data.test
+        return evaluate(self.run.model, state.params, state.model_state, x, y, eval_step=self.eval_step, mesh=self.mesh)
+
+
+class _Ensemble:
+    """K models in one vmapped step, member ``k`` fed the batches of the run with seed ``seed + k``."""
+
+    def __init__(self, run: Run):
+        self.run = run
+        self.train_step, self.eval_step = _compiled_steps(run, None)
+        self.order_keys: list[jax.Array] = []
+
+    def place(self, state: TrainState) -> TrainState:
+        self.order_keys = [data_key(state.key[k]) for k in range(state.key.shape[0])]
+        return state
+
+    def batches(self, epoch: int):
+        x, y = self.run.data.train
+        keys = [jax.random.fold_in(key, epoch) for key in self.order_keys]
+        return parallel.ensemble_batches(x, y, self.run.config.batch_size, keys)
+
+    def evaluate(self, state: TrainState) -> dict[str, Any]:
+        x, y = self.run.data.test
+        return parallel.evaluate_ensemble(
+            self.run.model, state.params, state.model_state, x, y, eval_step=self.eval_step
+        )
+
+
 def _train(
     run: Run,
+    driver: _Replicas | _Ensemble,
     state: TrainState,
     history: list[dict[str, Any]],
     first_epoch: int,
@@ -303,19 +387,15 @@ def _train(
     progress: bool,
 ) -> TrainState:
     config = run.config
-    x_train, y_train = run.data.train
-    x_test, y_test = run.data.test
-    train_step, eval_step = _compiled_steps(run)
-    order_key = data_key(state.key)
+    state = driver.place(state)
     bar = _ProgressBar(progress)
     try:
         for epoch in range(first_epoch, config.epochs + 1):
             started = time.perf_counter()
-            losses = _LossWatch(epoch, int(state.step), checkpointer)
+            losses = _LossWatch(epoch, step_number(state), checkpointer)
             bar.start(epoch, config.epochs, run.steps_per_epoch)
-            epoch_key = jax.random.fold_in(order_key, epoch)
-            for x, y in data_lib.batches(x_train, y_train, config.batch_size, key=epoch_key):
-                state, metrics = train_step(state, x, y)
+            for x, y in driver.batches(epoch):
+                state, metrics = driver.train_step(state, x, y)
                 losses.add(metrics)
                 if losses.pending >= CHECK_EVERY:
                     bar.update(losses.check())
@@ -324,27 +404,39 @@ def _train(
             train = losses.finish()
             bar.stop()
             if not all_finite((state.params, state.model_state, state.opt_state)):
-                losses.fail(f"the parameters or optimizer state turned non-finite in epoch {epoch}", int(state.step))
-            test = evaluate(run.model, state.params, state.model_state, x_test, y_test, eval_step=eval_step)
+                losses.fail(f"the parameters or optimizer state turned non-finite in epoch {epoch}", step_number(state))
+            test = driver.evaluate(state)
+            step = step_number(state)
             record = {
                 "epoch": epoch,
-                "step": int(state.step),
-                "train_loss": _json_number(train["loss"]),
-                "train_accuracy": _json_number(train.get("accuracy")),
+                "step": step,
+                "train_loss": _json_number(_mean(train["loss"])),
+                "train_accuracy": _json_number(_mean(train.get("accuracy"))),
                 "test_loss": _json_number(test["loss"]),
                 "test_accuracy": _json_number(test.get("accuracy")),
-                "learning_rate": _json_number(float(run.schedule(int(state.step) - 1))),
+                "learning_rate": _json_number(float(run.schedule(step - 1))),
                 "seconds": round(time.perf_counter() - started, 3),
             }
+            if "members" in test:
+                record["members"] = [
+                    {
+                        "train_loss": _json_number(float(train["loss"][k])),
+                        "train_accuracy": _json_number(float(train["accuracy"][k]) if "accuracy" in train else None),
+                        "test_loss": _json_number(member["loss"]),
+                        "test_accuracy": _json_number(member["accuracy"]),
+                    }
+                    for k, member in enumerate(test["members"])
+                ]
             history.append(record)
             if directory is not None:
-                with open(directory / METRICS_FILE, "a", encoding="utf-8") as file:
-                    file.write(json.dumps(record) + "\n")
-                    file.flush()
-                    os.fsync(file.fileno())
-                if epoch == first_epoch:  # the first good epoch of this invocation: its config becomes the run's
-                    _write_atomically(directory / CONFIG_FILE, config.to_json())
-                checkpointer.save(state, run.meta(epoch))
+                if jax.process_index() == 0:
+                    with open(directory / METRICS_FILE, "a", encoding="utf-8") as file:
+                        file.write(json.dumps(record) + "\n")
+                        file.flush()
+                        os.fsync(file.fileno())
+                    if epoch == first_epoch:  # the first good epoch of this invocation: its config becomes the run's
+                        _write_atomically(directory / CONFIG_FILE, config.to_json())
+                checkpointer.save(state, run.meta(epoch))  # every process takes part; orbax writes it once
             say(_summary(record, config.epochs))
     finally:
         bar.stop()
@@ -355,23 +447,36 @@ _STEPS: dict[tuple, tuple[Callable, Callable]] = {}
 _STEPS_KEPT = 8
 
 
-def _compiled_steps(run: Run) -> tuple[Callable, Callable]:
-    """The jitted train and eval steps of ``run``, shared by every ``fit`` with the same model, optimizer and
-    gradient mode in this process (so a resumed or repeated run compiles nothing again)."""
+def _mean(value: Any) -> float | None:
+    return None if value is None else float(np.mean(value))
+
+
+def _compiled_steps(run: Run, mesh: Any) -> tuple[Callable, Callable]:
+    """The jitted train and eval steps of ``run``, shared by every ``fit`` with the same model, optimizer,
+    gradient mode, ensemble size and mesh in this process (so a resumed or repeated run compiles nothing again)."""
     config = run.config
     horizon = (config.schedule_epochs or config.epochs) if config.schedule in ("cosine", "warmup_cosine") else None
     optimizer_fields = (config.optimizer, config.learning_rate, config.momentum, config.weight_decay)
     schedule_fields = (config.schedule, config.decay_rate, config.warmup_epochs, horizon, run.steps_per_epoch)
-    key = (run.model, config.gradients, config.dtype, config.remat, optimizer_fields, schedule_fields)
+    options = (config.gradients, config.dtype, config.remat, config.ensemble, mesh)
+    key = (run.model, options, optimizer_fields, schedule_fields)
     if key not in _STEPS:
         if len(_STEPS) >= _STEPS_KEPT:
             _STEPS.pop(next(iter(_STEPS)))
-        _STEPS[key] = (
-            make_train_step(
-                run.model, run.optimizer, gradients=config.gradients, dtype=config.dtype, remat=config.remat
-            ),
-            make_eval_step(run.model),
-        )
+        kwargs = {"gradients": config.gradients, "dtype": config.dtype, "remat": config.remat}
+        if config.ensemble > 1:
+            steps = (
+                parallel.make_ensemble_train_step(run.model, run.optimizer, **kwargs),
+                parallel.make_ensemble_eval_step(run.model),
+            )
+        elif mesh is not None:
+            steps = (
+                parallel.make_data_parallel_train_step(run.model, run.optimizer, mesh, **kwargs),
+                parallel.make_data_parallel_eval_step(run.model, mesh),
+            )
+        else:
+            steps = (make_train_step(run.model, run.optimizer, **kwargs), make_eval_step(run.model))
+        _STEPS[key] = steps
     return _STEPS[key]
 
 
@@ -380,9 +485,13 @@ def _summary(record: dict[str, Any], epochs: int) -> str:
         value = record.get(name)
         return "n/a" if value is None else f"{value:.{digits}f}"
 
+    members = ""
+    if "members" in record:
+        accuracies = ["n/a" if m["test_accuracy"] is None else f"{m['test_accuracy']:.4f}" for m in record["members"]]
+        members = f" (ensemble; members {' '.join(accuracies)})"
     return (
         f"epoch {record['epoch']}/{epochs}  step {record['step']}  train loss {number('train_loss')} "
-        f"acc {number('train_accuracy')}  test loss {number('test_loss')} acc {number('test_accuracy')}  "
+        f"acc {number('train_accuracy')}  test loss {number('test_loss')} acc {number('test_accuracy')}{members}  "
         f"lr {record['learning_rate']:.3g}  {record['seconds']:.1f}s"
     )
 
@@ -413,19 +522,22 @@ class _LossWatch:
         last = None
         for metrics in values:
             self.step += 1
-            loss = float(metrics["loss"])
-            if not math.isfinite(loss):
-                self.fail(f"the loss is {loss} at epoch {self.epoch}, step {self.step}", self.step)
-            count = int(metrics["count"])
-            self.totals["loss"] += loss * count
+            loss = np.asarray(metrics["loss"], np.float64)  # a scalar, or one per ensemble member
+            if not np.all(np.isfinite(loss)):
+                bad = float(loss.reshape(-1)[~np.isfinite(loss.reshape(-1))][0])
+                self.fail(f"the loss is {bad} at epoch {self.epoch}, step {self.step}", self.step)
+            count = int(np.asarray(metrics["count"]).reshape(-1)[0])
+            self.totals["loss"] = self.totals["loss"] + loss * count
             self.totals["count"] += count
             if "accuracy" in metrics:
                 self.has_accuracy = True
-                self.totals["accuracy"] += float(metrics["accuracy"]) * count
-            last = loss
+                accuracy = np.asarray(metrics["accuracy"], np.float64)
+                self.totals["accuracy"] = self.totals["accuracy"] + accuracy * count
+            last = float(np.mean(loss))
         return last
 
-    def finish(self) -> dict[str, float]:
+    def finish(self) -> dict[str, Any]:
+        """The epoch's mean loss (and accuracy): floats, or arrays of one per ensemble member."""
         self.check()
         count = max(self.totals["count"], 1)
         result = {"loss": self.totals["loss"] / count}
@@ -529,7 +641,7 @@ def _restore_run(directory: Path, step: int | None) -> tuple[Config, TrainState,
                 raise CheckpointError(f"checkpoint {where} holds an invalid config: {error}") from None
         model = build_model(config, input_shape, num_classes)
         optimizer, _ = make_optimizer(config, int(meta.get("steps_per_epoch", 1)))
-        template = create_train_state(model, optimizer, jax.random.key(config.seed), input_shape)
+        template = initial_state(config, model, optimizer, input_shape)
         state, meta = checkpointer.restore(template, step)
     return config, state, model, meta
 
@@ -552,5 +664,8 @@ def _evaluate_restored(config, state, model, meta, split, batch_size) -> dict[st
         )
     x, y = dataset.test if split == "test" else dataset.train
     _check_labels(dataset, model.output_shape(tuple(dataset.input_shape))[-1])
-    result = evaluate(model, state.params, state.model_state, np.asarray(x), np.asarray(y), batch_size=batch_size)
-    return dict(result, epoch=meta["epoch"], step=int(state.step), split=split)
+    if config.ensemble > 1:
+        result = parallel.evaluate_ensemble(model, state.params, state.model_state, x, y, batch_size=batch_size)
+    else:
+        result = evaluate(model, state.params, state.model_state, np.asarray(x), np.asarray(y), batch_size=batch_size)
+    return dict(result, epoch=meta["epoch"], step=step_number(state), split=split)

@@ -271,6 +271,7 @@ def evaluate(
     batch_size: int = 256,
     loss_fn: LossFn = softmax_cross_entropy,
     eval_step: Callable[..., Metrics] | None = None,
+    mesh: Any = None,
 ) -> dict[str, float]:
     """Mean loss (and accuracy, for integer labels) of the model over ``(x, y)`` in inference mode.
 
@@ -280,6 +281,8 @@ def evaluate(
       batch_size: examples per compiled call (the last batch holds the remainder).
       loss_fn: the loss (the mean over a batch).
       eval_step: a step from :func:`make_eval_step` to reuse (avoids a compile per call).
+      mesh: a ``jax.sharding.Mesh`` from :func:`jaxcnn.parallel.data_mesh`: every batch is sharded across its
+        devices (``params`` and ``model_state`` replicated on it); None runs on the default device.
 
     Returns:
       ``{"loss": float, "accuracy": float, "count": int}`` (no ``"accuracy"`` for non-integer targets).
@@ -288,7 +291,13 @@ def evaluate(
 
     step = eval_step or make_eval_step(model, loss_fn=loss_fn)
     totals: dict[str, Any] = {}
-    for x_batch, y_batch in batches(np.asarray(x), np.asarray(y), batch_size):
+    if mesh is None:
+        batched = batches(np.asarray(x), np.asarray(y), batch_size)
+    else:
+        from jaxcnn.parallel import sharded_batches
+
+        batched = sharded_batches(np.asarray(x), np.asarray(y), batch_size, mesh)
+    for x_batch, y_batch in batched:
         for name, value in step(params, model_state, x_batch, y_batch).items():
             totals[name] = totals[name] + value if name in totals else value
     if not totals:
