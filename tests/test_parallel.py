@@ -225,7 +225,7 @@ def test_dp_train_step_clips_updates_and_refuses_batchnorm():
         state = create_train_state(model, optimizer, jax.random.key(1), (8, 8, 2))
         x = jax.random.normal(jax.random.key(2), (6, 8, 8, 2))
         y = jnp.arange(6) % 3
-        before = state.params
+        before = jax.tree.map(np.asarray, state.params)  # the step donates the state
         step = parallel.make_dp_train_step(model, optimizer, gradients="manual", l2_norm_clip=clip)
         new, metrics = step(state, x, y)
         assert int(new.step) == 1 and set(metrics) == {"loss", "count", "grad_norm", "clipped", "accuracy"}
@@ -395,6 +395,8 @@ def test_one_device_mesh_step_equals_the_plain_step():
         step = parallel.make_data_parallel_train_step(model, optimizer, mesh)
         sharded, _ = step(sharded, parallel.shard_batch(x, mesh), parallel.shard_batch(y, mesh))
         for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(plain), strict=True):
+            if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+                a, b = jax.random.key_data(a), jax.random.key_data(b)
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
 
 
@@ -446,9 +448,16 @@ FOUR_DEVICES = """
         y = rng.integers(0, 3, 16)
         plain, _ = step(plain, x, y)
         sharded, metrics = sharded_step(sharded, parallel.shard_batch(x, mesh), parallel.shard_batch(y, mesh))
-    out["batchnorm_params"] = rel(sharded.params, plain.params)
-    out["batchnorm_state"] = rel(sharded.model_state, plain.model_state)
-    out["sharding"] = str(parallel.shard_batch(x, mesh).sharding.spec)
+    # relative to the largest entry of the whole tree: the conv bias before BatchNorm has a zero gradient in
+    # exact arithmetic (the normalisation removes it), so its own scale is rounding noise
+    def tree_rel(a, b):
+        scale = max(float(np.max(np.abs(np.asarray(y)))) for y in jax.tree.leaves(b))
+        return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in
+                   zip(jax.tree.leaves(a), jax.tree.leaves(b))) / scale
+
+    out["batchnorm_params"] = tree_rel(sharded.params, plain.params)
+    out["batchnorm_state"] = tree_rel(sharded.model_state, plain.model_state)
+    out["sharding"] = list(parallel.shard_batch(x, mesh).sharding.spec)
     print(json.dumps(out))
 """
 
@@ -470,7 +479,7 @@ def test_four_simulated_devices_reach_the_one_device_parameters(four_devices):
 
 
 def test_batchnorm_statistics_cover_the_whole_batch_across_devices(four_devices):
-    assert four_devices["sharding"] == "PartitionSpec('data',)"
+    assert four_devices["sharding"] == ["data"]
     assert four_devices["batchnorm_params"] <= 1e-5
     assert four_devices["batchnorm_state"] <= 1e-5
 
@@ -482,7 +491,7 @@ def free_port() -> int:
 
 
 # the README's 2-process command (see test_readme for the text itself)
-TWO_PROCESS_FLAGS = ["--epochs", "2", "--seed", "1", "--no-progress"]
+TWO_PROCESS_FLAGS = ["--epochs", "3", "--seed", "3", "--no-progress"]
 
 
 def test_two_processes_on_one_machine_match_one_process(tmp_path):
@@ -504,18 +513,18 @@ def test_two_processes_on_one_machine_match_one_process(tmp_path):
     for process, (_, stderr) in zip(processes, outputs):
         assert process.returncode == 0, stderr[-3000:]
     assert "data parallel over 2 devices in 2 processes" in outputs[0][0]
-    assert outputs[1][0] == ""  # only the first process reports
+    assert "epoch" not in outputs[1][0] and "done" not in outputs[1][0]  # only the first process reports
     config = train.read_config(tmp_path / "two")
     one, one_history = train.fit(config, tmp_path / "one", log=None)
     two = train.restore(tmp_path / "two")
     assert_close(two.params, one.params, 1e-5, "2 processes against 1")
     two_history = train.read_metrics(tmp_path / "two")
-    assert len(two_history) == 2 and two_history[-1]["test_loss"] == pytest.approx(
+    assert len(two_history) == len(one_history) and two_history[-1]["test_loss"] == pytest.approx(
         one_history[-1]["test_loss"], rel=1e-5
     )
     # each checkpoint was written once, by orbax's primary process
-    assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir()) == ["45", "90"]
-    assert not list((tmp_path / "two" / "checkpoints" / "90" / "state").glob("ocdbt.process_1"))
+    assert sorted(int(p.name) for p in (tmp_path / "two" / "checkpoints").iterdir()) == [45, 90, 135]
+    assert not list((tmp_path / "two" / "checkpoints" / "135" / "state").glob("ocdbt.process_1"))
 
 
 def test_the_cli_reports_each_ensemble_member(tmp_path, capsys):

@@ -141,7 +141,7 @@ def _train(args: argparse.Namespace) -> int:
         count = args.devices if args.devices is not None else jax.device_count()
         placement = f", data parallel over {_plural(count, 'device')}"
         if distributed:
-            placement += f" in {_plural(jax.process_count(), 'process')}"
+            placement += f" in {jax.process_count()} processes"
     say(
         f"training {config.model} on {config.dataset}: {_plural(config.epochs, 'epoch')}, batch {config.batch_size}, "
         f"{config.optimizer} lr {config.learning_rate:g} ({config.schedule}), gradients {config.gradients}"

@@ -412,7 +412,7 @@ def make_ensemble_eval_step(model: Layer, *, loss_fn: LossFn = softmax_cross_ent
         tiny = jnp.finfo(probs.dtype).tiny
         return {
             "member_loss_sum": member_loss,
-            "member_correct": jnp.sum(jnp.argmax(logits, axis=-1) == y, axis=-1, dtype=jnp.int32),
+            "member_correct": jnp.sum(jnp.argmax(logits, axis=-1) == y[None], axis=-1, dtype=jnp.int32),
             "loss_sum": -jnp.sum(jnp.log(jnp.maximum(picked, tiny))),
             "correct": jnp.sum(jnp.argmax(probs, axis=-1) == y, dtype=jnp.int32),
             "count": jnp.asarray(count, jnp.int32),
@@ -573,7 +573,8 @@ def _replicated(mesh: Mesh) -> NamedSharding:
 
 
 def _global_array(value: Any, sharding: NamedSharding) -> jax.Array:
-    host = np.asarray(value)
+    # a copy: on CPU np.asarray may view the buffer of a jax array that a donating step will later reuse
+    host = np.array(value, copy=True)
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 

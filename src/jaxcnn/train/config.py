@@ -139,9 +139,7 @@ class Config:
         if self.seed >= 2**32:
             raise ValueError(f"seed must be an int in [0, 2**32), got {self.seed}")
         if self.seed + self.ensemble > 2**32:
-            raise ValueError(
-                f"an ensemble of {self.ensemble} from seed {self.seed} needs seeds past 2**32 - 1"
-            )
+            raise ValueError(f"an ensemble of {self.ensemble} from seed {self.seed} needs seeds past 2**32 - 1")
         for name in ("normalize", "remat"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
