@@ -18,6 +18,8 @@ from models_for_tests import random_variables
 # -- helpers --------------------------------------------------------------------------------------------------
 
 
+
+
 def labels(seed, batch, classes):
     return jnp.asarray(np.random.default_rng(seed).integers(0, classes, batch))
 

@@ -1,6 +1,7 @@
 """Flax interop: to_flax gives a flax.linen module computing the same function on the same variables (eval and
 train mode, running statistics included); from_flax takes Flax variables back, checked against the model."""
 
+
 import flax.linen as linen
 import jax
 import jax.numpy as jnp
