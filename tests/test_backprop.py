@@ -92,6 +92,7 @@ def test_manual_gradients_compose_with_vmap():
     assert_trees_close(mean, batch, jnp.float64, "mean of per-example")
 
 
+@pytest.mark.slow  # per-example gradients through the engine are in test_parallel (a smaller model)
 def test_engine_vmaps_too():
     model, params, state, x, y = setup("every_layer", batch=2)
     engine = jc.backprop.value_and_grad(model, F.softmax_cross_entropy)

@@ -42,7 +42,7 @@ def leaf_layer_paths(model, prefix=""):
     return paths
 
 
-@pytest.mark.parametrize("name", ["mnist_cnn", "every_layer", "unseen", "nested"])
+@pytest.mark.parametrize("name", ["mnist_cnn", pytest.param("every_layer", marks=pytest.mark.slow), "unseen", "nested"])
 def test_check_model_passes_on_correct_rules(name):
     model, params, state, x, y = data(name, batch=2 if name == "mnist_cnn" else 3)
     report = jc.gradcheck.check_model(model, params, state, x, y)

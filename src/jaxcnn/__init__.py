@@ -3,11 +3,12 @@
 Parts: :mod:`jaxcnn.functional` (ops and their hand-derived VJPs), :mod:`jaxcnn.nn` (layers),
 :mod:`jaxcnn.backprop` (the explicit reverse pass), :mod:`jaxcnn.gradcheck` (the three-way check),
 :mod:`jaxcnn.models` (named architectures), :mod:`jaxcnn.data` (data sets and batching),
-:mod:`jaxcnn.train` (train state, compiled steps, the loop, checkpoints) and :mod:`jaxcnn.interop` (Flax).
+:mod:`jaxcnn.train` (train state, compiled steps, the loop, checkpoints), :mod:`jaxcnn.parallel` (per-example
+gradients, ensembles, data parallelism over devices and hosts) and :mod:`jaxcnn.interop` (Flax).
 """
 
-from jaxcnn import backprop, data, functional, gradcheck, interop, models, nn, train
+from jaxcnn import backprop, data, functional, gradcheck, interop, models, nn, parallel, train
 
 __version__ = "0.1.0"
 
-__all__ = ["backprop", "data", "functional", "gradcheck", "interop", "models", "nn", "train"]
+__all__ = ["backprop", "data", "functional", "gradcheck", "interop", "models", "nn", "parallel", "train"]
