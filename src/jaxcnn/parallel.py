@@ -473,10 +473,16 @@ def ensemble_batches(
 
     num_batches(len(x), batch_size)
     orders = np.stack([epoch_order(key, len(x)) for key in keys])
-    queue: deque[tuple[jax.Array, jax.Array]] = deque()
-    for start in range(0, orders.shape[1], batch_size):
-        index = orders[:, start : start + batch_size]
-        queue.append((jax.device_put(x[index]), jax.device_put(y[index])))
+    starts = range(0, orders.shape[1], batch_size)
+    placed = ((jax.device_put(x[i]), jax.device_put(y[i])) for i in (orders[:, s : s + batch_size] for s in starts))
+    return _ahead(placed, prefetch)
+
+
+def _ahead(batches: Iterator[Any], prefetch: int) -> Iterator[Any]:
+    """``batches`` with up to ``prefetch`` of them placed (asynchronously) ahead of the one being consumed."""
+    queue: deque[Any] = deque()
+    for batch in batches:
+        queue.append(batch)
         if len(queue) > prefetch:
             yield queue.popleft()
     while queue:
@@ -622,14 +628,8 @@ def sharded_batches(
     if len(x) != len(y):
         raise ValueError(f"x has {len(x)} rows but y has {len(y)}")
     order = np.arange(len(x)) if key is None else epoch_order(key, len(x))
-    queue: deque[tuple[jax.Array, jax.Array]] = deque()
-    for start in range(0, len(order), batch_size):
-        index = order[start : start + batch_size]
-        queue.append((shard_batch(x, mesh, index), shard_batch(y, mesh, index)))
-        if len(queue) > prefetch:
-            yield queue.popleft()
-    while queue:
-        yield queue.popleft()
+    indices = (order[start : start + batch_size] for start in range(0, len(order), batch_size))
+    return _ahead(((shard_batch(x, mesh, i), shard_batch(y, mesh, i)) for i in indices), prefetch)
 
 
 def make_data_parallel_train_step(
