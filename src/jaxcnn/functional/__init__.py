@@ -49,6 +49,7 @@ from jaxcnn.functional.pool import (
     max_pool2d_vjp,
 )
 from jaxcnn.functional.resample import upsample_nearest2d, upsample_nearest2d_vjp
+from jaxcnn.functional.rnn import elman_rnn, elman_rnn_vjp
 
 __all__ = [
     "HandRule",
@@ -65,6 +66,8 @@ __all__ = [
     "dropout",
     "dropout_mask",
     "dropout_vjp",
+    "elman_rnn",
+    "elman_rnn_vjp",
     "elu",
     "elu_vjp",
     "gelu",
