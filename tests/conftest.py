@@ -36,18 +36,3 @@ def normal(seed: int, shape, dtype=jnp.float64):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config, items):
-    """Send every test that uses a module- or session-scoped fixture to one xdist worker per fixture
-    (``--dist loadgroup``): otherwise each worker builds the fixture (a training run, say) again."""
-    for item in items:
-        info = getattr(item, "_fixtureinfo", None)
-        if info is None:
-            continue
-        for name in item.fixturenames:
-            definitions = info.name2fixturedefs.get(name)
-            if definitions and definitions[-1].scope in ("module", "session"):
-                item.add_marker(pytest.mark.xdist_group(f"{item.module.__name__}:{name}"))
-                break

@@ -487,6 +487,7 @@ def assert_states_identical(states, old_state):
         assert not np.array_equal(np.asarray(old), np.asarray(new))  # train mode moved every statistic
 
 
+@pytest.mark.slow  # ResNet-20 (BatchNorm, residuals, both shortcut kinds) runs the same check in the default suite
 def test_resnet18_three_way_agreement_at_32x32():
     """The acceptance case: ResNet-18 on CIFAR-sized inputs, float64, batch 2, the three paths compiled whole."""
     model = jc.models.get("resnet18_cifar")

@@ -20,8 +20,8 @@ CASES = [
     (1, 12, 4, 2, True),
     (4, 8, 8, 5, False),
     (2, 30, 3, 6, True),
-    (5, 3, 1, 7, True),
-    (2, 6, 10, 1, False),
+    pytest.param((5, 3, 1, 7, True), marks=pytest.mark.slow),
+    pytest.param((2, 6, 10, 1, False), marks=pytest.mark.slow),
 ]
 
 

@@ -252,24 +252,24 @@ def test_an_ensemble_of_k_equals_k_separate_runs_with_the_same_seeds():
     with jax.enable_x64(False):
         model = dropout_cnn()
         optimizer = optax.sgd(0.1, momentum=0.9)
-        seeds = [4, 9, 11]
+        seeds = [4, 9]
         states = parallel.create_ensemble_state(model, optimizer, seeds, (6, 6, 2))
-        assert states.step.shape == (3,)
-        xs = jax.random.normal(jax.random.key(0), (3, 3, 8, 6, 6, 2))  # (steps, members, batch, ...)
-        ys = jax.random.randint(jax.random.key(1), (3, 3, 8), 0, 3)
+        assert states.step.shape == (2,)
+        xs = jax.random.normal(jax.random.key(0), (2, 2, 8, 6, 6, 2))  # (steps, members, batch, ...)
+        ys = jax.random.randint(jax.random.key(1), (2, 2, 8), 0, 3)
         step = parallel.make_ensemble_train_step(model, optimizer, gradients="manual")
-        for t in range(3):
+        for t in range(2):
             states, metrics = step(states, xs[t], ys[t])
-        assert metrics["loss"].shape == (3,)
+        assert metrics["loss"].shape == (2,)
         single = make_train_step(model, optimizer, gradients="manual")
         for k, seed in enumerate(seeds):
             state = create_train_state(model, optimizer, jax.random.key(seed), (6, 6, 2))
-            for t in range(3):
+            for t in range(2):
                 state, _ = single(state, xs[t, k], ys[t, k])
             assert_close(jax.tree.map(lambda leaf: leaf[k], states.params), state.params, 1e-6, f"member {k}")
         # the ensemble predicts with the mean of its members' probabilities
         members, mean = parallel.ensemble_predictions(model, states.params, states.model_state, xs[0, 0])
-        for k in range(3):
+        for k in range(2):
             member = jax.tree.map(lambda leaf: leaf[k], (states.params, states.model_state))
             logits = model.apply(*member, xs[0, 0])[0]
             np.testing.assert_allclose(members[k], jax.nn.softmax(logits), rtol=1e-5, atol=1e-7)

@@ -84,6 +84,7 @@ _TRAIN_FLAGS: dict[str, tuple[type, str]] = {
     "gradients": (str, "autodiff (jax.grad), manual (hand rules via custom_vjp) or engine (explicit reverse pass)"),
     "dtype": (str, "compute dtype of the train step (bfloat16: mixed precision, float32 master weights)"),
     "ensemble": (int, "train K models at once in one vmapped step (seeds SEED..SEED+K-1); reports each and the mean"),
+    "early_stopping": (int, "stop once the test loss has not improved for this many epochs"),
     "keep": (int, "checkpoints to keep"),
 }
 
@@ -91,9 +92,10 @@ _TRAIN_FLAGS: dict[str, tuple[type, str]] = {
 _SWITCHES = {
     "normalize": "standardise images per channel with the training set's statistics",
     "remat": "recompute each block's activations in the backward pass to save memory (autodiff, manual)",
+    "log_grad_norms": "record each layer's gradient norm and update/weight ratio per epoch in metrics.jsonl",
 }
 
-_DEFAULT_TEXT = {"data_dir": "none", "data_path": "none", "schedule_epochs": "--epochs"}
+_DEFAULT_TEXT = {"data_dir": "none", "data_path": "none", "schedule_epochs": "--epochs", "early_stopping": "off"}
 
 
 def _plural(count: int, noun: str) -> str:

@@ -348,12 +348,14 @@ def make_ensemble_train_step(
     remat: bool = False,
     lr_scales: Sequence[float] | jax.Array | None = None,
     shared_batch: bool = False,
+    log_grad_norms: bool = False,
 ) -> Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, Metrics]]:
     """A jit-compiled ``step(states, x, y) -> (new_states, metrics)`` training K models at once (``jax.vmap`` of
     the ordinary train step over the members; buffers donated).
 
     Args:
-      model, optimizer, loss_fn, gradients, dtype, remat: as for :func:`jaxcnn.train.make_train_step`.
+      model, optimizer, loss_fn, gradients, dtype, remat, log_grad_norms: as for
+        :func:`jaxcnn.train.make_train_step`.
       lr_scales: K factors; member ``k``'s updates are multiplied by ``lr_scales[k]``, i.e. it trains with the
         optimizer's learning rate (schedule included) times ``lr_scales[k]``. Build the optimizer with learning
         rate 1.0 to give the K rates directly. None: every member uses the optimizer's rate.
@@ -363,7 +365,9 @@ def make_ensemble_train_step(
     Returns:
       The step; ``states`` come from :func:`create_ensemble_state`; every metric has a leading axis of K.
     """
-    step = train_step_function(model, optimizer, loss_fn=loss_fn, gradients=gradients, dtype=dtype, remat=remat)
+    step = train_step_function(
+        model, optimizer, loss_fn=loss_fn, gradients=gradients, dtype=dtype, remat=remat, log_grad_norms=log_grad_norms
+    )
     batch_axis = None if shared_batch else 0
     if lr_scales is None:
         members = jax.vmap(step, in_axes=(0, batch_axis, batch_axis))
@@ -641,6 +645,7 @@ def make_data_parallel_train_step(
     gradients: str = "autodiff",
     dtype: Any = None,
     remat: bool = False,
+    log_grad_norms: bool = False,
 ) -> Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, Metrics]]:
     """The train step of :func:`jaxcnn.train.make_train_step`, compiled for ``mesh``: ``step(state, x, y)`` with
     ``state`` replicated (:func:`replicate`) and ``x``, ``y`` sharded along the batch (:func:`shard_batch`).
@@ -649,7 +654,9 @@ def make_data_parallel_train_step(
     moments) across devices, so the result is that of the whole batch on one device, up to the order of float
     additions. The new state and the metrics come back replicated.
     """
-    step = train_step_function(model, optimizer, loss_fn=loss_fn, gradients=gradients, dtype=dtype, remat=remat)
+    step = train_step_function(
+        model, optimizer, loss_fn=loss_fn, gradients=gradients, dtype=dtype, remat=remat, log_grad_norms=log_grad_norms
+    )
     replicated = _replicated(mesh)
     return jax.jit(lambda state, x, y: step(state, x, y), donate_argnums=0, out_shardings=(replicated, replicated))
 

@@ -70,6 +70,11 @@ class Config:
       ensemble: train this many models at once (>= 1) in one vmapped step; member ``k`` is the run with seed
         ``seed + k`` (its own initialisation, data order and dropout), and the ensemble predicts with the mean
         of the members' probabilities.
+      early_stopping: stop once the test loss has not improved for this many epochs in a row (>= 1); None
+        trains every epoch. The digits and the other built-in sets have no validation split, so the test set
+        stands in for one: the stopping epoch is chosen on it.
+      log_grad_norms: record each layer's gradient norm and update-to-weight ratio (the norm of the optimizer's
+        update over the norm of the weights), averaged over each epoch's steps, in ``metrics.jsonl``.
       keep: how many of the latest checkpoints a workdir keeps (>= 1).
       normalize: standardise images per channel with the training set's mean and standard deviation.
     """
@@ -93,6 +98,8 @@ class Config:
     dtype: str = "float32"
     remat: bool = False
     ensemble: int = 1
+    early_stopping: int | None = None
+    log_grad_norms: bool = False
     keep: int = 3
     normalize: bool = True
 
@@ -135,12 +142,14 @@ class Config:
         _integer("ensemble", self.ensemble, 1)
         if self.schedule_epochs is not None:
             _integer("schedule_epochs", self.schedule_epochs, 1)
+        if self.early_stopping is not None:
+            _integer("early_stopping", self.early_stopping, 1)
         _integer("seed", self.seed, 0)
         if self.seed >= 2**32:
             raise ValueError(f"seed must be an int in [0, 2**32), got {self.seed}")
         if self.seed + self.ensemble > 2**32:
             raise ValueError(f"an ensemble of {self.ensemble} from seed {self.seed} needs seeds past 2**32 - 1")
-        for name in ("normalize", "remat"):
+        for name in ("normalize", "remat", "log_grad_norms"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.remat and self.gradients == "engine":

@@ -29,7 +29,7 @@ from jaxcnn import models, parallel
 from jaxcnn.train.checkpoint import Checkpointer, CheckpointError, all_finite, step_number
 from jaxcnn.train.config import Config, make_optimizer
 from jaxcnn.train.state import TrainState, create_train_state, data_key
-from jaxcnn.train.step import evaluate, make_eval_step, make_train_step
+from jaxcnn.train.step import evaluate, layer_order, make_eval_step, make_train_step
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -389,6 +389,11 @@ def _train(
     config = run.config
     state = driver.place(state)
     bar = _ProgressBar(progress)
+    order = layer_order(run.model)
+    stopped = early_stopping_epoch([r.get("test_loss") for r in history], config.early_stopping)
+    if stopped is not None and first_epoch <= config.epochs:
+        say(f"early stopping: the run already stopped at epoch {stopped}; nothing more to train")
+        return state
     try:
         for epoch in range(first_epoch, config.epochs + 1):
             started = time.perf_counter()
@@ -417,6 +422,11 @@ def _train(
                 "learning_rate": _json_number(float(run.schedule(step - 1))),
                 "seconds": round(time.perf_counter() - started, 3),
             }
+            for kind in ("grad_norms", "update_ratios"):
+                if kind in train:
+                    values = train[kind]
+                    names = [n for n in order if n in values] + sorted(set(values) - set(order))
+                    record[kind] = {name: _json_number(values[name]) for name in names}
             if "members" in test:
                 record["members"] = [
                     {
@@ -438,6 +448,14 @@ def _train(
                         _write_atomically(directory / CONFIG_FILE, config.to_json())
                 checkpointer.save(state, run.meta(epoch))  # every process takes part; orbax writes it once
             say(_summary(record, config.epochs))
+            stopped = early_stopping_epoch([r.get("test_loss") for r in history], config.early_stopping)
+            if stopped is not None:
+                best = min(range(len(history)), key=lambda i: _loss_or_inf(history[i].get("test_loss")))
+                say(
+                    f"early stopping at epoch {epoch}: the test loss has not improved for {config.early_stopping} "
+                    f"epochs (best {history[best]['test_loss']:.4f} at epoch {history[best]['epoch']})"
+                )
+                break
     finally:
         bar.stop()
     return state
@@ -445,6 +463,27 @@ def _train(
 
 _STEPS: dict[tuple, tuple[Callable, Callable]] = {}
 _STEPS_KEPT = 8
+
+
+def early_stopping_epoch(losses: list[float | None], patience: int | None) -> int | None:
+    """The epoch (1-based) at which early stopping ends a run whose per-epoch monitored losses are ``losses``:
+    the first epoch that comes ``patience`` epochs after the last improvement of the best loss so far, or None
+    if no epoch of ``losses`` does (and always None when ``patience`` is None). A None or NaN loss is never an
+    improvement.
+    """
+    if patience is None:
+        return None
+    best, best_epoch = math.inf, 0
+    for epoch, loss in enumerate(losses, start=1):
+        if _loss_or_inf(loss) < best:
+            best, best_epoch = _loss_or_inf(loss), epoch
+        if epoch - best_epoch >= patience:
+            return epoch
+    return None
+
+
+def _loss_or_inf(loss: float | None) -> float:
+    return math.inf if loss is None or not math.isfinite(loss) else float(loss)
 
 
 def _mean(value: Any) -> float | None:
@@ -458,12 +497,17 @@ def _compiled_steps(run: Run, mesh: Any) -> tuple[Callable, Callable]:
     horizon = (config.schedule_epochs or config.epochs) if config.schedule in ("cosine", "warmup_cosine") else None
     optimizer_fields = (config.optimizer, config.learning_rate, config.momentum, config.weight_decay)
     schedule_fields = (config.schedule, config.decay_rate, config.warmup_epochs, horizon, run.steps_per_epoch)
-    options = (config.gradients, config.dtype, config.remat, config.ensemble, mesh)
+    options = (config.gradients, config.dtype, config.remat, config.log_grad_norms, config.ensemble, mesh)
     key = (run.model, options, optimizer_fields, schedule_fields)
     if key not in _STEPS:
         if len(_STEPS) >= _STEPS_KEPT:
             _STEPS.pop(next(iter(_STEPS)))
-        kwargs = {"gradients": config.gradients, "dtype": config.dtype, "remat": config.remat}
+        kwargs = {
+            "gradients": config.gradients,
+            "dtype": config.dtype,
+            "remat": config.remat,
+            "log_grad_norms": config.log_grad_norms,
+        }
         if config.ensemble > 1:
             steps = (
                 parallel.make_ensemble_train_step(run.model, run.optimizer, **kwargs),
@@ -507,6 +551,8 @@ class _LossWatch:
         self._pending: list[dict[str, jax.Array]] = []
         self.totals = {"loss": 0.0, "accuracy": 0.0, "count": 0}
         self.has_accuracy = False
+        self.layers: dict[str, dict[str, float]] = {}  # per-layer sums over steps (--log-grad-norms)
+        self.steps = 0
 
     @property
     def pending(self) -> int:
@@ -534,6 +580,11 @@ class _LossWatch:
                 accuracy = np.asarray(metrics["accuracy"], np.float64)
                 self.totals["accuracy"] = self.totals["accuracy"] + accuracy * count
             last = float(np.mean(loss))
+            self.steps += 1
+            for kind in ("grad_norms", "update_ratios"):
+                for name, value in metrics.get(kind, {}).items():
+                    sums = self.layers.setdefault(kind, {})
+                    sums[name] = sums.get(name, 0.0) + float(np.mean(value))  # an ensemble: the members' mean
         return last
 
     def finish(self) -> dict[str, Any]:
@@ -543,6 +594,8 @@ class _LossWatch:
         result = {"loss": self.totals["loss"] / count}
         if self.has_accuracy:
             result["accuracy"] = self.totals["accuracy"] / count
+        for kind, sums in self.layers.items():
+            result[kind] = {name: total / max(self.steps, 1) for name, total in sums.items()}
         return result
 
     def fail(self, what: str, step: int) -> None:

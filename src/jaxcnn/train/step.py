@@ -150,6 +150,7 @@ def train_step_function(
     gradients: str = "autodiff",
     dtype: Any = None,
     remat: bool = False,
+    log_grad_norms: bool = False,
 ) -> Callable[..., tuple[TrainState, Metrics]]:
     """The train step of :func:`make_train_step` as a plain (not jit-compiled) function, to transform further:
     ``jax.vmap`` it over an ensemble, ``jax.jit`` it with shardings over a mesh (see :mod:`jaxcnn.parallel`).
@@ -171,10 +172,45 @@ def train_step_function(
         accuracy = _accuracy_of(predictions, y)
         if accuracy is not None:
             metrics["accuracy"] = accuracy
+        if log_grad_norms:
+            weights = layer_norms(state.params)
+            metrics["grad_norms"] = layer_norms(grads)
+            metrics["update_ratios"] = {
+                name: norm / jnp.maximum(weights[name], jnp.finfo(jnp.float32).tiny)
+                for name, norm in layer_norms(updates).items()
+            }
         new_state = state.replace(params=params, model_state=model_state, opt_state=opt_state, step=state.step + 1)
         return new_state, metrics
 
     return step
+
+
+def layer_norms(tree: Params) -> dict[str, jax.Array]:
+    """The L2 norm of each layer's arrays together (kernel and bias, say): ``{"Conv_0": scalar, ...}``.
+
+    A layer is the dict that holds array leaves; nested containers give names joined by ``/``
+    (``"Residual_0/Conv_1"``). Computed in float32 at least.
+    """
+    squares: dict[str, list[jax.Array]] = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        name = "/".join(str(getattr(entry, "key", entry)) for entry in path[:-1]) or "params"
+        squares.setdefault(name, []).append(
+            jnp.sum(jnp.square(leaf.astype(jnp.promote_types(leaf.dtype, jnp.float32))))
+        )
+    return {name: jnp.sqrt(sum(parts)) for name, parts in squares.items()}
+
+
+def layer_order(model: Layer) -> list[str]:
+    """The names :func:`layer_norms` gives, in the order the forward pass runs the layers (input first)."""
+    from jaxcnn.nn.container import Container
+
+    if not isinstance(model, Container):
+        return []
+    names = []
+    for name, child in model.named_children():
+        inner = layer_order(child)
+        names.extend([f"{name}/{n}" for n in inner] if inner else [name])
+    return names
 
 
 def make_train_step(
@@ -186,6 +222,7 @@ def make_train_step(
     dtype: Any = None,
     remat: bool = False,
     steps_per_call: int = 1,
+    log_grad_norms: bool = False,
 ) -> Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, Metrics]]:
     """A jit-compiled ``step(state, x, y) -> (new_state, metrics)``.
 
@@ -210,6 +247,8 @@ def make_train_step(
       remat: recompute each block's activations in the backward pass (``jax.checkpoint`` per child of the
         model) to save memory; "autodiff" and "manual" only.
       steps_per_call: train steps per call (>= 1), scanned (see above).
+      log_grad_norms: add ``"grad_norms"`` and ``"update_ratios"`` to the metrics: per layer (a dict by name,
+        see :func:`layer_norms`), the gradient's norm and the norm of the optimizer's update over the weights'.
 
     Returns:
       ``step(state, x, y)`` with ``x`` of shape ``(N, *input_shape)`` and ``y`` the targets (``(N,)`` integer
@@ -218,7 +257,9 @@ def make_train_step(
     """
     if not is_int(steps_per_call) or steps_per_call < 1:
         raise ValueError(f"steps_per_call must be an int >= 1, got {steps_per_call!r}")
-    step = train_step_function(model, optimizer, loss_fn=loss_fn, gradients=gradients, dtype=dtype, remat=remat)
+    step = train_step_function(
+        model, optimizer, loss_fn=loss_fn, gradients=gradients, dtype=dtype, remat=remat, log_grad_norms=log_grad_norms
+    )
     if steps_per_call == 1:
         return jax.jit(step, donate_argnums=0)
 
