@@ -36,3 +36,11 @@ def normal(seed: int, shape, dtype=jnp.float64):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+# the longest single tests, run first so that no worker is left with one of them at the end
+FIRST = ("tests/test_readme.py::test_python_blocks_run", "tests/test_parallel.py::test_two_processes")
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: not item.nodeid.startswith(FIRST))

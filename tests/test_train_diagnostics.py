@@ -99,3 +99,15 @@ def test_fit_writes_grad_norms_in_layer_order(tmp_path):
     assert list(record["grad_norms"]) == ["Conv_0", "Conv_1", "Dense_0", "Dense_1"]
     assert all(value > 0 for value in record["grad_norms"].values())
     assert all(0 < value < 1 for value in record["update_ratios"].values())
+
+
+def test_the_cli_flags(tmp_path, capsys):
+    from jaxcnn.cli import main
+
+    workdir = tmp_path / "run"
+    assert main(["train", "--epochs", "1", "--log-grad-norms", "--early-stopping", "2", "--workdir", str(workdir)]) == 0
+    saved = train.read_config(workdir)
+    assert saved.log_grad_norms is True and saved.early_stopping == 2
+    assert "grad_norms" in train.read_metrics(workdir)[-1]
+    assert main(["train", "--early-stopping", "0", "--workdir", str(tmp_path / "bad")]) == 2
+    assert "early_stopping must be an int >= 1" in capsys.readouterr().err

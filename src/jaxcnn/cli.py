@@ -228,7 +228,7 @@ def _add_train(commands) -> None:
         )
     for name, text in _SWITCHES.items():
         parser.add_argument(
-            "--" + name,
+            "--" + name.replace("_", "-"),
             action=argparse.BooleanOptionalAction,
             default=None,
             help=f"{text} (default: {'on' if getattr(defaults, name) else 'off'})",
