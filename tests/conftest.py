@@ -39,7 +39,7 @@ def rng():
 
 
 # the longest single tests, run first so that no worker is left with one of them at the end
-FIRST = ("tests/test_readme.py::test_python_blocks_run", "tests/test_parallel.py::test_two_processes")
+FIRST = ("tests/test_readme.py::test_python_blocks_run", "tests/test_parallel.py::test_two_processes")  # prefixes
 
 
 def pytest_collection_modifyitems(config, items):

@@ -109,5 +109,9 @@ def test_the_cli_flags(tmp_path, capsys):
     saved = train.read_config(workdir)
     assert saved.log_grad_norms is True and saved.early_stopping == 2
     assert "grad_norms" in train.read_metrics(workdir)[-1]
+    assert main(["plot", "--workdir", str(workdir)]) == 0
+    printed = capsys.readouterr().out.split()
+    assert printed[-2:] == [str(workdir / "curves.png"), str(workdir / "grad_norms.png")]
+    assert (workdir / "grad_norms.png").stat().st_size > 10_000
     assert main(["train", "--early-stopping", "0", "--workdir", str(tmp_path / "bad")]) == 2
     assert "early_stopping must be an int >= 1" in capsys.readouterr().err

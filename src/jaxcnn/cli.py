@@ -190,9 +190,12 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from jaxcnn.train.plot import plot_metrics
+    from jaxcnn.train.plot import plot_grad_norms, plot_metrics
 
     print(plot_metrics(args.workdir, args.output))
+    norms = plot_grad_norms(args.workdir, Path(args.output).with_name("grad_norms.png") if args.output else None)
+    if norms is not None:  # a run trained with --log-grad-norms
+        print(norms)
     return 0
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from jaxcnn.train.loop import METRICS_FILE, read_metrics
 
 CURVES_FILE = "curves.png"
+GRAD_NORMS_FILE = "grad_norms.png"
 
 
 def plot_metrics(workdir: str | os.PathLike, output: str | os.PathLike | None = None) -> Path:
@@ -57,6 +58,49 @@ def plot_metrics(workdir: str | os.PathLike, output: str | os.PathLike | None = 
             axes.text(0.5, 0.5, f"no {quantity} recorded", ha="center", va="center", transform=axes.transAxes)
     figure.suptitle(f"{directory.name}: {len(records)} epochs")
     path = Path(output) if output is not None else directory / CURVES_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    return path
+
+
+def plot_grad_norms(workdir: str | os.PathLike, output: str | os.PathLike | None = None) -> Path | None:
+    """Draw each layer's gradient norm and update-to-weight ratio over depth (input first), one line per epoch
+    (lighter: earlier), from a run trained with ``log_grad_norms``; returns the PNG's path, or None when the
+    run recorded none.
+
+    Args:
+      workdir: a training workdir; output: the PNG path, ``workdir/grad_norms.png`` by default.
+    """
+    from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    records = [r for r in read_metrics(Path(workdir)) if isinstance(r.get("grad_norms"), dict)]
+    if not records:
+        return None
+    layers = list(records[-1]["grad_norms"])
+    figure = Figure(figsize=(11, 4.5), layout="constrained")
+    FigureCanvasAgg(figure)
+    colours = colormaps["viridis"]
+    for axes, kind, label in zip(
+        figure.subplots(1, 2),
+        ("grad_norms", "update_ratios"),
+        ("gradient norm", "update norm / weight norm"),
+    ):
+        for index, record in enumerate(records):
+            values = [record.get(kind, {}).get(layer) for layer in layers]
+            values = [float("nan") if v is None else v for v in values]
+            shade = colours(index / max(len(records) - 1, 1))
+            axes.plot(range(len(layers)), values, "-o", color=shade, markersize=3, label=f"epoch {record['epoch']}")
+        axes.set_xticks(range(len(layers)), layers, rotation=60, ha="right", fontsize=7)
+        axes.set_xlabel("layer (input first)")
+        axes.set_ylabel(label)
+        axes.set_yscale("log")
+        axes.grid(alpha=0.3)
+        if len(records) <= 10:
+            axes.legend(fontsize=7)
+    figure.suptitle(f"{Path(workdir).name}: per-layer gradients over depth and epochs")
+    path = Path(output) if output is not None else Path(workdir) / GRAD_NORMS_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100)
     return path
