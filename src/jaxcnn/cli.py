@@ -85,6 +85,9 @@ _TRAIN_FLAGS: dict[str, tuple[type, str]] = {
     "dtype": (str, "compute dtype of the train step (bfloat16: mixed precision, float32 master weights)"),
     "ensemble": (int, "train K models at once in one vmapped step (seeds SEED..SEED+K-1); reports each and the mean"),
     "early_stopping": (int, "stop once the test loss has not improved for this many epochs"),
+    "dropout": (float, "dropout rate before the model's last layer (0: none)"),
+    "augment_translate": (int, "shift training images by up to this many pixels (pad and random crop)"),
+    "augment_noise": (float, "standard deviation of Gaussian noise added to training images"),
     "keep": (int, "checkpoints to keep"),
 }
 
@@ -92,6 +95,7 @@ _TRAIN_FLAGS: dict[str, tuple[type, str]] = {
 _SWITCHES = {
     "normalize": "standardise images per channel with the training set's statistics",
     "remat": "recompute each block's activations in the backward pass to save memory (autodiff, manual)",
+    "augment_flip": "mirror training images left-right with probability 1/2",
     "log_grad_norms": "record each layer's gradient norm and update/weight ratio per epoch in metrics.jsonl",
 }
 

@@ -349,12 +349,13 @@ def make_ensemble_train_step(
     lr_scales: Sequence[float] | jax.Array | None = None,
     shared_batch: bool = False,
     log_grad_norms: bool = False,
+    augmentation: dict[str, Any] | None = None,
 ) -> Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, Metrics]]:
     """A jit-compiled ``step(states, x, y) -> (new_states, metrics)`` training K models at once (``jax.vmap`` of
     the ordinary train step over the members; buffers donated).
 
     Args:
-      model, optimizer, loss_fn, gradients, dtype, remat, log_grad_norms: as for
+      model, optimizer, loss_fn, gradients, dtype, remat, log_grad_norms, augmentation: as for
         :func:`jaxcnn.train.make_train_step`.
       lr_scales: K factors; member ``k``'s updates are multiplied by ``lr_scales[k]``, i.e. it trains with the
         optimizer's learning rate (schedule included) times ``lr_scales[k]``. Build the optimizer with learning
@@ -366,7 +367,14 @@ def make_ensemble_train_step(
       The step; ``states`` come from :func:`create_ensemble_state`; every metric has a leading axis of K.
     """
     step = train_step_function(
-        model, optimizer, loss_fn=loss_fn, gradients=gradients, dtype=dtype, remat=remat, log_grad_norms=log_grad_norms
+        model,
+        optimizer,
+        loss_fn=loss_fn,
+        gradients=gradients,
+        dtype=dtype,
+        remat=remat,
+        log_grad_norms=log_grad_norms,
+        augmentation=augmentation,
     )
     batch_axis = None if shared_batch else 0
     if lr_scales is None:
@@ -646,6 +654,7 @@ def make_data_parallel_train_step(
     dtype: Any = None,
     remat: bool = False,
     log_grad_norms: bool = False,
+    augmentation: dict[str, Any] | None = None,
 ) -> Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, Metrics]]:
     """The train step of :func:`jaxcnn.train.make_train_step`, compiled for ``mesh``: ``step(state, x, y)`` with
     ``state`` replicated (:func:`replicate`) and ``x``, ``y`` sharded along the batch (:func:`shard_batch`).
@@ -655,7 +664,14 @@ def make_data_parallel_train_step(
     additions. The new state and the metrics come back replicated.
     """
     step = train_step_function(
-        model, optimizer, loss_fn=loss_fn, gradients=gradients, dtype=dtype, remat=remat, log_grad_norms=log_grad_norms
+        model,
+        optimizer,
+        loss_fn=loss_fn,
+        gradients=gradients,
+        dtype=dtype,
+        remat=remat,
+        log_grad_norms=log_grad_norms,
+        augmentation=augmentation,
     )
     replicated = _replicated(mesh)
     return jax.jit(lambda state, x, y: step(state, x, y), donate_argnums=0, out_shardings=(replicated, replicated))

@@ -34,11 +34,13 @@ with a one-line message naming the problem and the file or directory.
 from jaxcnn.data._batching import batches, epoch_order, num_batches
 from jaxcnn.data._dataset import DataError, Dataset, standardize
 from jaxcnn.data._loaders import DATASETS, load
+from jaxcnn.data.augment import augment
 
 __all__ = [
     "DATASETS",
     "DataError",
     "Dataset",
+    "augment",
     "batches",
     "epoch_order",
     "load",

@@ -70,6 +70,12 @@ class Config:
       ensemble: train this many models at once (>= 1) in one vmapped step; member ``k`` is the run with seed
         ``seed + k`` (its own initialisation, data order and dropout), and the ensemble predicts with the mean
         of the members' probabilities.
+      dropout: insert dropout of this rate before the model's last layer (its classifier), in [0, 1); 0 adds
+        none. The parameters keep their names, so a checkpoint does not depend on it.
+      augment_translate: shift each training image by up to this many pixels (pad with zeros and crop at a
+        random offset), on the device inside the train step; 0 is off.
+      augment_flip: mirror training images left-right with probability 1/2.
+      augment_noise: add Gaussian noise of this standard deviation to training images; 0 is off.
       early_stopping: stop once the test loss has not improved for this many epochs in a row (>= 1); None
         trains every epoch. The digits and the other built-in sets have no validation split, so the test set
         stands in for one: the stopping epoch is chosen on it.
@@ -98,6 +104,10 @@ class Config:
     dtype: str = "float32"
     remat: bool = False
     ensemble: int = 1
+    dropout: float = 0.0
+    augment_translate: int = 0
+    augment_flip: bool = False
+    augment_noise: float = 0.0
     early_stopping: int | None = None
     log_grad_norms: bool = False
     keep: int = 3
@@ -142,6 +152,9 @@ class Config:
         _integer("ensemble", self.ensemble, 1)
         if self.schedule_epochs is not None:
             _integer("schedule_epochs", self.schedule_epochs, 1)
+        _number("dropout", self.dropout, "a number in [0, 1)", lambda v: 0 <= v < 1)
+        _integer("augment_translate", self.augment_translate, 0)
+        _number("augment_noise", self.augment_noise, "a finite number >= 0", lambda v: v >= 0)
         if self.early_stopping is not None:
             _integer("early_stopping", self.early_stopping, 1)
         _integer("seed", self.seed, 0)
@@ -149,7 +162,7 @@ class Config:
             raise ValueError(f"seed must be an int in [0, 2**32), got {self.seed}")
         if self.seed + self.ensemble > 2**32:
             raise ValueError(f"an ensemble of {self.ensemble} from seed {self.seed} needs seeds past 2**32 - 1")
-        for name in ("normalize", "remat", "log_grad_norms"):
+        for name in ("normalize", "remat", "log_grad_norms", "augment_flip"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.remat and self.gradients == "engine":

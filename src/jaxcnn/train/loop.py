@@ -123,6 +123,12 @@ def load_data(config: Config) -> data_lib.Dataset:
 def build_model(config: Config, input_shape: tuple[int, ...], num_classes: int):
     """The model ``config`` names, with ``num_classes`` outputs, checked against ``input_shape``."""
     model = models.get(config.model, num_classes=num_classes)
+    if config.dropout > 0:
+        from jaxcnn import nn
+
+        if not isinstance(model, nn.Sequential):
+            raise ValueError(f"dropout goes before the last layer of a Sequential model; {config.model} is not one")
+        model = nn.Sequential([*model.layers[:-1], nn.Dropout(config.dropout), model.layers[-1]])
     try:
         model.output_shape(tuple(input_shape))
     except ValueError as error:
@@ -486,6 +492,12 @@ def _loss_or_inf(loss: float | None) -> float:
     return math.inf if loss is None or not math.isfinite(loss) else float(loss)
 
 
+def augmentation_of(config: Config) -> dict[str, Any]:
+    """The augmentation options ``config`` asks for (only those switched on; ``{}`` for none)."""
+    options = {"translate": config.augment_translate, "flip": config.augment_flip, "noise": config.augment_noise}
+    return {name: value for name, value in options.items() if value}
+
+
 def _mean(value: Any) -> float | None:
     return None if value is None else float(np.mean(value))
 
@@ -497,7 +509,8 @@ def _compiled_steps(run: Run, mesh: Any) -> tuple[Callable, Callable]:
     horizon = (config.schedule_epochs or config.epochs) if config.schedule in ("cosine", "warmup_cosine") else None
     optimizer_fields = (config.optimizer, config.learning_rate, config.momentum, config.weight_decay)
     schedule_fields = (config.schedule, config.decay_rate, config.warmup_epochs, horizon, run.steps_per_epoch)
-    options = (config.gradients, config.dtype, config.remat, config.log_grad_norms, config.ensemble, mesh)
+    augmentation = tuple(sorted(augmentation_of(config).items()))
+    options = (config.gradients, config.dtype, config.remat, config.log_grad_norms, augmentation, config.ensemble, mesh)
     key = (run.model, options, optimizer_fields, schedule_fields)
     if key not in _STEPS:
         if len(_STEPS) >= _STEPS_KEPT:
@@ -507,6 +520,7 @@ def _compiled_steps(run: Run, mesh: Any) -> tuple[Callable, Callable]:
             "dtype": config.dtype,
             "remat": config.remat,
             "log_grad_norms": config.log_grad_norms,
+            "augmentation": augmentation_of(config),
         }
         if config.ensemble > 1:
             steps = (

@@ -151,6 +151,7 @@ def train_step_function(
     dtype: Any = None,
     remat: bool = False,
     log_grad_norms: bool = False,
+    augmentation: dict[str, Any] | None = None,
 ) -> Callable[..., tuple[TrainState, Metrics]]:
     """The train step of :func:`make_train_step` as a plain (not jit-compiled) function, to transform further:
     ``jax.vmap`` it over an ensemble, ``jax.jit`` it with shardings over a mesh (see :mod:`jaxcnn.parallel`).
@@ -160,9 +161,15 @@ def train_step_function(
     learning rate multiplies their final update: sgd, momentum, nesterov, adam, adamw, rmsprop).
     """
     loss_and_grads = loss_and_grads_fn(model, loss_fn, gradients, dtype=dtype, remat=remat)
+    if augmentation:
+        from jaxcnn.data.augment import augment, check_augmentation
+
+        check_augmentation(**augmentation)
 
     def step(state: TrainState, x: jax.Array, y: jax.Array, scale: Any = None) -> tuple[TrainState, Metrics]:
         key = jax.random.fold_in(state.key, state.step)
+        if augmentation:  # its own stream: the model's (dropout) key stays that of an unaugmented run
+            x = augment(jax.random.fold_in(key, 1), x, **augmentation)
         loss, predictions, model_state, grads = loss_and_grads(state.params, state.model_state, x, y, key)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         if scale is not None:
@@ -223,6 +230,7 @@ def make_train_step(
     remat: bool = False,
     steps_per_call: int = 1,
     log_grad_norms: bool = False,
+    augmentation: dict[str, Any] | None = None,
 ) -> Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, Metrics]]:
     """A jit-compiled ``step(state, x, y) -> (new_state, metrics)``.
 
@@ -249,6 +257,8 @@ def make_train_step(
       steps_per_call: train steps per call (>= 1), scanned (see above).
       log_grad_norms: add ``"grad_norms"`` and ``"update_ratios"`` to the metrics: per layer (a dict by name,
         see :func:`layer_norms`), the gradient's norm and the norm of the optimizer's update over the weights'.
+      augmentation: options of :func:`jaxcnn.data.augment.augment` (``translate``, ``flip``, ``noise``) applied
+        to every batch on the device, from the step's key; None or ``{}`` trains on the batches as given.
 
     Returns:
       ``step(state, x, y)`` with ``x`` of shape ``(N, *input_shape)`` and ``y`` the targets (``(N,)`` integer
@@ -258,7 +268,14 @@ def make_train_step(
     if not is_int(steps_per_call) or steps_per_call < 1:
         raise ValueError(f"steps_per_call must be an int >= 1, got {steps_per_call!r}")
     step = train_step_function(
-        model, optimizer, loss_fn=loss_fn, gradients=gradients, dtype=dtype, remat=remat, log_grad_norms=log_grad_norms
+        model,
+        optimizer,
+        loss_fn=loss_fn,
+        gradients=gradients,
+        dtype=dtype,
+        remat=remat,
+        log_grad_norms=log_grad_norms,
+        augmentation=augmentation,
     )
     if steps_per_call == 1:
         return jax.jit(step, donate_argnums=0)
