@@ -13,6 +13,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # example -> the files its --quick run writes
 EXAMPLES = {
     "alternatives": ["alternatives.png", "results.json", "results.md"],
+    "overfitting": ["overfitting.png", "results.json", "results.md"],
     "rnn_vs_cnn": ["rnn_vs_cnn.png", "results.json", "results.md"],
 }
 
