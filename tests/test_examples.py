@@ -15,6 +15,7 @@ EXAMPLES = {
     "alternatives": ["alternatives.png", "results.json", "results.md"],
     "overfitting": ["overfitting.png", "results.json", "results.md"],
     "rnn_vs_cnn": ["rnn_vs_cnn.png", "results.json", "results.md"],
+    "vanishing_gradients": ["vanishing_gradients.png", "results.json", "results.md"],
 }
 
 
