@@ -12,7 +12,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # example -> the files its --quick run writes
 EXAMPLES = {
+    "activations": ["activations.png", "results.json", "results.md"],
     "alternatives": ["alternatives.png", "results.json", "results.md"],
+    "autoencoder": ["reconstructions.png", "loss.png", "results.json", "results.md"],
     "overfitting": ["overfitting.png", "results.json", "results.md"],
     "rnn_vs_cnn": ["rnn_vs_cnn.png", "results.json", "results.md"],
     "vanishing_gradients": ["vanishing_gradients.png", "results.json", "results.md"],
