@@ -54,3 +54,13 @@ def test_alternatives_table_reports_accuracy_per_second_and_per_evaluation(tmp_p
         )
     evaluations = {row["method"]: row["forward_evaluations"] for row in rows}
     assert evaluations == {"backprop": 150, "es": 150 * 64, "forward": 150 * 16, "spsa": 150 * 64}
+
+
+def test_the_readme_links_every_example_with_a_figure():
+    readme = (ROOT / "README.md").read_text()
+    for name, files in EXAMPLES.items():
+        assert f"(examples/{name}.py)" in readme, name
+        figures = [f for f in files if f.endswith(".png") and f"(docs/figures/{f})" in readme]
+        assert figures, f"no figure of {name} in the README"
+        for figure in figures:
+            assert (ROOT / "docs" / "figures" / figure).stat().st_size > 5000

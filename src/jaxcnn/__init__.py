@@ -7,8 +7,19 @@ Parts: :mod:`jaxcnn.functional` (ops and their hand-derived VJPs), :mod:`jaxcnn.
 gradients, ensembles, data parallelism over devices and hosts) and :mod:`jaxcnn.interop` (Flax).
 """
 
-from jaxcnn import backprop, data, functional, gradcheck, interop, models, nn, parallel, train
+from jaxcnn import alternatives, backprop, data, functional, gradcheck, interop, models, nn, parallel, train
 
 __version__ = "0.1.0"
 
-__all__ = ["backprop", "data", "functional", "gradcheck", "interop", "models", "nn", "parallel", "train"]
+__all__ = [
+    "alternatives",
+    "backprop",
+    "data",
+    "functional",
+    "gradcheck",
+    "interop",
+    "models",
+    "nn",
+    "parallel",
+    "train",
+]
