@@ -5,7 +5,7 @@ initialisation and after a short training run, from the library's per-layer grad
 
 What it shows: through a stack of sigmoids the gradient shrinks by a huge factor from the last conv layer to
 the first (sigmoid' <= 1/4 at every layer; about 1e8 in the quick run); tanh and ReLU lose far less (factors
-of about 10-100 there); BatchNorm and residual connections keep the first layers' gradients at the size of the
+of about 7 and 80 there); BatchNorm and residual connections keep the first layers' gradients at the size of the
 last ones', whatever the activation. The quick run trains too briefly for its accuracies to mean much.
 
 Run:  python examples/vanishing_gradients.py [--quick] [--output DIR]
