@@ -25,7 +25,6 @@ Data parallelism (one program over many devices):
 from __future__ import annotations
 
 import os
-from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -36,11 +35,21 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxcnn import backprop
+from jaxcnn.data import batches, epoch_order, num_batches
+from jaxcnn.data._batching import ahead
 from jaxcnn.functional import softmax_cross_entropy
 from jaxcnn.functional._args import is_int
 from jaxcnn.nn.layer import Layer, Params, Shape, State
 from jaxcnn.train.state import TrainState, as_typed_key, create_train_state
-from jaxcnn.train.step import GRADIENTS, LossFn, Metrics, _accuracy_of, eval_step_function, train_step_function
+from jaxcnn.train.step import (
+    GRADIENTS,
+    LossFn,
+    Metrics,
+    _accuracy_of,
+    eval_step_function,
+    sum_metrics,
+    train_step_function,
+)
 
 AXIS = "data"  # the name of the mesh axis the batch is sharded along
 
@@ -83,7 +92,8 @@ def _check_batch(x: Any, y: Any) -> tuple[jax.Array, jax.Array]:
 
 
 def _one_example_fn(model: Layer, loss_fn: LossFn, gradients: str, train: bool) -> Callable:
-    """``f(params, state, x1, y1, key) -> (loss, grads)`` for a batch of one, in the given gradient mode."""
+    """``f(params, state, x1, y1, key) -> ((loss, predictions), grads)`` for a batch of one, in the given
+    gradient mode."""
     if gradients not in GRADIENTS:
         raise ValueError(f"unknown gradients {gradients!r}; known: {', '.join(GRADIENTS)}")
     if gradients == "engine":
@@ -91,16 +101,16 @@ def _one_example_fn(model: Layer, loss_fn: LossFn, gradients: str, train: bool) 
 
         def engine(params, state, x, y, key):
             result = run(params, state, x, y, key=key)
-            return result.loss, result.grads
+            return (result.loss, result.predictions), result.grads
 
         return engine
     loss_of = backprop.manual_loss(loss_fn) if gradients == "manual" else loss_fn
 
     def objective(params, state, x, y, key):
         predictions, _ = model.apply(params, state, x, train=train, key=key, gradients=gradients)
-        return loss_of(predictions, y)
+        return loss_of(predictions, y), predictions
 
-    return jax.value_and_grad(objective)
+    return jax.value_and_grad(objective, has_aux=True)
 
 
 def per_example_loss_and_grads(
@@ -125,7 +135,8 @@ def per_example_loss_and_grads(
     keys = None if key is None else jax.random.split(as_typed_key(key), x.shape[0])
 
     def example(xi, yi, ki):
-        return one(params, state, xi[None], yi[None], ki)
+        (loss, _), grads = one(params, state, xi[None], yi[None], ki)
+        return loss, grads
 
     return jax.vmap(example, in_axes=(0, 0, None if keys is None else 0))(x, y, keys)
 
@@ -210,14 +221,13 @@ def gradient_noise_scale(grads: Params) -> dict[str, jax.Array]:
 
 
 def _check_clip(l2_norm_clip: Any, noise_multiplier: Any = 0.0) -> None:
-    for name, value, ok in (
-        ("l2_norm_clip", l2_norm_clip, lambda v: v > 0),
-        ("noise_multiplier", noise_multiplier, lambda v: v >= 0),
-    ):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or not ok(value):
-            raise ValueError(
-                f"{name} must be a finite number {'> 0' if name == 'l2_norm_clip' else '>= 0'}, got {value!r}"
-            )
+    def finite(value: Any) -> bool:
+        return not isinstance(value, bool) and isinstance(value, (int, float)) and bool(np.isfinite(value))
+
+    if not finite(l2_norm_clip) or l2_norm_clip <= 0:
+        raise ValueError(f"l2_norm_clip must be a finite number > 0, got {l2_norm_clip!r}")
+    if not finite(noise_multiplier) or noise_multiplier < 0:
+        raise ValueError(f"noise_multiplier must be a finite number >= 0, got {noise_multiplier!r}")
 
 
 def clip_per_example(grads: Params, l2_norm_clip: float) -> Params:
@@ -265,7 +275,8 @@ def make_dp_train_step(
     step ``s`` draws its dropout from ``split(fold_in(state.key, s), N)[i]``. A model with running statistics
     (BatchNorm) is refused: its examples are not independent, so per-example clipping would not bound them.
 
-    ``metrics``: ``"loss"`` (the batch mean), ``"accuracy"`` (integer labels), ``"count"``, ``"grad_norm"`` (the
+    ``metrics``: ``"loss"`` (the batch mean) and ``"accuracy"`` (integer labels) of the training-mode forward
+    passes that gave the gradients (as in :func:`jaxcnn.train.make_train_step`), ``"count"``, ``"grad_norm"`` (the
     mean per-example norm before clipping) and, with ``l2_norm_clip`` given, ``"clipped"`` (the fraction of
     examples whose norm exceeded it).
     """
@@ -280,14 +291,14 @@ def make_dp_train_step(
         key = jax.random.fold_in(state.key, state.step)
         keys = jax.random.split(key, x.shape[0])
         example = lambda xi, yi, ki: one(state.params, state.model_state, xi[None], yi[None], ki)  # noqa: E731
-        losses, grads = jax.vmap(example)(x, y, keys)
+        (losses, predictions), grads = jax.vmap(example)(x, y, keys)
+        predictions = predictions[:, 0]  # each example's own output, from the same forward passes
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         norms = per_example_norms(grads)
         metrics = {"loss": jnp.mean(losses), "count": jnp.asarray(x.shape[0], jnp.int32), "grad_norm": jnp.mean(norms)}
         if l2_norm_clip is not None:
             metrics["clipped"] = jnp.mean(norms > l2_norm_clip, dtype=jnp.float32)
-        predictions, _ = model.apply(state.params, state.model_state, x, train=False)
         accuracy = _accuracy_of(predictions, y)
         if accuracy is not None:
             metrics["accuracy"] = accuracy
@@ -449,19 +460,11 @@ def evaluate_ensemble(
       ``{"loss", "accuracy", "count", "members": [{"loss", "accuracy"}, ...]}``: the ensemble predicts with the
       mean of its members' softmax probabilities (its loss is the negative log-likelihood of that mean).
     """
-    from jaxcnn.data import batches
-
     step = eval_step or make_ensemble_eval_step(model)
     y = np.asarray(y)
     if not np.issubdtype(y.dtype, np.integer):
         raise ValueError(f"an ensemble is evaluated on integer class labels, got {y.dtype}")
-    totals: dict[str, Any] = {}
-    for x_batch, y_batch in batches(np.asarray(x), y, batch_size):
-        for name, value in step(params, state, x_batch, y_batch).items():
-            totals[name] = totals[name] + value if name in totals else value
-    if not totals:
-        raise ValueError("cannot evaluate on an empty set")
-    totals = jax.device_get(totals)
+    totals = sum_metrics(step, params, state, batches(np.asarray(x), y, batch_size))
     count = int(totals["count"])
     members = [
         {"loss": float(loss) / count, "accuracy": float(correct) / count}
@@ -481,24 +484,11 @@ def ensemble_batches(
     """One epoch for K members, each in its own order: batches ``(K, b, ...)`` where member ``k``'s rows are
     those :func:`jaxcnn.data.batches` gives a single run with ``key=keys[k]`` (so member ``k`` sees exactly
     the batches of that run)."""
-    from jaxcnn.data import epoch_order, num_batches
-
     num_batches(len(x), batch_size)
     orders = np.stack([epoch_order(key, len(x)) for key in keys])
     starts = range(0, orders.shape[1], batch_size)
     placed = ((jax.device_put(x[i]), jax.device_put(y[i])) for i in (orders[:, s : s + batch_size] for s in starts))
-    return _ahead(placed, prefetch)
-
-
-def _ahead(batches: Iterator[Any], prefetch: int) -> Iterator[Any]:
-    """``batches`` with up to ``prefetch`` of them placed (asynchronously) ahead of the one being consumed."""
-    queue: deque[Any] = deque()
-    for batch in batches:
-        queue.append(batch)
-        if len(queue) > prefetch:
-            yield queue.popleft()
-    while queue:
-        yield queue.popleft()
+    return ahead(placed, prefetch)
 
 
 # -- data parallelism ------------------------------------------------------------------------------------------
@@ -534,8 +524,8 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         raise ValueError(f"--num-processes must be an int >= 1, got {num_processes!r}")
     if not is_int(process_id) or not 0 <= process_id < num_processes:
         raise ValueError(f"--process-id must be in [0, {num_processes}), got {process_id!r}")
-    if jax.config.jax_platforms in (None, "", "cpu") or "cpu" in str(jax.config.jax_platforms):
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # the CPU backend's collectives across processes (a GPU backend uses NCCL and ignores this setting)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
     return True
 
@@ -634,14 +624,12 @@ def sharded_batches(
 ) -> Iterator[tuple[jax.Array, jax.Array]]:
     """:func:`jaxcnn.data.batches` for a mesh: the same batches in the same order, each sharded along the
     mesh's ``"data"`` axis by :func:`shard_batch`, ``prefetch`` of them placed ahead of use."""
-    from jaxcnn.data import epoch_order, num_batches
-
     num_batches(len(x), batch_size)  # checks batch_size
     if len(x) != len(y):
         raise ValueError(f"x has {len(x)} rows but y has {len(y)}")
     order = np.arange(len(x)) if key is None else epoch_order(key, len(x))
     indices = (order[start : start + batch_size] for start in range(0, len(order), batch_size))
-    return _ahead(((shard_batch(x, mesh, i), shard_batch(y, mesh, i)) for i in indices), prefetch)
+    return ahead(((shard_batch(x, mesh, i), shard_batch(y, mesh, i)) for i in indices), prefetch)
 
 
 def make_data_parallel_train_step(

@@ -89,10 +89,16 @@ def batches(
 def _prefetched(
     x: np.ndarray, y: np.ndarray, order: np.ndarray, batch_size: int, prefetch: int, device: Any
 ) -> Iterator[tuple[jax.Array, jax.Array]]:
-    queue: deque[tuple[jax.Array, jax.Array]] = deque()
-    for start in range(0, len(order), batch_size):
-        index = order[start : start + batch_size]
-        queue.append((jax.device_put(x[index], device), jax.device_put(y[index], device)))
+    indices = (order[start : start + batch_size] for start in range(0, len(order), batch_size))
+    return ahead(((jax.device_put(x[i], device), jax.device_put(y[i], device)) for i in indices), prefetch)
+
+
+def ahead(placed: Iterator[Any], prefetch: int) -> Iterator[Any]:
+    """Consume ``placed`` (batches whose transfers start when they are produced) up to ``prefetch`` items ahead
+    of the one being yielded, so that their copies overlap the work on the current one."""
+    queue: deque[Any] = deque()
+    for batch in placed:
+        queue.append(batch)
         if len(queue) > prefetch:
             yield queue.popleft()
     while queue:

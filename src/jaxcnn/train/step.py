@@ -319,6 +319,18 @@ def eval_step_function(
     return eval_step
 
 
+def sum_metrics(eval_step: Callable[..., Metrics], params: Params, model_state: State, batched: Any) -> dict:
+    """The sums ``eval_step(params, model_state, x, y)`` returns, added over ``batched`` ``(x, y)`` pairs on the
+    device and read back once. Raises ValueError on an empty set."""
+    totals: dict[str, Any] = {}
+    for x_batch, y_batch in batched:
+        for name, value in eval_step(params, model_state, x_batch, y_batch).items():
+            totals[name] = totals[name] + value if name in totals else value
+    if not totals:
+        raise ValueError("cannot evaluate on an empty set")
+    return jax.device_get(totals)
+
+
 def evaluate(
     model: Layer,
     params: Params,
@@ -348,19 +360,13 @@ def evaluate(
     from jaxcnn.data import batches
 
     step = eval_step or make_eval_step(model, loss_fn=loss_fn)
-    totals: dict[str, Any] = {}
     if mesh is None:
         batched = batches(np.asarray(x), np.asarray(y), batch_size)
     else:
         from jaxcnn.parallel import sharded_batches
 
         batched = sharded_batches(np.asarray(x), np.asarray(y), batch_size, mesh)
-    for x_batch, y_batch in batched:
-        for name, value in step(params, model_state, x_batch, y_batch).items():
-            totals[name] = totals[name] + value if name in totals else value
-    if not totals:
-        raise ValueError("cannot evaluate on an empty set")
-    totals = jax.device_get(totals)
+    totals = sum_metrics(step, params, model_state, batched)
     count = int(totals["count"])
     result: dict[str, Any] = {"loss": float(totals["loss_sum"]) / count, "count": count}
     if "correct" in totals:
