@@ -228,6 +228,8 @@ def _fit(
 ) -> tuple[TrainState, list[dict[str, Any]]]:
     primary = jax.process_index() == 0  # the process that writes the workdir's files and the log
     say = log if log is not None and primary else (lambda line: None)
+    if directory is not None and directory.is_dir() and jax.process_count() == 1:
+        WorkdirLock(directory).acquire_and_release()  # another run writing it: say so before anything else
     resuming = directory is not None and _check_workdir(directory, config)
     run = Run(config, data)
     state = run.initial_state()

@@ -229,6 +229,11 @@ class WorkdirLock:
             raise
         self._descriptor = descriptor
 
+    def acquire_and_release(self) -> None:
+        """Raise :class:`WorkdirBusyError` if another process holds the lock now (a check, holding nothing)."""
+        self.acquire()
+        self.release()
+
     def release(self) -> None:
         """Give the lock back (emptying the PID it holds)."""
         if self._descriptor is None:
