@@ -5,9 +5,15 @@ Parts: :mod:`jaxcnn.functional` (ops and their hand-derived VJPs), :mod:`jaxcnn.
 :mod:`jaxcnn.models` (named architectures), :mod:`jaxcnn.data` (data sets and batching),
 :mod:`jaxcnn.train` (train state, compiled steps, the loop, checkpoints), :mod:`jaxcnn.parallel` (per-example
 gradients, ensembles, data parallelism over devices and hosts) and :mod:`jaxcnn.interop` (Flax).
+
+The parts are imported on first use (``jc.nn``, ``from jaxcnn import train``): ``import jaxcnn`` alone imports
+no JAX, so the ``jaxcnn`` command can install its signal handlers before the slow imports start.
 """
 
-from jaxcnn import alternatives, backprop, data, functional, gradcheck, interop, models, nn, parallel, train
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
@@ -23,3 +29,16 @@ __all__ = [
     "parallel",
     "train",
 ]
+
+if TYPE_CHECKING:
+    from jaxcnn import alternatives, backprop, data, functional, gradcheck, interop, models, nn, parallel, train
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        return importlib.import_module(f"jaxcnn.{name}")  # also binds it here: later lookups are plain
+    raise AttributeError(f"module 'jaxcnn' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

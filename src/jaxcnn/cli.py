@@ -123,8 +123,9 @@ def _train(args: argparse.Namespace) -> int:
         raise ValueError(f"--devices must be >= 1, got {args.devices}")
     import jax
 
-    from jaxcnn import train
+    from jaxcnn import _signals, train
 
+    _signals.check("while starting; nothing was written")  # joining the peers and importing JAX take a while
     primary = jax.process_index() == 0
     say = (lambda line: print(line, flush=True)) if primary else (lambda line: None)
 
@@ -220,8 +221,10 @@ def _add_train(commands) -> None:
         "train",
         help="train a model (with no arguments: mnist_cnn on the digits that ship with scikit-learn)",
         description="Train a model into a workdir (config.json, metrics.jsonl, checkpoints). A workdir that "
-        "holds a run is resumed: flags not given keep the run's saved values. Exit codes: 0 done, 2 bad "
-        "input, 3 the loss turned non-finite.",
+        "holds a run is resumed: flags not given keep the run's saved values. One run at a time per workdir "
+        "(a lock; eval and plot still read it). SIGINT (Ctrl-C) and SIGTERM stop it cleanly, keeping the last "
+        "checkpoint. Exit codes: 0 done, 2 bad input or a workdir in use, 3 the loss turned non-finite, 130 / "
+        "143 interrupted.",
     )
     for name, (kind, text) in _TRAIN_FLAGS.items():
         known = choices.get(name)
@@ -378,13 +381,38 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``jaxcnn`` command; returns the exit code."""
+    """Entry point of the ``jaxcnn`` command; returns the exit code.
+
+    SIGINT and SIGTERM stop ``jaxcnn train`` cleanly (exit 130 / 143, one line): from the very start, before
+    JAX is imported, they only set a flag that the run checks after each start-up phase and between steps.
+    The other commands get Python's default handlers back once their arguments are parsed.
+    """
+    from jaxcnn import _signals
+
+    with _signals.stop_on_signals():
+        parser = build_parser()  # imports JAX
+        args = parser.parse_args(argv)
+        if args.command == "train":
+            return _run(args)
+        try:
+            _signals.check("while starting")
+        except _signals.Interrupted as error:
+            print(f"jaxcnn {args.command}: {error}", file=sys.stderr)
+            return error.exit_code
+    return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Run the command; every error becomes one line on stderr and an exit code."""
+    from jaxcnn import _signals
     from jaxcnn.train import NonFiniteError
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
     try:
+        _signals.check("while starting; nothing was written")
         return args.run(args)
+    except _signals.Interrupted as error:
+        print(f"jaxcnn {args.command}: {error}", file=sys.stderr)
+        return error.exit_code
     except NonFiniteError as error:
         print(f"jaxcnn {args.command}: error: {error}".splitlines()[0], file=sys.stderr)
         return EXIT_DIVERGED

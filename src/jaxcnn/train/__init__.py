@@ -4,6 +4,7 @@
 reads the latest checkpoint back; ``make_train_step`` gives the compiled step for loops of your own.
 """
 
+from jaxcnn._signals import Interrupted, stop_on_signals
 from jaxcnn.train.checkpoint import Checkpointer, CheckpointError
 from jaxcnn.train.config import GRADIENTS, OPTIMIZERS, SCHEDULES, Config, make_optimizer, make_schedule
 from jaxcnn.train.loop import (
@@ -17,6 +18,7 @@ from jaxcnn.train.loop import (
 )
 from jaxcnn.train.state import TrainState, create_train_state
 from jaxcnn.train.step import evaluate, make_eval_step, make_train_step
+from jaxcnn.train.workdir import WorkdirBusyError
 
 __all__ = [
     "GRADIENTS",
@@ -25,8 +27,10 @@ __all__ = [
     "CheckpointError",
     "Checkpointer",
     "Config",
+    "Interrupted",
     "NonFiniteError",
     "TrainState",
+    "WorkdirBusyError",
     "create_train_state",
     "evaluate",
     "evaluate_workdir",
@@ -39,4 +43,5 @@ __all__ = [
     "read_metrics",
     "restore",
     "restore_run",
+    "stop_on_signals",
 ]

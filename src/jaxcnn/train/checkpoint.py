@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ def _quiet_orbax() -> Any:
     _silence_closed_loop_noise()
     for name in ("absl", "orbax", "orbax.checkpoint"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    _drop_thread_tracebacks()
     import orbax.checkpoint as ocp
 
     return ocp
@@ -78,22 +80,39 @@ class Checkpointer:
       keep: how many of the latest checkpoints to keep (older ones are deleted after a successful save).
     """
 
-    def __init__(self, directory: str | os.PathLike, keep: int = 3):
+    def __init__(self, directory: str | os.PathLike, keep: int = 3, *, read_only: bool = False):
         self.directory = Path(directory).absolute()
         self.keep = keep
+        self.read_only = read_only  # a reader (eval, restore) never creates, cleans up or deletes anything
         self._manager = None
+
+    def _check_directory(self) -> None:
+        if self.directory.exists() and not self.directory.is_dir():
+            raise CheckpointError(f"{self.directory} is not a directory: move that file away (it holds no checkpoints)")
 
     def _open(self):
         if self._manager is None:
+            self._check_directory()
             ocp = _quiet_orbax()
-            options = ocp.CheckpointManagerOptions(
-                max_to_keep=self.keep, create=True, enable_async_checkpointing=False, cleanup_tmp_directories=True
-            )
+            if self.read_only:
+                options = ocp.CheckpointManagerOptions(read_only=True, create=False, max_to_keep=None)
+            else:
+                options = ocp.CheckpointManagerOptions(
+                    max_to_keep=self.keep, create=True, enable_async_checkpointing=False, cleanup_tmp_directories=True
+                )
             self._manager = ocp.CheckpointManager(self.directory, options=options)
         return self._manager
 
     def close(self) -> None:
         if self._manager is not None:
+            # the clean-up of a previous run's temporary directories runs in a thread that orbax awaits only at
+            # the next save: await it here, or the interpreter's exit interrupts it with a traceback
+            cleanup = getattr(self._manager, "_cleanup_tmp_directory_future", None)
+            if cleanup is not None:
+                try:
+                    cleanup.result()
+                except Exception:
+                    pass
             self._manager.close()
             self._manager = None
 
@@ -106,6 +125,7 @@ class Checkpointer:
     def steps(self) -> list[int]:
         """The steps of the finished checkpoints, oldest first (temporary directories of an interrupted save
         are not checkpoints)."""
+        self._check_directory()
         if not self.directory.is_dir():
             return []
         return sorted(self._open().all_steps())
@@ -129,11 +149,24 @@ class Checkpointer:
         step = step_number(state)
         record = dict(meta, format=FORMAT, step=step, paths=paths, sha256=[_digest(a) for a in leaves])
         payload = {_name(i): leaf for i, leaf in enumerate(leaves)}
-        self._open().save(
-            step, args=ocp.args.Composite(state=ocp.args.StandardSave(payload), meta=ocp.args.JsonSave(record))
-        )
-        self._manager.wait_until_finished()
+        manager = self._open()
+        try:
+            manager.save(
+                step, args=ocp.args.Composite(state=ocp.args.StandardSave(payload), meta=ocp.args.JsonSave(record))
+            )
+            manager.wait_until_finished()
+        except Exception as error:  # a full disk, a file-size limit: orbax leaves only a temporary directory
+            kept = "the previous checkpoints are kept" if self._steps_on_disk() else "no checkpoint was written"
+            raise CheckpointError(
+                f"cannot write checkpoint {self.path(step)}: {_write_problem(error)}; {kept}"
+            ) from None
         return self.path(step)
+
+    def _steps_on_disk(self) -> list[int]:
+        """The finished checkpoints' steps as the directory shows them now (without asking orbax)."""
+        if not self.directory.is_dir():
+            return []
+        return sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit() and p.is_dir())
 
     def read_meta(self, step: int) -> dict[str, Any]:
         """The JSON record saved with checkpoint ``step``."""
@@ -196,6 +229,30 @@ def _first_line(error: BaseException, limit: int = 200) -> str:
     text = str(error).strip().splitlines()
     line = f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")
     return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _write_problem(error: BaseException) -> str:
+    """What went wrong in a failed checkpoint write, in words ("File too large", "No space left on device")."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    code = re.search(r"os_error_code='?(\d+)", str(error))  # tensorstore's errors carry the errno
+    if code:
+        return os.strerror(int(code.group(1)))
+    return _first_line(error)
+
+
+class _NoThreadTracebacks(logging.Filter):
+    """Drops orbax's "_SignalingThread.run() raised an exception" records: each logs a full traceback of an
+    exception that orbax also raises to the caller (here, a failed save), where it is reported in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "_SignalingThread.run() raised an exception" not in str(record.msg)
+
+
+def _drop_thread_tracebacks() -> None:
+    logger = logging.getLogger("absl")
+    if not any(isinstance(f, _NoThreadTracebacks) for f in logger.filters):
+        logger.addFilter(_NoThreadTracebacks())
 
 
 def _silence_closed_loop_noise() -> None:

@@ -24,16 +24,26 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxcnn import _signals, models, parallel
 from jaxcnn import data as data_lib
-from jaxcnn import models, parallel
 from jaxcnn.train.checkpoint import Checkpointer, CheckpointError, all_finite, step_number
 from jaxcnn.train.config import Config, make_optimizer
 from jaxcnn.train.state import TrainState, create_train_state, data_key
 from jaxcnn.train.step import evaluate, layer_order, make_eval_step, make_train_step
+from jaxcnn.train.workdir import (  # noqa: F401  (the workdir's names, importable from here as before)
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    LOCK_FILE,
+    METRICS_FILE,
+    WorkdirBusyError,
+    WorkdirLock,
+    append_line,
+    metrics_text,
+    read_config,
+    read_metrics,
+    write_atomically,
+)
 
-CONFIG_FILE = "config.json"
-METRICS_FILE = "metrics.jsonl"
-CHECKPOINT_DIR = "checkpoints"
 METRIC_FIELDS = (
     "epoch",
     "step",
@@ -54,52 +64,6 @@ class NonFiniteError(ArithmeticError):
         super().__init__(message)
         self.epoch = epoch
         self.step = step
-
-
-# -- workdir files ---------------------------------------------------------------------------------------------
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename: readers see the old or the new file."""
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(temporary, "w", encoding="utf-8") as file:
-        file.write(text)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
-
-
-def read_config(workdir: str | os.PathLike) -> Config:
-    """The :class:`Config` saved in ``workdir/config.json``."""
-    path = Path(workdir) / CONFIG_FILE
-    if Path(workdir).exists() and not Path(workdir).is_dir():
-        raise ValueError(f"workdir {workdir} is not a directory")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path} not found: {workdir} is not a jaxcnn workdir") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path} cannot be read: {error}") from None
-    try:
-        return Config.from_json(text)
-    except ValueError as error:
-        raise ValueError(f"{path} is not a valid config: {error}") from None
-
-
-def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
-    """The per-epoch records of ``workdir/metrics.jsonl``, in order (a torn last line from a kill is skipped)."""
-    path = Path(workdir) / METRICS_FILE
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("epoch"), int):
-            records.append(record)
-    return records
 
 
 def _json_number(value: float | None) -> float | None:
@@ -264,15 +228,21 @@ def _fit(
 ) -> tuple[TrainState, list[dict[str, Any]]]:
     primary = jax.process_index() == 0  # the process that writes the workdir's files and the log
     say = log if log is not None and primary else (lambda line: None)
+    if directory is not None and directory.is_dir() and jax.process_count() == 1:
+        WorkdirLock(directory).acquire_and_release()  # another run writing it: say so before anything else
     resuming = directory is not None and _check_workdir(directory, config)
     run = Run(config, data)
     state = run.initial_state()
+    _stop_if_interrupted("while starting, before any step; nothing was written", collective=True)
     history: list[dict[str, Any]] = []
-    checkpointer = Checkpointer(directory / CHECKPOINT_DIR, keep=config.keep) if directory is not None else None
+    checkpointer = None
+    lock = None
     first_epoch = 1
     try:
-        if checkpointer is not None:
-            directory.mkdir(parents=True, exist_ok=True)
+        if directory is not None:
+            lock = _lock_workdir(directory, primary)  # held to the end: a second writer is refused from here on
+            resuming = _check_workdir(directory, config)  # again: another run may have written it meanwhile
+            checkpointer = Checkpointer(directory / CHECKPOINT_DIR, keep=config.keep)
             say(f"workdir: {directory}")
             if checkpointer.latest_step() is not None:
                 state, meta = checkpointer.restore(state)
@@ -280,11 +250,12 @@ def _fit(
                 first_epoch = int(meta["epoch"]) + 1
                 history = [r for r in read_metrics(directory) if r["epoch"] <= meta["epoch"]]
                 say(f"resuming {directory} from epoch {meta['epoch']} (step {step_number(state)})")
+            _stop_if_interrupted(f"while starting, before any step; {_kept(checkpointer)}", collective=True)
             _barrier("jaxcnn-fit-start")  # every process has read the workdir before the first one writes to it
             if primary:
-                _write_atomically(directory / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in history))
+                write_atomically(directory / METRICS_FILE, metrics_text(history))
             if not resuming and primary:
-                _write_atomically(directory / CONFIG_FILE, config.to_json())
+                write_atomically(directory / CONFIG_FILE, config.to_json())
             # a resumed run's new config replaces the saved one only once its first epoch has gone well: a
             # resume that fails (bad flags, divergence) leaves the run's config as it was
         driver = _Ensemble(run) if config.ensemble > 1 else _Replicas(run, mesh)
@@ -292,7 +263,57 @@ def _fit(
     finally:
         if checkpointer is not None:
             checkpointer.close()
+        if lock is not None:
+            lock.release()
     return state, history
+
+
+def _lock_workdir(directory: Path, primary: bool) -> WorkdirLock | None:
+    """Create ``directory`` and take its writer's lock (the first process alone; the others learn whether it
+    got it). Raises WorkdirBusyError in every process when another run holds it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    lock, failure = None, None
+    if primary:
+        lock = WorkdirLock(directory)
+        try:
+            lock.acquire()
+        except Exception as error:
+            lock, failure = None, error
+    if jax.process_count() > 1:  # the others must not wait at the start barrier for a process that gave up
+        from jax.experimental import multihost_utils
+
+        code = 0 if failure is None else -1 if not isinstance(failure, WorkdirBusyError) else failure.pid or -1
+        code = int(multihost_utils.broadcast_one_to_all(np.int32(code)))
+        if not primary and code > 0:
+            raise WorkdirBusyError(f"workdir {directory} is in use: process {code} is training into it", code)
+        if not primary and code < 0:
+            raise ValueError(f"the first process could not lock workdir {directory} (see its error)")
+    if failure is not None:
+        raise failure
+    return lock
+
+
+def _kept(checkpointer: Checkpointer | None) -> str:
+    """What an interrupted run leaves: its last checkpoint, or nothing."""
+    latest = checkpointer.latest_step() if checkpointer is not None else None
+    if latest is None:
+        return "no checkpoint was written"
+    return f"the last checkpoint (step {latest}) is kept; run the same command to resume"
+
+
+def _stop_if_interrupted(where: str | Callable[[], str], *, collective: bool) -> None:
+    """Raise :class:`jaxcnn._signals.Interrupted` once SIGINT or SIGTERM has arrived (inside
+    ``_signals.stop_on_signals``). In a multi-process run the processes agree (a signal to any one stops all,
+    at the same point), so only the ``collective`` calls, which every process reaches together, look."""
+    signum = _signals.received()
+    if jax.process_count() > 1:
+        if not collective:
+            return
+        from jax.experimental import multihost_utils
+
+        signum = int(np.max(multihost_utils.process_allgather(np.int32(signum or 0)))) or None
+    if signum is not None:
+        raise _signals.Interrupted(signum, where() if callable(where) else where)
 
 
 def _barrier(name: str) -> None:
@@ -406,14 +427,21 @@ def _train(
             losses = _LossWatch(epoch, step_number(state), checkpointer)
             bar.start(epoch, config.epochs, run.steps_per_epoch)
             for x, y in driver.batches(epoch):
-                state, metrics = driver.train_step(state, x, y)
+                state, metrics = driver.train_step(state, x, y)  # the first call compiles
                 losses.add(metrics)
                 if losses.pending >= CHECK_EVERY:
                     bar.update(losses.check())
                 else:
                     bar.advance()
+                _stop_if_interrupted(
+                    lambda: f"at epoch {epoch}, step {losses.step + losses.pending}; {_kept(checkpointer)}",
+                    collective=losses.pending == 0,
+                )
             train = losses.finish()
             bar.stop()
+            _stop_if_interrupted(
+                lambda: f"at epoch {epoch}, step {losses.step}; {_kept(checkpointer)}", collective=True
+            )  # a signal from here on lets the epoch finish: it is evaluated and checkpointed, then the run stops
             if not all_finite((state.params, state.model_state, state.opt_state)):
                 losses.fail(f"the parameters or optimizer state turned non-finite in epoch {epoch}", step_number(state))
             test = driver.evaluate(state)
@@ -446,12 +474,9 @@ def _train(
             history.append(record)
             if directory is not None:
                 if jax.process_index() == 0:
-                    with open(directory / METRICS_FILE, "a", encoding="utf-8") as file:
-                        file.write(json.dumps(record) + "\n")
-                        file.flush()
-                        os.fsync(file.fileno())
+                    append_line(directory / METRICS_FILE, json.dumps(record) + "\n", metrics_text(history))
                     if epoch == first_epoch:  # the first good epoch of this invocation: its config becomes the run's
-                        _write_atomically(directory / CONFIG_FILE, config.to_json())
+                        write_atomically(directory / CONFIG_FILE, config.to_json())
                 checkpointer.save(state, run.meta(epoch))  # every process takes part; orbax writes it once
             say(_summary(record, config.epochs))
             stopped = early_stopping_epoch([r.get("test_loss") for r in history], config.early_stopping)
@@ -462,6 +487,7 @@ def _train(
                     f"epochs (best {history[best]['test_loss']:.4f} at epoch {history[best]['epoch']})"
                 )
                 break
+            _stop_if_interrupted(lambda: f"after epoch {epoch}; {_kept(checkpointer)}", collective=True)
     finally:
         bar.stop()
     return state
@@ -688,7 +714,7 @@ def _restore_run(directory: Path, step: int | None) -> tuple[Config, TrainState,
     if not directory.exists():
         raise FileNotFoundError(f"workdir {directory} does not exist")
     config = read_config(directory)
-    with Checkpointer(directory / CHECKPOINT_DIR, keep=config.keep) as checkpointer:
+    with Checkpointer(directory / CHECKPOINT_DIR, keep=config.keep, read_only=True) as checkpointer:
         if step is None:
             step = checkpointer.latest_step()
         if step is None:

@@ -1,0 +1,90 @@
+"""Helpers for tests that run `python -m jaxcnn` in real processes (signals, locks, resource limits).
+
+Every process of a test session shares one JAX persistent compilation cache, so only the first run of a given
+step compiles it (about 10 s on a small CPU); the others load it in well under a second. The cache holds the
+same executables a compile would give, so results stay bit for bit the same.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def compile_cache(tmp_path_factory):
+    """The environment for `python -m jaxcnn` processes: unbuffered output and a shared compilation cache."""
+    cache = tmp_path_factory.mktemp("jax-compilation-cache")
+    return dict(
+        os.environ,
+        PYTHONUNBUFFERED="1",
+        JAX_COMPILATION_CACHE_DIR=str(cache),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
+
+
+def start(env, *args, **kwargs):
+    """`python -m jaxcnn ARGS` as a Popen with text pipes."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "jaxcnn", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        **kwargs,
+    )
+
+
+def run(env, *args, timeout=300, **kwargs):
+    """`python -m jaxcnn ARGS` to the end: a CompletedProcess with text output."""
+    return subprocess.run(
+        [sys.executable, "-m", "jaxcnn", *args], capture_output=True, text=True, env=env, timeout=timeout, **kwargs
+    )
+
+
+def catches(pid: int, signum: int) -> bool:
+    """Whether process ``pid`` has a handler installed for ``signum`` (from /proc/PID/status, SigCgt)."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("SigCgt:"):
+                    return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    except OSError:
+        pass
+    return False
+
+
+def wait_until(condition, process, timeout=120.0, what="the condition"):
+    """Poll ``condition()`` until true; fail if ``process`` ends first or time runs out."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process.poll() is not None:
+            pytest.fail(f"the process ended ({process.returncode}) before {what}: {process.stderr.read()[-2000:]}")
+        if time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.002)
+
+
+def read_until(process, prefix: str) -> list[str]:
+    """Read ``process``'s stdout lines up to and including the first that starts with ``prefix``."""
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if line.startswith(prefix):
+            return lines
+    pytest.fail(f"no line starting with {prefix!r} in {''.join(lines)!r}; stderr: {process.stderr.read()[-2000:]}")
+
+
+def assert_one_line(stderr: str, *fragments: str) -> None:
+    """stderr is exactly one line, no traceback, and holds every fragment."""
+    assert "Traceback" not in stderr and stderr.count("\n") == 1 and stderr.endswith("\n"), stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in stderr, stderr
+
+
+SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
