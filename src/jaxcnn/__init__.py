@@ -7,9 +7,15 @@ Parts: :mod:`jaxcnn.functional` (ops and their hand-derived VJPs), :mod:`jaxcnn.
 gradients, ensembles, data parallelism over devices and hosts) and :mod:`jaxcnn.interop` (Flax).
 """
 
+from importlib.metadata import PackageNotFoundError, version
+
 from jaxcnn import alternatives, backprop, data, functional, gradcheck, interop, models, nn, parallel, train
 
-__version__ = "0.1.0"
+try:
+    __version__ = version("jaxcnn")  # the installed distribution's, set in pyproject.toml
+except PackageNotFoundError:  # a source tree on sys.path that was never installed
+    __version__ = "0+unknown"
+del PackageNotFoundError, version
 
 __all__ = [
     "alternatives",
