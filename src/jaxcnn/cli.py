@@ -353,9 +353,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``jaxcnn`` command, one subcommand per job."""
-    from jaxcnn import models
-
-    from jaxcnn import __version__
+    from jaxcnn import __version__, models
 
     parser = _Parser(prog="jaxcnn", description="CNNs as pure JAX functions, gradients checked.")
     parser.add_argument("--version", action="version", version=f"jaxcnn {__version__}")
