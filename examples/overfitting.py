@@ -130,13 +130,15 @@ def _figure(runs, path):
         colour = f"C{index}"
         epochs = [r["epoch"] for r in history]
         # early stopping is the "none" run until it stops: a wide translucent band under the thin lines shows both
-        wide = {"linewidth": 5, "alpha": 0.4, "zorder": 1} if name == "early stopping" else {"zorder": 2}
+        band = name == "early stopping"
+        wide = {"linewidth": 7, "alpha": 0.45, "zorder": 1} if band else {"zorder": 2}
         label = name
         if len(history) < len(max(runs.values(), key=len)):
             label = f"{name} (stopped at epoch {epochs[-1]}, X)"
         test = [r["test_loss"] for r in history]
         gap = [r["test_loss"] - r["train_loss"] for r in history]
-        curves.plot(epochs, [r["train_loss"] for r in history], "--", color=colour, linewidth=1, zorder=2)
+        train = {"linewidth": 5, "alpha": 0.45, "zorder": 1} if band else {"linewidth": 1, "zorder": 2}
+        curves.plot(epochs, [r["train_loss"] for r in history], "--", color=colour, **train)
         curves.plot(epochs, test, "-", color=colour, label=label, **wide)
         gaps.plot(epochs, gap, "-", color=colour, label=label, **wide)
         if label != name:  # where the run stopped
