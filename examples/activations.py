@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 import jax
@@ -74,21 +75,38 @@ def train(name: str, data, steps: int, eval_every: int, seed: int) -> list[dict]
     return history
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: every help text a sentence."""
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()), add_help=False)
+    parser.add_argument("-h", "--help", action="help", help="Show this help message and exit.")
+    parser.add_argument("--quick", action="store_true", help="Train for fewer steps (under a minute on 2 CPU cores).")
+    parser.add_argument(
+        "--output",
+        default="runs/examples/activations",
+        help="Directory for the figure and results (default: runs/examples/activations).",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the parameters and the batches (default: 0).")
+    return parser
+
+
 def main(argv=None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer steps (under a minute on 2 CPU cores)")
-    parser.add_argument("--output", default="runs/examples/activations", help="directory for the figure and results")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     steps, eval_every = (100, 20) if args.quick else (1000, 50)
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
+    print(f"derivatives of the {len(ACTIVATIONS)} activations, hand against autodiff, in float64 ...", flush=True)
     with jax.enable_x64(True):  # the derivative comparison in float64
         grid = jnp.linspace(-4.0, 4.0, 801, dtype=jnp.float64)
         curves = {name: derivatives(name, grid) for name in ACTIVATIONS}
     with jax.enable_x64(False):
         data = jc.data.load("digits")
-        runs = {name: train(name, data, steps, eval_every, args.seed) for name in ACTIVATIONS}
+        runs = {}
+        for index, name in enumerate(ACTIVATIONS, 1):
+            print(f"training {name} ({index}/{len(ACTIVATIONS)}): {steps} steps ...", end=" ", flush=True)
+            started = time.perf_counter()
+            runs[name] = train(name, data, steps, eval_every, args.seed)
+            seconds = time.perf_counter() - started
+            print(f"{seconds:.1f} s, test accuracy {runs[name][-1]['test_accuracy']:.3f}", flush=True)
     rows = []
     for name, (_, hand, auto) in curves.items():
         last = runs[name][-1]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 import jax
@@ -24,15 +25,28 @@ import jaxcnn as jc
 import jaxcnn.functional as F
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: every help text a sentence."""
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()), add_help=False)
+    parser.add_argument("-h", "--help", action="help", help="Show this help message and exit.")
+    parser.add_argument("--quick", action="store_true", help="Train for fewer steps (under a minute on 2 CPU cores).")
+    parser.add_argument(
+        "--output",
+        default="runs/examples/autoencoder",
+        help="Directory for the figures and results (default: runs/examples/autoencoder).",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the parameters and the batches (default: 0).")
+    return parser
+
+
 def main(argv=None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer steps (under a minute on 2 CPU cores)")
-    parser.add_argument("--output", default="runs/examples/autoencoder", help="directory for the figures and results")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     steps, eval_every = (400, 20) if args.quick else (4000, 100)
+    report_every = steps // 4  # a progress line at each quarter
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
+    print(f"training conv_autoencoder on the digits with hand-derived gradients: {steps} steps ...", flush=True)
+    started = time.perf_counter()
     with jax.enable_x64(False):
         data = jc.data.load("digits")  # standardised 8x8 images; the code is 2x2x32
         model = jc.models.get("conv_autoencoder")
@@ -49,6 +63,12 @@ def main(argv=None) -> Path:
             if index % eval_every == 0 or index == steps:
                 test = jc.train.evaluate(model, state.params, state.model_state, x_test, x_test, eval_step=evaluate)
                 history.append({"step": index, "train_mse": float(metrics["loss"]), "test_mse": test["loss"]})
+            if index % report_every == 0:
+                print(
+                    f"  step {index}/{steps} ({index // report_every}/4): test MSE {history[-1]['test_mse']:.4f}, "
+                    f"{time.perf_counter() - started:.1f} s",
+                    flush=True,
+                )
         shown = x_test[:10]
         reconstructed = np.asarray(model.apply(state.params, state.model_state, shown)[0])
     baseline = float(np.mean(x_test**2))  # predicting the mean image (0 after standardisation)

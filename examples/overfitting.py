@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -45,21 +46,41 @@ def subset(data: jc.data.Dataset, count: int, seed: int) -> jc.data.Dataset:
     return dataclasses.replace(data, x_train=data.x_train[order], y_train=data.y_train[order])
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: every help text a sentence."""
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()), add_help=False)
+    parser.add_argument("-h", "--help", action="help", help="Show this help message and exit.")
+    parser.add_argument("--quick", action="store_true", help="Train for fewer epochs (under a minute on 2 CPU cores).")
+    parser.add_argument(
+        "--output",
+        default="runs/examples/overfitting",
+        help="Directory for the figure and results (default: runs/examples/overfitting).",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="Seed of the subset, the parameters and the batches (default: 0)."
+    )
+    return parser
+
+
 def main(argv=None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer epochs (under a minute on 2 CPU cores)")
-    parser.add_argument("--output", default="runs/examples/overfitting", help="directory for the figure and results")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     epochs = 60 if args.quick else 150
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     data = subset(jc.data.load("digits"), SUBSET, args.seed)
     runs = {}
-    for name, changes in VARIANTS.items():
+    for index, (name, changes) in enumerate(VARIANTS.items(), 1):
+        print(f"training {name} ({index}/{len(VARIANTS)}): {epochs} epochs at most ...", end=" ", flush=True)
+        started = time.perf_counter()
         config = jc.train.Config(epochs=epochs, seed=args.seed, **{**BASE, **changes})
         _, history = jc.train.fit(config, None, data=data, log=None)
         runs[name] = history
+        seconds = time.perf_counter() - started
+        print(
+            f"{seconds:.1f} s, {len(history)} epochs, test loss {history[-1]['test_loss']:.4f}, "
+            f"train loss {history[-1]['train_loss']:.4f}",
+            flush=True,
+        )
     rows = []
     for name, history in runs.items():
         last = history[-1]
@@ -105,12 +126,24 @@ def _figure(runs, path):
     figure = Figure(figsize=(12, 4.5), layout="constrained")
     FigureCanvasAgg(figure)
     curves, gaps = figure.subplots(1, 2)
-    colours = [f"C{i}" for i in range(len(runs))]
-    for colour, (name, history) in zip(colours, runs.items()):
+    for index, (name, history) in enumerate(runs.items()):
+        colour = f"C{index}"
         epochs = [r["epoch"] for r in history]
-        curves.plot(epochs, [r["train_loss"] for r in history], "--", color=colour, linewidth=1)
-        curves.plot(epochs, [r["test_loss"] for r in history], "-", color=colour, label=name)
-        gaps.plot(epochs, [r["test_loss"] - r["train_loss"] for r in history], "-", color=colour, label=name)
+        # early stopping is the "none" run until it stops: a wide translucent band under the thin lines shows both
+        band = name == "early stopping"
+        wide = {"linewidth": 7, "alpha": 0.45, "zorder": 1} if band else {"zorder": 2}
+        label = name
+        if len(history) < len(max(runs.values(), key=len)):
+            label = f"{name} (stopped at epoch {epochs[-1]}, X)"
+        test = [r["test_loss"] for r in history]
+        gap = [r["test_loss"] - r["train_loss"] for r in history]
+        train = {"linewidth": 5, "alpha": 0.45, "zorder": 1} if band else {"linewidth": 1, "zorder": 2}
+        curves.plot(epochs, [r["train_loss"] for r in history], "--", color=colour, **train)
+        curves.plot(epochs, test, "-", color=colour, label=label, **wide)
+        gaps.plot(epochs, gap, "-", color=colour, label=label, **wide)
+        if label != name:  # where the run stopped
+            curves.plot(epochs[-1], test[-1], "X", color=colour, markersize=10, markeredgecolor="black", zorder=3)
+            gaps.plot(epochs[-1], gap[-1], "X", color=colour, markersize=10, markeredgecolor="black", zorder=3)
     curves.set_yscale("log")
     curves.set_xlabel("epoch")
     curves.set_ylabel("loss (solid: test, dashed: train)")

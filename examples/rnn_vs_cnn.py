@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 import jax
@@ -128,6 +129,8 @@ def train(data, steps: int, batch_size: int, eval_every: int, seed: int) -> dict
 
     rng = np.random.default_rng(seed)
     history = []
+    report_every = max(eval_every, steps // 4 // eval_every * eval_every)  # about four progress lines
+    started = time.perf_counter()
     for index in range(1, steps + 1):
         rows = rng.choice(len(x_train), batch_size, replace=False)
         cnn_state, _ = cnn_step(cnn_state, x_train[rows], y_train[rows])
@@ -137,25 +140,43 @@ def train(data, steps: int, batch_size: int, eval_every: int, seed: int) -> dict
             history.append(
                 {"step": index, "cnn": cnn_result["accuracy"], "rnn": float(rnn_accuracy(rnn_params, x_test, y_test))}
             )
+            if index % report_every == 0 or index == steps:
+                print(
+                    f"  step {index}/{steps}: test accuracy CNN {history[-1]['cnn']:.3f}, "
+                    f"RNN {history[-1]['rnn']:.3f}, {time.perf_counter() - started:.1f} s",
+                    flush=True,
+                )
     return {"history": history}
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: every help text a sentence."""
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()), add_help=False)
+    parser.add_argument("-h", "--help", action="help", help="Show this help message and exit.")
+    parser.add_argument("--quick", action="store_true", help="Train for fewer steps (under a minute on 2 CPU cores).")
+    parser.add_argument(
+        "--output",
+        default="runs/examples/rnn_vs_cnn",
+        help="Directory for the figure and results (default: runs/examples/rnn_vs_cnn).",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the parameters and the batches (default: 0).")
+    return parser
+
+
 def main(argv=None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer steps (under a minute on 2 CPU cores)")
-    parser.add_argument("--output", default="runs/examples/rnn_vs_cnn", help="directory for the figure and results")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     steps, eval_every = (200, 20) if args.quick else (1500, 50)
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     with jax.enable_x64(False):
         data = jc.data.load("digits")
         x, y = data.train[0][:256], data.train[1][:256]
+        print("gradient terms at initialisation, per position (CNN) and per time step (RNN) (1/2) ...", flush=True)
         cnn = small_cnn()
         cnn_params, _ = cnn.init(jax.random.key(args.seed), data.input_shape)
         positions = cnn_position_terms(cnn, cnn_params, jnp.asarray(x), jnp.asarray(y))
         steps_terms = rnn_step_terms(rnn_init(jax.random.key(args.seed)), jnp.asarray(x), jnp.asarray(y))
+        print(f"training the CNN and the RNN on the same batches (2/2): {steps} steps ...", flush=True)
         result = train(data, steps, 64, eval_every, args.seed)
     last = result["history"][-1]
     summary = {
@@ -188,16 +209,16 @@ def _figure(positions, step_terms, history, path):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(13, 4), layout="constrained")
+    figure = Figure(figsize=(13, 4.2), layout="constrained")
     FigureCanvasAgg(figure)
     space, time_axes, curves = figure.subplots(1, 3)
     image = space.imshow(positions, cmap="magma")
     figure.colorbar(image, ax=space, shrink=0.8)
-    space.set_title("CNN: |dW| term per output position")
+    space.set_title("CNN: |dW| term\nper output position", fontsize=11)
     space.set_xlabel("column")
     space.set_ylabel("row")
     time_axes.bar(range(1, len(step_terms) + 1), step_terms, color="tab:orange")
-    time_axes.set_title("RNN (BPTT): |dW_h| term per time step (t=1: 0, as h_0 = 0)")
+    time_axes.set_title("RNN (BPTT): |dW_h| term per time step\n(t = 1 gives 0, as h_0 = 0)", fontsize=11)
     time_axes.set_xlabel("time step t (image row)")
     time_axes.set_yscale("log")
     steps = [r["step"] for r in history]
@@ -205,7 +226,7 @@ def _figure(positions, step_terms, history, path):
     curves.plot(steps, [r["rnn"] for r in history], "-o", markersize=3, label="Elman RNN")
     curves.set_xlabel("step")
     curves.set_ylabel("test accuracy")
-    curves.set_title("training (Adam, hand-derived gradients)")
+    curves.set_title("training\n(Adam, hand-derived gradients)", fontsize=11)
     curves.grid(alpha=0.3)
     curves.legend()
     figure.savefig(path, dpi=100)

@@ -15,7 +15,9 @@ Writes vanishing_gradients.png, results.json and results.md into the output dire
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import time
 from pathlib import Path
 
 import jax
@@ -72,18 +74,42 @@ def run(activation, kind, data, steps, seed):
     return {"init": first, "trained": after, "test_accuracy": result["accuracy"]}
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: every help text a sentence."""
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()), add_help=False)
+    parser.add_argument("-h", "--help", action="help", help="Show this help message and exit.")
+    parser.add_argument("--quick", action="store_true", help="Train for fewer steps (under a minute on 2 CPU cores).")
+    parser.add_argument(
+        "--output",
+        default="runs/examples/vanishing_gradients",
+        help="Directory for the figure and results (default: runs/examples/vanishing_gradients).",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the parameters and the batches (default: 0).")
+    return parser
+
+
 def main(argv=None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer steps (under a minute on 2 CPU cores)")
-    parser.add_argument("--output", default="runs/examples/vanishing_gradients", help="directory for the results")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     steps = 40 if args.quick else 600
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     with jax.enable_x64(False):
         data = jc.data.load("digits")
-        runs = {f"{a}/{k}": run(a, k, data, steps, args.seed) for a in ACTIVATIONS for k in KINDS}
+        runs = {}
+        for index, (activation, kind) in enumerate(itertools.product(ACTIVATIONS, KINDS), 1):
+            print(
+                f"training {activation} {kind} ({index}/{len(ACTIVATIONS) * len(KINDS)}): {steps} steps ...",
+                end=" ",
+                flush=True,
+            )
+            started = time.perf_counter()
+            result = run(activation, kind, data, steps, args.seed)
+            runs[f"{activation}/{kind}"] = result
+            print(
+                f"{time.perf_counter() - started:.1f} s, first/last layer gradient norm at init "
+                f"{result['init'][0] / result['init'][-1]:.3g}",
+                flush=True,
+            )
     table = [
         f"{DEPTH} conv layers of {WIDTH} channels, Adam 1e-3, batch 64, {steps} steps",
         "",

@@ -1,10 +1,14 @@
-"""The examples run as their docstrings say: each ``--quick`` run exits 0 and writes its figure and results
-(marked slow: ``python -m pytest -m slow tests/test_examples.py``)."""
+"""The examples run as their docstrings say: each ``--quick`` run exits 0, says what it is doing as it goes and
+writes its figure and results (marked slow: ``python -m pytest -m slow tests/test_examples.py``); each ``--help``
+is whole sentences."""
 
 import json
 import pathlib
+import re
+import runpy
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -32,6 +36,16 @@ def test_example_quick_run_writes_its_figures_and_results(name, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert str(tmp_path) in result.stdout  # the output directory is printed
+    lines = result.stdout.splitlines()
+    assert lines[0].endswith("..."), lines[0]  # what it does first, before doing it
+    # a line per run or phase, numbered (k/n) with k = 1..n, all before the results table
+    numbered = [(i, re.search(r"\((\d+)/(\d+)\)", line)) for i, line in enumerate(lines)]
+    numbered = [(i, int(m[1]), int(m[2])) for i, m in numbered if m]
+    total = numbered[0][2]
+    assert total >= 2 and [k for _, k, _ in numbered] == list(range(1, total + 1)), lines
+    assert all(n == total for _, _, n in numbered)
+    table = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    assert numbered[-1][0] < table
     for file in EXAMPLES[name]:
         assert (tmp_path / file).stat().st_size > 0, file
     assert json.loads((tmp_path / "results.json").read_text())
@@ -64,3 +78,51 @@ def test_the_readme_links_every_example_with_a_figure():
         assert figures, f"no figure of {name} in the README"
         for figure in figures:
             assert (ROOT / "docs" / "figures" / figure).stat().st_size > 5000
+
+
+def help_text(name, monkeypatch, capsys) -> str:
+    """``python examples/NAME.py --help`` run in this process (no second jax import), unwrapped."""
+    monkeypatch.setenv("COLUMNS", "1000")  # argparse wraps at the terminal width: one line per option
+    monkeypatch.setattr(sys, "argv", [f"{name}.py", "--help"])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(ROOT / "examples" / f"{name}.py"), run_name="__main__")
+    assert exit_.value.code in (0, None)
+    return capsys.readouterr().out
+
+
+def is_sentence(text: str) -> bool:
+    return bool(re.fullmatch(r"[A-Z][^\n]*[.]", text)) and text.count("(") == text.count(")")
+
+
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
+def test_example_help_is_whole_sentences(name, monkeypatch, capsys):
+    text = help_text(name, monkeypatch, capsys)
+    usage, description, options = text.strip().split("\n\n")
+    assert usage.startswith(f"usage: {name}.py")
+    assert is_sentence(description) and len(description) > 80, description
+    first, *rest = options.splitlines()
+    assert first == "options:" and len(rest) >= 4, options  # -h, --quick, --output, --seed
+    for line in rest:
+        invocation, help_ = re.fullmatch(r"  (-\S.*?)  +(.*)", line).groups()
+        assert is_sentence(help_), f"{name} {invocation}: {help_!r}"
+
+
+def test_an_example_says_what_it_does_at_once(tmp_path):
+    """The first line comes (flushed) while the work is still going on, not with the results at the end."""
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "examples" / "activations.py"), "--quick", "--output", str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        first = []
+        reader = threading.Thread(target=lambda: first.append(process.stdout.readline()), daemon=True)
+        reader.start()
+        reader.join(timeout=60)
+        assert first and first[0].endswith("...\n"), first
+        assert process.poll() is None  # still working: the line was not held back until the end
+    finally:
+        process.kill()
+        process.wait()
+        process.stdout.close()

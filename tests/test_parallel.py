@@ -521,8 +521,9 @@ def test_two_processes_on_one_machine_match_one_process(tmp_path):
         for rank in (0, 1)
     ]
     outputs = [process.communicate(timeout=300) for process in processes]
-    for process, (_, stderr) in zip(processes, outputs):
+    for process, (stdout, stderr) in zip(processes, outputs):
         assert process.returncode == 0, stderr[-3000:]
+        assert "[Gloo]" not in stdout + stderr  # gloo's "Rank 0 is connected to 1 peer ranks" lines
     assert "data parallel over 2 devices in 2 processes" in outputs[0][0]
     assert "epoch" not in outputs[1][0] and "done" not in outputs[1][0]  # only the first process reports
     config = train.read_config(tmp_path / "two")
@@ -563,3 +564,20 @@ def test_the_cli_rejects_bad_scaling_flags(tmp_path, capsys):
     assert "--devices must be >= 1" in capsys.readouterr().err
     assert main(["train", "--coordinator", "127.0.0.1:9", "--workdir", str(tmp_path / "c")]) == 2
     assert "missing --num-processes, --process-id" in capsys.readouterr().err
+
+
+def test_gloo_connection_lines_are_dropped_and_nothing_else(capfd):
+    from jaxcnn import _gloo
+
+    connected = b"[Gloo] Rank 1 is connected to 3 peer ranks. Expected number of connected peer ranks is : 3\n"
+    missing = b"[Gloo] Rank 0 is connected to 2 peer ranks. Expected number of connected peer ranks is : 3\n"
+    assert _gloo.without_connection_lines(b"a\n" + connected + b"b [Gloo] c\n" + missing + connected) == (
+        b"a\nb [Gloo] c\n" + missing
+    )
+    print("before", flush=True)
+    with _gloo.quietly():  # what gloo's C++ writes goes to file descriptor 1, past sys.stdout
+        os.write(1, b"kept\n" + connected + b"also kept")
+        os.write(2, connected)  # stderr is not touched
+    print("after")
+    captured = capfd.readouterr()
+    assert captured.out == "before\nkept\nalso keptafter\n" and captured.err == connected.decode()

@@ -13,9 +13,14 @@ no JAX, so the ``jaxcnn`` command can install its signal handlers before the slo
 from __future__ import annotations
 
 import importlib
+from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+try:
+    __version__ = version("jaxcnn")  # the installed distribution's, set in pyproject.toml
+except PackageNotFoundError:  # a source tree on sys.path that was never installed
+    __version__ = "0+unknown"
+del PackageNotFoundError, version
 
 __all__ = [
     "alternatives",

@@ -356,9 +356,10 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``jaxcnn`` command, one subcommand per job."""
-    from jaxcnn import models
+    from jaxcnn import __version__, models
 
     parser = _Parser(prog="jaxcnn", description="CNNs as pure JAX functions, gradients checked.")
+    parser.add_argument("--version", action="version", version=f"jaxcnn {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     commands.required = True
     _add_train(commands)

@@ -34,7 +34,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxcnn import backprop
+from jaxcnn import _gloo, backprop
 from jaxcnn.data import batches, epoch_order, num_batches
 from jaxcnn.data._batching import ahead
 from jaxcnn.functional import softmax_cross_entropy
@@ -500,7 +500,8 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     Arguments not given are read from the environment: ``JAX_COORDINATOR_ADDRESS`` (``HOST:PORT``),
     ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``. With none of the three anywhere it does nothing (a single
     process) and returns False. On CPU it selects the gloo collectives, so processes on one machine (or on
-    hosts that reach each other over TCP) can all-reduce.
+    hosts that reach each other over TCP) can all-reduce, and opens their connections at once (without gloo's
+    "[Gloo] Rank R is connected" lines on stdout).
 
     Raises:
       ValueError: a partial or malformed set of arguments, naming what is wrong.
@@ -527,6 +528,7 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     # the CPU backend's collectives across processes (a GPU backend uses NCCL and ignores this setting)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
+    _gloo.connect_processes()  # now, without gloo's "[Gloo] Rank 0 is connected" lines
     return True
 
 
@@ -573,7 +575,9 @@ def data_mesh(devices: int | None = None) -> Mesh:
         if len(local) < per_process:
             raise ValueError(f"process {process} has {len(local)} devices, {per_process} are needed")
         chosen.extend(local[:per_process])
-    return Mesh(np.array(chosen), (AXIS,))
+    mesh = Mesh(np.array(chosen), (AXIS,))
+    _gloo.connect(mesh)  # a subset of the devices is a new set of gloo connections: opened quietly
+    return mesh
 
 
 def _replicated(mesh: Mesh) -> NamedSharding:
