@@ -139,10 +139,9 @@ def build_model(config: Config, input_shape: tuple[int, ...], num_classes: int):
 
 
 def _check_labels(dataset: data_lib.Dataset, num_outputs: int) -> None:
+    """Both splits' labels: integers in ``[0, num_outputs)`` (the jitted steps cannot check them)."""
     for split, labels in (("train", dataset.y_train), ("test", dataset.y_test)):
-        if labels.size and (labels.min() < 0 or labels.max() >= num_outputs):
-            bad = labels.min() if labels.min() < 0 else labels.max()
-            raise ValueError(f"{split} labels must be in [0, {num_outputs}) for this model's outputs, found {bad}")
+        data_lib.check_labels(labels, num_outputs, what=f"{split} labels")
 
 
 class Run:
