@@ -252,8 +252,10 @@ def _check_npy_header(path: Path, archive: zipfile.ZipFile, name: str) -> None:
     try:
         with archive.open(member) as stream:
             version = np.lib.format.read_magic(stream)
-            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            shape, _, dtype = read_header(stream)
+            if version == (1, 0):
+                shape, _, dtype = np.lib.format.read_array_header_1_0(stream)
+            else:
+                shape, _, dtype = np.lib.format.read_array_header_2_0(stream)
             stored -= stream.tell()
     except (OSError, EOFError, ValueError, SyntaxError, zipfile.BadZipFile, zlib.error) as error:
         raise DataError(f"'{path}': array '{name}' has a malformed .npy header: {error}") from error

@@ -264,8 +264,9 @@ def make_train_step(
       ``step(state, x, y)`` with ``x`` of shape ``(N, *input_shape)`` and ``y`` the targets (``(N,)`` integer
       labels in ``[0, C)`` for cross-entropy; the compiled step does not check them, as that would need a host
       sync per step: a label of -5 wraps around to a plausible loss, one of C or more gives NaN. :func:`fit`
-      and :func:`evaluate` check them on the host, and so does :func:`jaxcnn.data.check_labels`). ``metrics`` stays on device: ``"loss"`` (the batch mean), ``"accuracy"``
-      (integer labels only) and ``"count"`` (N), each a scalar.
+      and :func:`evaluate` check them on the host, and so does :func:`jaxcnn.data.check_labels`).
+      ``metrics`` stays on device: ``"loss"`` (the batch mean), ``"accuracy"`` (integer labels only) and
+      ``"count"`` (N), each a scalar.
     """
     if not is_int(steps_per_call) or steps_per_call < 1:
         raise ValueError(f"steps_per_call must be an int >= 1, got {steps_per_call!r}")
