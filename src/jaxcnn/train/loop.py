@@ -26,6 +26,7 @@ import numpy as np
 
 from jaxcnn import data as data_lib
 from jaxcnn import models, parallel
+from jaxcnn.train import limits
 from jaxcnn.train.checkpoint import Checkpointer, CheckpointError, all_finite, step_number
 from jaxcnn.train.config import Config, make_optimizer
 from jaxcnn.train.state import TrainState, create_train_state, data_key
@@ -153,12 +154,14 @@ class Run:
         self.input_shape = tuple(self.data.input_shape)
         self.model = build_model(config, self.input_shape, self.data.num_classes)
         _check_labels(self.data, self.model.output_shape(self.input_shape)[-1])
+        self.warnings = limits.check_augmentation(config, self.input_shape)  # refuses, or lines for the log
         self.steps_per_epoch = data_lib.num_batches(len(self.data.y_train), config.batch_size)
         if config.epochs * self.steps_per_epoch >= 2**31:
             raise ValueError(
                 f"epochs ({config.epochs}) x steps per epoch ({self.steps_per_epoch}) exceeds the int32 step counter"
             )
         self.optimizer, self.schedule = make_optimizer(config, self.steps_per_epoch)
+        limits.check_state_memory(config, self.initial_state, self.data.num_classes)  # before allocating it
         self._fingerprint: str | None = None
 
     @property
@@ -265,6 +268,8 @@ def _fit(
     say = log if log is not None and primary else (lambda line: None)
     resuming = directory is not None and _check_workdir(directory, config)
     run = Run(config, data)
+    for line in run.warnings:
+        say(line)
     state = run.initial_state()
     history: list[dict[str, Any]] = []
     checkpointer = Checkpointer(directory / CHECKPOINT_DIR, keep=config.keep) if directory is not None else None
