@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from jaxcnn import cli, train
-from jaxcnn.train.config import Config, ignored_fields
+from jaxcnn.train.config import Config
 from test_data import write_npz
 
 
@@ -28,6 +28,16 @@ def fit_calls(monkeypatch):
 
     monkeypatch.setattr(train, "fit", fake_fit)
     return calls
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """The epoch loop replaced by a stop: a run that gets as far as training has not been refused."""
+
+    def stop(*args, **kwargs):
+        raise Stopped("reached the training loop")
+
+    monkeypatch.setattr(train.loop, "_train", stop)
 
 
 def run_cli(*flags, workdir, capsys):
@@ -79,7 +89,7 @@ REFUSED = {
 
 
 @pytest.mark.parametrize("case", sorted(REFUSED))
-def test_nonsensical_flags_are_refused_in_one_line_naming_the_flag(case, tmp_path, capsys):
+def test_nonsensical_flags_are_refused_in_one_line_naming_the_flag(case, tmp_path, capsys, no_training):
     flags, message = REFUSED[case]
     npz, directory = write_npz(tmp_path / "mine.npz"), tmp_path / "data"
     directory.mkdir()
@@ -94,7 +104,7 @@ def test_nonsensical_flags_are_refused_in_one_line_naming_the_flag(case, tmp_pat
     assert not workdir.exists()  # nothing written for a run that could not start
 
 
-def test_a_resumed_run_keeps_its_files_when_a_flag_is_refused(tmp_path, capsys):
+def test_a_resumed_run_keeps_its_files_when_a_flag_is_refused(tmp_path, capsys, no_training):
     workdir = tmp_path / "run"
     workdir.mkdir()
     saved = Config(optimizer="adam", schedule="constant").to_json()
@@ -182,6 +192,8 @@ def test_flags_that_take_effect_are_kept_without_a_warning(flags, tmp_path, caps
 
 
 def test_ignored_fields_follow_make_optimizer_and_make_schedule():
+    from jaxcnn.train.config import ignored_fields
+
     assert ignored_fields(Config()) == {
         "data_path": "dataset",
         "data_dir": "dataset",
