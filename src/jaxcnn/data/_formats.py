@@ -258,7 +258,7 @@ def _check_npy_header(path: Path, archive: zipfile.ZipFile, name: str) -> None:
                 shape, _, dtype = np.lib.format.read_array_header_2_0(stream)
             stored -= stream.tell()
     except (OSError, EOFError, ValueError, SyntaxError, zipfile.BadZipFile, zlib.error) as error:
-        raise DataError(f"'{path}': array '{name}' has a malformed .npy header: {error}") from error
+        raise DataError(f"'{path}': array '{name}' cannot be read: a malformed .npy header ({error})") from error
     if dtype.hasobject:
         return  # an object array: refused when it is read (it would need unpickling)
     count = math.prod(shape)

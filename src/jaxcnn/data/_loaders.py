@@ -173,10 +173,10 @@ def _npz_labels(path: Path, key: str, y: np.ndarray) -> np.ndarray:
     if y.ndim != 1:
         raise DataError(f"'{path}': {key} has shape {y.shape}; expected (N,) or (N, 1)")
     if np.issubdtype(y.dtype, np.integer):
-        if y.size and (y.max() >= MAX_LABEL or y.min() < 0):  # exact for every integer dtype (uint64 too)
-            index = int(np.argmax(y)) if y.max() >= MAX_LABEL else int(np.argmin(y))
+        if y.size and y.max() >= MAX_LABEL:  # exact for every integer dtype (uint64 too); negatives: _validate
+            index = int(np.argmax(y))
             raise DataError(
-                f"'{path}': {key} holds the label {y[index]} at index {index}; labels must lie in [0, 2**31 - 1)"
+                f"'{path}': {key} holds label {y[index]} (at index {index}); labels are int32, below 2**31 - 1"
             )
         return y
     if not np.issubdtype(y.dtype, np.floating):
@@ -195,7 +195,7 @@ def _npz_num_classes(path: Path, value: np.ndarray) -> int:
         np.issubdtype(value.dtype, np.floating) and value.size == 1 and float(value.flat[0]).is_integer()
     )
     if value.size != 1 or not integral or not 1 <= value.flat[0] <= MAX_LABEL:
-        raise DataError(f"'{path}': num_classes must be an integer scalar in [1, 2**31 - 1], got {value!r}")
+        raise DataError(f"'{path}': num_classes must be a positive integer scalar below 2**31, got {value!r}")
     return int(value.flat[0])
 
 
