@@ -589,7 +589,18 @@ def test_dataset_properties_and_repr(synthetic_default):
 def test_datasets_constant():
     assert DATASETS == ("digits", "mnist", "fashion_mnist", "cifar10", "npz", "synthetic")
     assert sorted(data.__all__) == sorted(
-        ["DATASETS", "DataError", "Dataset", "augment", "batches", "epoch_order", "load", "num_batches", "standardize"]
+        [
+            "DATASETS",
+            "DataError",
+            "Dataset",
+            "augment",
+            "batches",
+            "check_labels",
+            "epoch_order",
+            "load",
+            "num_batches",
+            "standardize",
+        ]
     )
 
 

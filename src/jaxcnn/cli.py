@@ -115,7 +115,16 @@ def _default_workdir() -> Path:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from jaxcnn import parallel
+    from jaxcnn.train.config import ConfigError
+
+    try:
+        return _train_run(args)
+    except ConfigError as error:  # a Config field's message, told in terms of its flag (--augment-translate)
+        raise ValueError(error.with_flags()) from None
+
+
+def _train_run(args: argparse.Namespace) -> int:
+    from jaxcnn import _train_flags, parallel
 
     # before anything touches a JAX backend: a multi-process run must join its peers first
     distributed = parallel.initialize(args.coordinator, args.num_processes, args.process_id)
@@ -137,10 +146,9 @@ def _train(args: argparse.Namespace) -> int:
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     workdir = Path(args.workdir) if args.workdir else _default_workdir()
-    if (workdir / train.loop.CONFIG_FILE).exists():
-        config = train.read_config(workdir).replace(**overrides)
-    else:
-        config = train.Config(**overrides)
+    saved = train.read_config(workdir) if (workdir / train.loop.CONFIG_FILE).exists() else None
+    note = (lambda line: print(line, file=sys.stderr, flush=True)) if primary else (lambda line: None)
+    config = _train_flags.resolve(overrides, saved, note)  # inferred, refused or dropped with a warning
     if distributed and not args.workdir:
         raise ValueError("a multi-process run needs --workdir (the same directory for every process)")
     placement = ""

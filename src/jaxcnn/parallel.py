@@ -46,6 +46,7 @@ from jaxcnn.train.step import (
     LossFn,
     Metrics,
     _accuracy_of,
+    check_class_labels,
     eval_step_function,
     sum_metrics,
     train_step_function,
@@ -461,10 +462,11 @@ def evaluate_ensemble(
       mean of its members' softmax probabilities (its loss is the negative log-likelihood of that mean).
     """
     step = eval_step or make_ensemble_eval_step(model)
-    y = np.asarray(y)
+    x, y = np.asarray(x), np.asarray(y)
     if not np.issubdtype(y.dtype, np.integer):
         raise ValueError(f"an ensemble is evaluated on integer class labels, got {y.dtype}")
-    totals = sum_metrics(step, params, state, batches(np.asarray(x), y, batch_size))
+    check_class_labels(model, jax.tree.map(lambda a: a[0], params), jax.tree.map(lambda a: a[0], state), x, y)
+    totals = sum_metrics(step, params, state, batches(x, y, batch_size))
     count = int(totals["count"])
     members = [
         {"loss": float(loss) / count, "accuracy": float(correct) / count}

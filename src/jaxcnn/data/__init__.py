@@ -32,7 +32,7 @@ with a one-line message naming the problem and the file or directory.
 """
 
 from jaxcnn.data._batching import batches, epoch_order, num_batches
-from jaxcnn.data._dataset import DataError, Dataset, standardize
+from jaxcnn.data._dataset import DataError, Dataset, check_labels, standardize
 from jaxcnn.data._loaders import DATASETS, load
 from jaxcnn.data.augment import augment
 
@@ -42,6 +42,7 @@ __all__ = [
     "Dataset",
     "augment",
     "batches",
+    "check_labels",
     "epoch_order",
     "load",
     "num_batches",

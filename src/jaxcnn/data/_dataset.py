@@ -82,6 +82,37 @@ def _check_split(source: str, split: str, x: np.ndarray, y: np.ndarray) -> None:
         raise DataError(f"{source}: y_{split} has dtype {y.dtype}; labels must be integers")
 
 
+def check_labels(labels: object, num_classes: int, *, what: str = "labels") -> np.ndarray:
+    """Integer class labels ``(N,)`` on the host, each in ``[0, num_classes)``; the check a train or eval entry
+    point makes before its jit-compiled step, which cannot check them without a host sync (there, a label of
+    -5 wraps around to a plausible loss and one of ``num_classes`` or more gives NaN).
+
+    Args:
+        labels: ``(N,)`` integer labels (any array-like; a device array is copied to the host).
+        num_classes: The number of classes, e.g. the model's number of outputs.
+        what: What the labels are, for the message (``"y_train"``, ``"test labels"``).
+
+    Returns:
+        ``labels`` as a NumPy array.
+
+    Raises:
+        DataError: Labels that are not integers of shape ``(N,)``, or the first label out of range, naming it,
+            its index and the valid range.
+    """
+    values = np.asarray(labels)
+    if values.ndim != 1 or not np.issubdtype(values.dtype, np.integer):
+        raise DataError(f"{what} must be integer class indices of shape (N,), got {values.dtype} {values.shape}")
+    if values.size:
+        low, high = values.min(), values.max()
+        if low < 0 or high >= num_classes:
+            index = int(np.argmin(values)) if low < 0 else int(np.argmax(values))
+            raise DataError(
+                f"{what} must lie in [0, {num_classes}) (the model's {num_classes} outputs); "
+                f"found {values[index]} at index {index}"
+            )
+    return values
+
+
 def _check_values(source: str, split: str, x: np.ndarray, y: np.ndarray, num_classes: int) -> None:
     """Values of one split: labels in ``[0, num_classes)``, images finite."""
     if y.min() < 0:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxcnn._memory import format_bytes, host_bytes, too_large
 from jaxcnn.data._dataset import DataError
 
 IDX_UBYTE = 0x08  # the IDX element-type code of unsigned bytes, the only one MNIST-style files use
@@ -217,6 +218,7 @@ def read_npz(path: Path, required: Sequence[str], optional: Sequence[str] = ()) 
             for name in (*required, *optional):
                 if name not in names:
                     continue
+                _check_npy_header(path, archive.zip, name)
                 try:
                     value = archive[name]
                 except ValueError as error:
@@ -233,3 +235,40 @@ def read_npz(path: Path, required: Sequence[str], optional: Sequence[str] = ()) 
     except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error) as error:
         raise DataError(f"cannot read '{path}' as an .npz archive: {error}") from error
     return arrays
+
+
+def _check_npy_header(path: Path, archive: zipfile.ZipFile, name: str) -> None:
+    """Reads the ``.npy`` header of member ``name`` alone, before its data: the shape and dtype it declares must
+    match the bytes the archive holds for it and fit in memory (an image array also as a float32 copy).
+
+    Raises:
+        DataError: naming the file and the array, for a malformed header, a declared size the member does not
+            hold, or one too large for this machine's memory.
+    """
+    member = f"{name}.npy"
+    if member not in archive.namelist():
+        return  # not a .npy member: refused as such when it is read
+    stored = archive.getinfo(member).file_size
+    try:
+        with archive.open(member) as stream:
+            version = np.lib.format.read_magic(stream)
+            if version == (1, 0):
+                shape, _, dtype = np.lib.format.read_array_header_1_0(stream)
+            else:
+                shape, _, dtype = np.lib.format.read_array_header_2_0(stream)
+            stored -= stream.tell()
+    except (OSError, EOFError, ValueError, SyntaxError, zipfile.BadZipFile, zlib.error) as error:
+        raise DataError(f"'{path}': array '{name}' cannot be read: a malformed .npy header ({error})") from error
+    if dtype.hasobject:
+        return  # an object array: refused when it is read (it would need unpickling)
+    count = math.prod(shape)
+    declared = count * dtype.itemsize
+    if declared != stored:
+        raise DataError(
+            f"'{path}': array '{name}' declares shape {shape} of {dtype} ({format_bytes(declared)}) "
+            f"but the file holds {format_bytes(stored)} of data for it"
+        )
+    needed = declared + (4 * count if name.startswith("x_") else 0)  # images are also copied as float32
+    problem = too_large(needed, host_bytes())
+    if problem:
+        raise DataError(f"'{path}': array '{name}' of shape {shape} ({dtype}) {problem}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import os
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxcnn._memory import device_bytes, too_large
 from jaxcnn.data import _formats
 from jaxcnn.data._dataset import DataError, Dataset, _validate, standardize
 
@@ -17,6 +19,7 @@ DATASETS: tuple[str, ...] = ("digits", "mnist", "fashion_mnist", "cifar10", "npz
 
 DIGITS_TEST_SIZE = 360  # of 1,797 images: ~20%, a fixed stratified split
 SYNTHETIC_NOISE = 0.3  # standard deviation of the Gaussian noise around each class prototype
+MAX_LABEL = 2**31 - 1  # labels are int32 in [0, num_classes), so num_classes <= 2**31 - 1
 
 _IDX_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -170,11 +173,16 @@ def _npz_labels(path: Path, key: str, y: np.ndarray) -> np.ndarray:
     if y.ndim != 1:
         raise DataError(f"'{path}': {key} has shape {y.shape}; expected (N,) or (N, 1)")
     if np.issubdtype(y.dtype, np.integer):
+        if y.size and y.max() >= MAX_LABEL:  # exact for every integer dtype (uint64 too); negatives: _validate
+            index = int(np.argmax(y))
+            raise DataError(
+                f"'{path}': {key} holds label {y[index]} (at index {index}); labels are int32, below 2**31 - 1"
+            )
         return y
     if not np.issubdtype(y.dtype, np.floating):
         raise DataError(f"'{path}': {key} has dtype {y.dtype}; labels must be integers (or integral floats)")
     with np.errstate(invalid="ignore"):
-        bad = ~np.isfinite(y) | (y != np.round(y)) | (np.abs(y) >= 2**31)
+        bad = ~np.isfinite(y) | (y != np.round(y)) | (y < 0) | (y >= MAX_LABEL)
     if bad.any():
         index = int(np.argmax(bad))
         raise DataError(f"'{path}': {key} holds the non-integral or out-of-range label {y[index]} at index {index}")
@@ -186,8 +194,8 @@ def _npz_num_classes(path: Path, value: np.ndarray) -> int:
     integral = np.issubdtype(value.dtype, np.integer) or (
         np.issubdtype(value.dtype, np.floating) and value.size == 1 and float(value.flat[0]).is_integer()
     )
-    if value.size != 1 or not integral or value.flat[0] < 1:
-        raise DataError(f"'{path}': num_classes must be a positive integer scalar, got {value!r}")
+    if value.size != 1 or not integral or not 1 <= value.flat[0] <= MAX_LABEL:
+        raise DataError(f"'{path}': num_classes must be a positive integer scalar below 2**31, got {value!r}")
     return int(value.flat[0])
 
 
@@ -245,8 +253,25 @@ def _load_synthetic(seed: int, shape: tuple[int, int, int], num_classes: int, si
         raise DataError(f"synthetic: num_classes must be an integer >= 2, got {num_classes!r}")
     if not _positive_ints(sizes, 2):
         raise DataError(f"synthetic: sizes must be two positive integers (n_train, n_test), got {sizes!r}")
+    _check_synthetic_memory(tuple(int(s) for s in shape), int(num_classes), (int(sizes[0]), int(sizes[1])))
     arrays = _synthetic_arrays(
         jax.random.key(int(seed)), tuple(int(s) for s in shape), int(num_classes), (int(sizes[0]), int(sizes[1]))
     )
     x_train, y_train, x_test, y_test = (np.asarray(a) for a in arrays)
     return _validate("synthetic", "synthetic", x_train, y_train, x_test, y_test, int(num_classes))
+
+
+def _check_synthetic_memory(shape: tuple[int, int, int], num_classes: int, sizes: tuple[int, int]) -> None:
+    """Refuses, before anything is allocated, sizes whose float32 arrays would not fit in memory (or whose
+    labels or counts would overflow int32), naming the argument."""
+    limit = device_bytes()  # the arrays are drawn on the default device, then copied to the host
+    image = 4 * math.prod(shape)
+    counts = {"sizes[0] (n_train)": sizes[0], "sizes[1] (n_test)": sizes[1], "num_classes": num_classes}
+    for name, count in counts.items():
+        problem = too_large(count * image, limit)
+        if problem:
+            what = "prototypes" if name == "num_classes" else "images"
+            raise DataError(f"synthetic: {name} = {count} {what} of shape {shape} as float32 {problem}")
+    for name, count in counts.items():
+        if count > MAX_LABEL:  # int32 labels and counts
+            raise DataError(f"synthetic: {name} = {count}; at most 2**31 - 1")

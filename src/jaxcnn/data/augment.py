@@ -28,8 +28,9 @@ def augment(key: jax.Array, x: jax.Array, *, translate: int = 0, flip: bool = Fa
     Args:
       key: the random key; example ``i`` draws from ``split(key, N)[i]``.
       translate: shift each image by up to this many pixels in each direction (uniform integers), filling with
-        zeros: the same as zero-padding by ``translate`` and cropping at a random offset. After the per-channel
-        standardisation of :mod:`jaxcnn.data`, zero is the mean pixel.
+        zeros: the same as zero-padding by ``translate`` and cropping at a random offset; below ``min(H, W)``
+        (a larger shift leaves a blank image). After the per-channel standardisation of :mod:`jaxcnn.data`,
+        zero is the mean pixel.
       flip: mirror each image left-right with probability 1/2 (off by default: digits are not symmetric).
       noise: add Gaussian noise of this standard deviation.
 
@@ -39,6 +40,11 @@ def augment(key: jax.Array, x: jax.Array, *, translate: int = 0, flip: bool = Fa
     check_augmentation(translate, flip, noise)
     if x.ndim != 4:
         raise DataError(f"augment takes images (N, H, W, C), got shape {tuple(x.shape)}")
+    if translate >= min(x.shape[1:3]):
+        raise DataError(
+            f"augment translate must be below the image size {x.shape[1]}x{x.shape[2]}, got {translate} "
+            "(larger shifts leave blank images)"
+        )
     if not translate and not flip and not noise:
         return x
     keys = jax.random.split(key, x.shape[0])

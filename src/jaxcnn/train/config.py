@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 import operator
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -32,10 +33,39 @@ DATASETS = ("cifar10", "digits", "fashion_mnist", "mnist", "npz", "synthetic")
 # the data themselves are checked by fingerprint.
 RESUME_FIXED = ("model", "dataset", "optimizer", "seed", "batch_size", "ensemble")
 
+# Each step of an ensemble trains every member (K runs' work per step, K copies of the state): beyond this, train
+# the members as several runs (seeds SEED, SEED + K, ...), which is the same computation.
+MAX_ENSEMBLE = 1024
+
+# the data sets read from a directory (data_dir) and from a file (data_path)
+DIRECTORY_DATASETS = ("cifar10", "fashion_mnist", "mnist")
+FILE_DATASETS = ("npz",)
+
+
+class ConfigError(ValueError):
+    """An invalid :class:`Config` value. The message names the fields involved (``fields``) by their names;
+    :meth:`with_flags` names them as the ``jaxcnn train`` flags instead (``--augment-translate``)."""
+
+    def __init__(self, message: str, *fields: str):
+        super().__init__(message)
+        self.fields = fields
+
+    def with_flags(self) -> str:
+        """The message with each field named as its flag (values in quotes are left alone)."""
+        text = str(self)
+        for field in self.fields:
+            text = re.sub(rf"(?<![\w'-]){field}(?![\w'])", flag_of(field), text)
+        return text
+
+
+def flag_of(field: str) -> str:
+    """The ``jaxcnn train`` flag of a :class:`Config` field: ``"augment_translate"`` -> ``"--augment-translate"``."""
+    return "--" + field.replace("_", "-")
+
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Everything that defines a training run. Invalid values raise ``ValueError`` on creation.
+    """Everything that defines a training run. Invalid values raise :class:`ConfigError` (a ``ValueError``) on creation.
 
     The defaults train ``mnist_cnn`` on scikit-learn's 8x8 digits to about 98% test accuracy (97.8-98.6% over
     seeds 0-6) in about 10-15 seconds on two CPU cores. Their learning rate decays by ``decay_rate`` each epoch, a
@@ -128,9 +158,10 @@ class Config:
 
         _choice("model", self.model, models.names())
         if self.model in models.RECONSTRUCTION:
-            raise ValueError(
+            raise ConfigError(
                 f"model {self.model!r} reconstructs its input (mean squared error); jaxcnn train trains "
-                f"classifiers: {', '.join(models.classifiers())}"
+                f"classifiers: {', '.join(models.classifiers())}",
+                "model",
             )
         _choice("dataset", self.dataset, DATASETS)
         _choice("optimizer", self.optimizer, OPTIMIZERS)
@@ -140,7 +171,7 @@ class Config:
         for name in ("data_dir", "data_path"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
-                raise ValueError(f"{name} must be a non-empty path string or None, got {value!r}")
+                raise ConfigError(f"{name} must be a non-empty path string or None, got {value!r}", name)
         _number("learning_rate", self.learning_rate, "a finite positive number", lambda v: v > 0)
         _number("momentum", self.momentum, "a number in [0, 1)", lambda v: 0 <= v < 1)
         _number("decay_rate", self.decay_rate, "a number in (0, 1]", lambda v: 0 < v <= 1)
@@ -150,6 +181,12 @@ class Config:
         _integer("warmup_epochs", self.warmup_epochs, 0)
         _integer("keep", self.keep, 1)
         _integer("ensemble", self.ensemble, 1)
+        if self.ensemble > MAX_ENSEMBLE:
+            raise ConfigError(
+                f"ensemble must be at most {MAX_ENSEMBLE}, got {self.ensemble}: every step trains every member, so "
+                f"{self.ensemble} members are {self.ensemble} runs' work per step; train them as several runs",
+                "ensemble",
+            )
         if self.schedule_epochs is not None:
             _integer("schedule_epochs", self.schedule_epochs, 1)
         _number("dropout", self.dropout, "a number in [0, 1)", lambda v: 0 <= v < 1)
@@ -159,20 +196,26 @@ class Config:
             _integer("early_stopping", self.early_stopping, 1)
         _integer("seed", self.seed, 0)
         if self.seed >= 2**32:
-            raise ValueError(f"seed must be an int in [0, 2**32), got {self.seed}")
+            raise ConfigError(f"seed must be an int in [0, 2**32), got {self.seed}", "seed")
         if self.seed + self.ensemble > 2**32:
-            raise ValueError(f"an ensemble of {self.ensemble} from seed {self.seed} needs seeds past 2**32 - 1")
+            raise ConfigError(
+                f"ensemble {self.ensemble} from seed {self.seed} needs seeds past 2**32 - 1", "ensemble", "seed"
+            )
         for name in ("normalize", "remat", "log_grad_norms", "augment_flip"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}", name)
         if self.remat and self.gradients == "engine":
-            raise ValueError("remat needs gradients 'autodiff' or 'manual' (the engine keeps every residual)")
+            raise ConfigError(
+                "remat needs gradients 'autodiff' or 'manual' (the engine keeps every residual)", "remat", "gradients"
+            )
         if self.optimizer in ("momentum", "nesterov") and self.momentum == 0:
-            raise ValueError(f"optimizer {self.optimizer!r} needs momentum > 0 (or use optimizer 'sgd')")
+            raise ConfigError(
+                f"optimizer {self.optimizer!r} needs momentum > 0 (or use optimizer 'sgd')", "optimizer", "momentum"
+            )
         if self.dataset == "npz" and self.data_path is None:
-            raise ValueError("dataset 'npz' needs data_path (--data-path FILE.npz)")
-        if self.dataset in ("mnist", "fashion_mnist", "cifar10") and self.data_dir is None:
-            raise ValueError(f"dataset {self.dataset!r} needs data_dir (--data-dir DIR)")
+            raise ConfigError("dataset 'npz' needs data_path (an .npz file)", "dataset", "data_path")
+        if self.dataset in DIRECTORY_DATASETS and self.data_dir is None:
+            raise ConfigError(f"dataset {self.dataset!r} needs data_dir (a directory)", "dataset", "data_dir")
 
     def replace(self, **changes: Any) -> Config:
         """A copy with ``changes`` applied (and validated)."""
@@ -214,7 +257,7 @@ class Config:
 
 def _choice(name: str, value: Any, known: Any) -> None:
     if value not in known:
-        raise ValueError(f"unknown {name} {value!r}; known: {', '.join(sorted(known))}")
+        raise ConfigError(f"unknown {name} {value!r}; known: {', '.join(sorted(known))}", name)
 
 
 def _number(name: str, value: Any, what: str, ok: Callable[[float], bool]) -> None:
@@ -223,12 +266,12 @@ def _number(name: str, value: Any, what: str, ok: Callable[[float], bool]) -> No
     except OverflowError:  # an int too large for a float
         good = False
     if not good:
-        raise ValueError(f"{name} must be {what}, got {value!r}"[:200])
+        raise ConfigError(f"{name} must be {what}, got {value!r}"[:200], name)
 
 
 def _integer(name: str, value: Any, minimum: int) -> None:
     if not is_int(value) or operator.index(value) < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+        raise ConfigError(f"{name} must be an int >= {minimum}, got {value!r}", name)
 
 
 def make_schedule(config: Config, steps_per_epoch: int) -> optax.Schedule:
@@ -273,3 +316,23 @@ def make_optimizer(config: Config, steps_per_epoch: int) -> tuple[optax.Gradient
         "rmsprop": lambda: optax.rmsprop(rate, momentum=momentum or None),
     }[config.optimizer]()
     return optax.chain(optax.add_decayed_weights(decay), base), schedule
+
+
+def ignored_fields(config: Config) -> dict[str, str]:
+    """The fields whose values this config's run never reads, each mapped to the field that makes it so:
+    ``{"momentum": "optimizer"}`` for Adam (see :func:`make_optimizer`, :func:`make_schedule` and
+    :func:`jaxcnn.train.loop.load_data`). Every field has a value, so these hold defaults or saved values too."""
+    ignored = {}
+    if config.dataset not in FILE_DATASETS:
+        ignored["data_path"] = "dataset"
+    if config.dataset not in DIRECTORY_DATASETS:
+        ignored["data_dir"] = "dataset"
+    if config.optimizer not in ("momentum", "nesterov", "rmsprop"):
+        ignored["momentum"] = "optimizer"
+    if config.schedule != "warmup_cosine":
+        ignored["warmup_epochs"] = "schedule"
+    if config.schedule not in ("cosine", "warmup_cosine"):
+        ignored["schedule_epochs"] = "schedule"
+    if config.schedule != "exponential":
+        ignored["decay_rate"] = "schedule"
+    return ignored

@@ -26,6 +26,7 @@ import numpy as np
 
 from jaxcnn import _signals, models, parallel
 from jaxcnn import data as data_lib
+from jaxcnn.train import limits
 from jaxcnn.train.checkpoint import Checkpointer, CheckpointError, all_finite, step_number
 from jaxcnn.train.config import Config, make_optimizer
 from jaxcnn.train.state import TrainState, create_train_state, data_key
@@ -103,10 +104,9 @@ def build_model(config: Config, input_shape: tuple[int, ...], num_classes: int):
 
 
 def _check_labels(dataset: data_lib.Dataset, num_outputs: int) -> None:
+    """Both splits' labels: integers in ``[0, num_outputs)`` (the jitted steps cannot check them)."""
     for split, labels in (("train", dataset.y_train), ("test", dataset.y_test)):
-        if labels.size and (labels.min() < 0 or labels.max() >= num_outputs):
-            bad = labels.min() if labels.min() < 0 else labels.max()
-            raise ValueError(f"{split} labels must be in [0, {num_outputs}) for this model's outputs, found {bad}")
+        data_lib.check_labels(labels, num_outputs, what=f"{split} labels")
 
 
 class Run:
@@ -118,12 +118,14 @@ class Run:
         self.input_shape = tuple(self.data.input_shape)
         self.model = build_model(config, self.input_shape, self.data.num_classes)
         _check_labels(self.data, self.model.output_shape(self.input_shape)[-1])
+        self.warnings = limits.check_augmentation(config, self.input_shape)  # refuses, or lines for the log
         self.steps_per_epoch = data_lib.num_batches(len(self.data.y_train), config.batch_size)
         if config.epochs * self.steps_per_epoch >= 2**31:
             raise ValueError(
                 f"epochs ({config.epochs}) x steps per epoch ({self.steps_per_epoch}) exceeds the int32 step counter"
             )
         self.optimizer, self.schedule = make_optimizer(config, self.steps_per_epoch)
+        limits.check_state_memory(config, self.initial_state, self.data.num_classes)  # before allocating it
         self._fingerprint: str | None = None
 
     @property
@@ -232,6 +234,8 @@ def _fit(
         WorkdirLock(directory).acquire_and_release()  # another run writing it: say so before anything else
     resuming = directory is not None and _check_workdir(directory, config)
     run = Run(config, data)
+    for line in run.warnings:
+        say(line)
     state = run.initial_state()
     _stop_if_interrupted("while starting, before any step; nothing was written", collective=True)
     history: list[dict[str, Any]] = []

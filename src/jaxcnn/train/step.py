@@ -262,8 +262,11 @@ def make_train_step(
 
     Returns:
       ``step(state, x, y)`` with ``x`` of shape ``(N, *input_shape)`` and ``y`` the targets (``(N,)`` integer
-      labels for cross-entropy). ``metrics`` stays on device: ``"loss"`` (the batch mean), ``"accuracy"``
-      (integer labels only) and ``"count"`` (N), each a scalar.
+      labels in ``[0, C)`` for cross-entropy; the compiled step does not check them, as that would need a host
+      sync per step: a label of -5 wraps around to a plausible loss, one of C or more gives NaN. :func:`fit`
+      and :func:`evaluate` check them on the host, and so does :func:`jaxcnn.data.check_labels`).
+      ``metrics`` stays on device: ``"loss"`` (the batch mean), ``"accuracy"`` (integer labels only) and
+      ``"count"`` (N), each a scalar.
     """
     if not is_int(steps_per_call) or steps_per_call < 1:
         raise ValueError(f"steps_per_call must be an int >= 1, got {steps_per_call!r}")
@@ -347,7 +350,8 @@ def evaluate(
 
     Args:
       model, params, model_state: the model and its variables.
-      x: inputs ``(N, *input_shape)``; y: targets ``(N, ...)``.
+      x: inputs ``(N, *input_shape)``; y: targets ``(N, ...)``: for cross-entropy (and any ``(N,)`` integer
+        targets), class labels in ``[0, C)`` for the model's C outputs, checked on the host before the first batch.
       batch_size: examples per compiled call (the last batch holds the remainder).
       loss_fn: the loss (the mean over a batch).
       eval_step: a step from :func:`make_eval_step` to reuse (avoids a compile per call).
@@ -356,19 +360,34 @@ def evaluate(
 
     Returns:
       ``{"loss": float, "accuracy": float, "count": int}`` (no ``"accuracy"`` for non-integer targets).
+
+    Raises:
+      ValueError: class labels that are not integers or lie outside ``[0, C)``, naming the first bad one.
     """
     from jaxcnn.data import batches
 
     step = eval_step or make_eval_step(model, loss_fn=loss_fn)
+    x, y = np.asarray(x), np.asarray(y)
+    if loss_fn is softmax_cross_entropy or (np.issubdtype(y.dtype, np.integer) and y.ndim == 1):
+        check_class_labels(model, params, model_state, x, y)
     if mesh is None:
-        batched = batches(np.asarray(x), np.asarray(y), batch_size)
+        batched = batches(x, y, batch_size)
     else:
         from jaxcnn.parallel import sharded_batches
 
-        batched = sharded_batches(np.asarray(x), np.asarray(y), batch_size, mesh)
+        batched = sharded_batches(x, y, batch_size, mesh)
     totals = sum_metrics(step, params, model_state, batched)
     count = int(totals["count"])
     result: dict[str, Any] = {"loss": float(totals["loss_sum"]) / count, "count": count}
     if "correct" in totals:
         result["accuracy"] = float(totals["correct"]) / count
     return result
+
+
+def check_class_labels(model: Layer, params: Params, model_state: State, x: np.ndarray, y: np.ndarray) -> None:
+    """Raise ValueError unless ``y`` ``(N,)`` holds integer labels in ``[0, C)`` for the model's C outputs,
+    C found from the shape of the output for ``x[:1]`` (traced abstractly, nothing runs)."""
+    from jaxcnn.data import check_labels
+
+    logits = jax.eval_shape(lambda p, s, xb: model.apply(p, s, xb, train=False)[0], params, model_state, x[:1])
+    check_labels(y, int(logits.shape[-1]))
