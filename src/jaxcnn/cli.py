@@ -214,9 +214,15 @@ def _step_flag(value: str | None) -> int | str | None:
 def _eval_data_flags(args: argparse.Namespace) -> dict[str, str]:
     """eval's --dataset / --data-path / --data-dir, checked against each other (an .npz path implies npz)."""
     from jaxcnn.data import DATASETS
+    from jaxcnn.train import read_config
     from jaxcnn.train.restored import DIRECTORY_DATASETS
 
     dataset = args.dataset if args.dataset is not None else ("npz" if args.data_path is not None else None)
+    if dataset is None and args.data_dir is None:
+        return {}
+    run = read_config(args.workdir)
+    if dataset is None:  # --data-dir alone: the run's own data set, from another directory
+        dataset = run.dataset
     if dataset is not None and dataset not in DATASETS:
         raise ValueError(f"--dataset must be one of {', '.join(DATASETS)}, got {dataset!r}")
     if args.data_path is not None and dataset != "npz":
@@ -225,6 +231,8 @@ def _eval_data_flags(args: argparse.Namespace) -> dict[str, str]:
         raise ValueError(f"--data-dir goes with --dataset {', '.join(DIRECTORY_DATASETS)}, not {dataset}")
     if dataset == "npz" and args.data_path is None:
         raise ValueError("--dataset npz needs --data-path (an .npz file with x_train, y_train, x_test, y_test)")
+    if dataset in DIRECTORY_DATASETS and args.data_dir is None and (dataset != run.dataset or not run.data_dir):
+        raise ValueError(f"--dataset {dataset} needs --data-dir (the directory of its files)")
     data = {"dataset": dataset, "data_path": args.data_path, "data_dir": args.data_dir}
     return {name: value for name, value in data.items() if value is not None}
 
