@@ -97,7 +97,7 @@ def test_the_checkpoint_holds_the_training_normalisation(run):
     config, _, _, meta = train.restore_run(run["workdir"])
     saved = Preprocess.from_dict(meta["preprocess"])
     assert saved == Preprocess.of_dataset(run["digits"]) and saved.raw_scale == 16.0
-    assert meta["chosen"] == "latest" and meta["epoch"] == EPOCHS
+    assert meta["chosen"] is None and meta["epoch"] == EPOCHS
 
 
 def test_load_model_picks_a_step_and_refuses_missing_ones(run):
@@ -134,7 +134,7 @@ def test_predict_files_agree_with_the_model_on_every_format(run, tmp_path):
     paths, pixels = write_inputs(tmp_path, run["raw"])
     order = ["npy", "npz", "png0", "png1", "rgb", "jpeg"]
     rows, checkpoint = predict.predict_files(run["workdir"], [paths[k] for k in order], top=3)
-    assert checkpoint == f"checkpoint of epoch {EPOCHS} (latest), step {run['history'][-1]['step']}"
+    assert checkpoint == f"checkpoint of epoch {EPOCHS}, step {run['history'][-1]['step']}"
     names = [predict.label(row) for row in rows]
     assert names[:6] == [f"{paths['npy']}[{i}]" for i in range(6)]
     assert names[6:] == [f"{paths['npz']}:several[{i}]" for i in range(4)] + [f"{paths['npz']}:one"] + [
@@ -161,7 +161,7 @@ def test_predict_command_prints_and_writes_csv_and_json(run, tmp_path, capsys):
     workdir = str(run["workdir"])
     assert main(["predict", "--workdir", workdir, str(paths["npy"]), str(paths["png0"])]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == f"{workdir}: checkpoint of epoch {EPOCHS} (latest), step {run['history'][-1]['step']}"
+    assert lines[0] == f"{workdir}: checkpoint of epoch {EPOCHS}, step {run['history'][-1]['step']}"
     assert lines[1].split() == ["input", "class", "probability"] and len(lines) == 2 + 7
     first = lines[2].split()
     assert first[0] == f"{paths['npy']}[0]" and int(first[1]) == run["probabilities"][0].argmax()
@@ -267,7 +267,7 @@ def test_eval_step_reads_that_checkpoint_and_says_so(run, capsys):
     out = capsys.readouterr().out
     assert f"test accuracy {first['test_accuracy']:.4f}" in out
     assert f"(checkpoint of epoch 1, step {first['step']})" in out
-    assert main(["eval", "--workdir", str(run["workdir"])]) == 0
+    assert main(["eval", "--workdir", str(run["workdir"]), "--step", "latest"]) == 0
     assert f"(checkpoint of epoch {EPOCHS} (latest), step {run['history'][-1]['step']})" in capsys.readouterr().out
 
 

@@ -52,8 +52,9 @@ def restore_run(workdir: str | os.PathLike, *, step: int | str | None = None) ->
 
     ``config`` is the config the checkpoint was trained with, ``model`` the :mod:`jaxcnn.nn` model rebuilt from
     it, ``meta`` the JSON record saved with the checkpoint (``epoch``, ``step``, ``input_shape``,
-    ``num_classes``, ``preprocess`` ...) plus ``"chosen"``: why this checkpoint (``"best test loss"``,
-    ``"latest"`` or ``"requested"``). For the model alone use :func:`load_model`.
+    ``num_classes``, ``preprocess`` ...) plus ``"chosen"``: why this checkpoint (``"best test loss"``;
+    ``"latest"`` when asked for by name; None for a step number, or the latest of a run without early stopping).
+    For the model ready for use (with the preprocessing of new images) see :func:`load_model`.
     """
     with jax.enable_x64(False):
         return _restore_run(Path(workdir), step)
@@ -86,7 +87,8 @@ def describe(meta: dict[str, Any]) -> str:
 
 
 def choose_step(checkpointer: Checkpointer, config: Config, step: int | str | None) -> tuple[int, str | None]:
-    """``(step, chosen)``: the checkpoint ``step`` asks for among ``checkpointer``'s (see :func:`restore`)."""
+    """``(step, chosen)``: the checkpoint ``step`` asks for among ``checkpointer``'s (see :func:`restore`), and
+    the reason :func:`describe` shows (None: no reason worth showing)."""
     where = checkpointer.directory
     steps = checkpointer.steps()
     if not steps:
@@ -100,7 +102,7 @@ def choose_step(checkpointer: Checkpointer, config: Config, step: int | str | No
                 f"no checkpoint in {where} is ranked by {BEST_METRIC.replace('_', ' ')} (only runs trained with early "
                 f"stopping keep their best); kept steps: {', '.join(map(str, steps))}"
             )
-        return steps[-1], "latest"
+        return steps[-1], None  # a run without early stopping: the latest, as always
     if step == "latest":
         return steps[-1], "latest"
     if isinstance(step, bool) or not isinstance(step, int | np.integer):
