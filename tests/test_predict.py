@@ -313,3 +313,35 @@ def test_eval_on_unfit_data_gives_one_line_and_exit_2(run, tmp_path, capsys, cas
     code = main(["eval", "--workdir", str(run["workdir"]), *flags])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and message in err, err
+
+
+def test_a_checkpoint_without_saved_preprocessing_gets_it_from_its_data(run, monkeypatch):
+    """Checkpoints of jaxcnn 0.1 saved no preprocessing: it is recomputed from the run's data set."""
+    read_meta = train.Checkpointer.read_meta
+
+    def without(self, step):
+        meta = read_meta(self, step)
+        meta.pop("preprocess")
+        return meta
+
+    monkeypatch.setattr(train.Checkpointer, "read_meta", without)
+    *_, preprocess = train.load_model(run["workdir"])
+    assert preprocess == Preprocess.of_dataset(run["digits"])
+
+
+def test_an_ensembles_prediction_is_its_members_mean():
+    import jax
+
+    from jaxcnn import parallel
+
+    model = jc.nn.Sequential([jc.nn.Flatten(), jc.nn.Dense(3)])
+    ensemble = parallel.create_ensemble_state(model, train.make_optimizer(train.Config(), 1)[0], [0, 1], (2, 2, 1))
+    x = np.random.default_rng(0).normal(size=(5, 2, 2, 1)).astype(np.float32)
+    members = [
+        jax.nn.softmax(model.apply(jax.tree.map(lambda a: a[k], ensemble.params), {}, x, train=False)[0])
+        for k in range(2)
+    ]
+    got = predict.predict(model, ensemble.params, ensemble.model_state, x, ensemble=True, batch_size=2)
+    np.testing.assert_allclose(got, (members[0] + members[1]) / 2, rtol=1e-6)
+    single = predict.predict(model, jax.tree.map(lambda a: a[0], ensemble.params), {}, x, batch_size=3)
+    np.testing.assert_allclose(single, members[0], rtol=1e-6)
