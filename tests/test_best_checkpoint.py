@@ -36,7 +36,8 @@ def test_an_early_stopped_run_keeps_and_reads_its_best_checkpoint(tmp_path, monk
     config = train.Config(epochs=6, early_stopping=2, keep=1)
     lines = []
     state, history = train.fit(config, tmp_path, log=lines.append)
-    assert [r["epoch"] for r in history] == [1, 2, 3, 4] and "best 0.3000 at epoch 2" in lines[-1]
+    assert [r["epoch"] for r in history] == [1, 2, 3, 4]
+    assert "(best 0.3000 at epoch 2; its checkpoint is kept, and eval and predict read it)" in lines[-1]
     assert kept(tmp_path) == [2 * STEPS, 4 * STEPS]  # the best, and the latest (keep=1)
 
     best = train.restore(tmp_path)

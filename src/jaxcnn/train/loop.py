@@ -467,7 +467,9 @@ def _train(
                 best = min(range(len(history)), key=lambda i: _loss_or_inf(history[i].get("test_loss")))
                 say(
                     f"early stopping at epoch {epoch}: the test loss has not improved for {config.early_stopping} "
-                    f"epochs (best {history[best]['test_loss']:.4f} at epoch {history[best]['epoch']})"
+                    f"epochs (best {history[best]['test_loss']:.4f} at epoch {history[best]['epoch']}"
+                    + ("; its checkpoint is kept, and eval and predict read it" if directory is not None else "")
+                    + ")"
                 )
                 break
     finally:
