@@ -33,6 +33,13 @@ class Dataset:
         x_test: Test images, ``(M, H, W, C)`` float32, the same ``(H, W, C)`` as ``x_train``.
         y_test: Test labels, ``(M,)`` int32 in ``[0, num_classes)``.
         num_classes: The number of classes.
+        raw_scale: The raw value of full intensity that the loader divided the images by to bring them to
+            ``[0, 1]``: 16 for ``digits`` (values 0..16), 255 for 8-bit sources (MNIST, CIFAR-10, uint8 npz
+            images), 1 for images that were already floating point. Predicting on new raw images divides
+            them by the same value (:func:`jaxcnn.train.load_model`).
+        mean: The per-channel means ``(C,)`` that :func:`standardize` subtracted (in the ``[0, 1]`` units), or
+            None if the images were not standardized.
+        std: The per-channel standard deviations ``(C,)`` that :func:`standardize` divided by, or None.
 
     Equality is identity (comparing arrays elementwise has no single truth value), and the ``repr`` shows
     shapes only, never the arrays.
@@ -44,6 +51,9 @@ class Dataset:
     x_test: np.ndarray
     y_test: np.ndarray
     num_classes: int
+    raw_scale: float = 1.0
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
 
     @property
     def train(self) -> tuple[np.ndarray, np.ndarray]:
@@ -227,6 +237,9 @@ def standardize(dataset: Dataset) -> Dataset:
     ``(N, H, W, C)`` with float64 accumulation, then applied to both the training and the test images.
     A constant channel (standard deviation 0) is only centred, to exact zeros, never divided by zero.
 
+    The statistics are recorded in the result's ``mean`` and ``std`` (composed with earlier ones when
+    ``dataset`` was standardized already), so that a trained model can be fed new images the same way.
+
     Args:
         dataset: The data set; its labels are passed through unchanged.
 
@@ -234,6 +247,14 @@ def standardize(dataset: Dataset) -> Dataset:
         A new :class:`Dataset` with float32 images of the same shapes.
     """
     mean, std = _channel_stats(dataset.x_train)
+    total_mean, total_std = mean, std
+    if dataset.mean is not None and dataset.std is not None:  # ((x - m1) / s1 - m2) / s2 = (x - m1 - s1 m2) / (s1 s2)
+        first_mean, first_std = np.asarray(dataset.mean, np.float64), np.asarray(dataset.std, np.float64)
+        total_mean, total_std = first_mean + first_std * mean, first_std * std
     return dataclasses.replace(
-        dataset, x_train=_apply(dataset.x_train, mean, std), x_test=_apply(dataset.x_test, mean, std)
+        dataset,
+        x_train=_apply(dataset.x_train, mean, std),
+        x_test=_apply(dataset.x_test, mean, std),
+        mean=tuple(float(value) for value in total_mean),
+        std=tuple(float(value) for value in total_std),
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -115,7 +116,8 @@ def _load_digits() -> Dataset:
     labels = np.asarray(bunch.target)
     test = _stratified_test_indices(labels, DIGITS_TEST_SIZE, seed=0)
     train = np.setdiff1d(np.arange(len(labels)), test)
-    return _validate("digits", "digits", images[train], labels[train], images[test], labels[test], 10)
+    dataset = _validate("digits", "digits", images[train], labels[train], images[test], labels[test], 10)
+    return dataclasses.replace(dataset, raw_scale=16.0)
 
 
 def _load_idx(name: str, data_dir: str | os.PathLike | None) -> Dataset:
@@ -133,7 +135,9 @@ def _load_idx(name: str, data_dir: str | os.PathLike | None) -> Dataset:
             )
         splits[split] = images[..., None].astype(np.float32) / 255, labels
     (x_train, y_train), (x_test, y_test) = splits["train"], splits["test"]
-    return _validate(name, f"{name} in '{directory}'", x_train, y_train, x_test, y_test, 10)
+    return dataclasses.replace(
+        _validate(name, f"{name} in '{directory}'", x_train, y_train, x_test, y_test, 10), raw_scale=255.0
+    )
 
 
 def _load_cifar10(data_dir: str | os.PathLike | None) -> Dataset:
@@ -145,9 +149,10 @@ def _load_cifar10(data_dir: str | os.PathLike | None) -> Dataset:
     x_train = np.concatenate([images for images, _ in parts]).astype(np.float32) / 255
     y_train = np.concatenate([labels for _, labels in parts])
     x_test, y_test = _formats.read_cifar_batch(directory / "test_batch.bin")
-    return _validate(
+    dataset = _validate(
         "cifar10", f"cifar10 in '{directory}'", x_train, y_train, x_test.astype(np.float32) / 255, y_test, 10
     )
+    return dataclasses.replace(dataset, raw_scale=255.0)
 
 
 def _npz_images(path: Path, key: str, x: np.ndarray) -> np.ndarray:
@@ -210,7 +215,8 @@ def _load_npz(data_path: str | os.PathLike | None) -> Dataset:
         num_classes = _npz_num_classes(path, arrays["num_classes"])
     else:
         num_classes = max(int(y.max(initial=0)) + 1 for y in (y_train, y_test))
-    return _validate("npz", f"npz file '{path}'", x_train, y_train, x_test, y_test, num_classes)
+    dataset = _validate("npz", f"npz file '{path}'", x_train, y_train, x_test, y_test, num_classes)
+    return dataclasses.replace(dataset, raw_scale=255.0 if arrays["x_train"].dtype == np.uint8 else 1.0)
 
 
 def _positive_ints(value: object, length: int) -> bool:

@@ -1,21 +1,17 @@
 """Training: the train state, jit-compiled train and eval steps, the loop, checkpoints and metrics.
 
 ``fit(config, workdir)`` is the whole loop and resumes a workdir that holds a checkpoint; ``restore(workdir)``
-reads the latest checkpoint back; ``make_train_step`` gives the compiled step for loops of your own.
+reads a checkpoint back (the best of an early-stopped run, else the latest); ``load_model(workdir)`` gives a
+trained model and the preprocessing of its inputs; ``make_train_step`` gives the compiled step for loops of
+your own.
 """
 
 from jaxcnn._signals import Interrupted, stop_on_signals
 from jaxcnn.train.checkpoint import Checkpointer, CheckpointError
 from jaxcnn.train.config import GRADIENTS, OPTIMIZERS, SCHEDULES, Config, make_optimizer, make_schedule
-from jaxcnn.train.loop import (
-    NonFiniteError,
-    evaluate_workdir,
-    fit,
-    read_config,
-    read_metrics,
-    restore,
-    restore_run,
-)
+from jaxcnn.train.loop import NonFiniteError, fit, read_config, read_metrics
+from jaxcnn.train.preprocess import Preprocess
+from jaxcnn.train.restored import evaluate_workdir, load_model, restore, restore_run
 from jaxcnn.train.state import TrainState, create_train_state
 from jaxcnn.train.step import evaluate, make_eval_step, make_train_step
 from jaxcnn.train.workdir import WorkdirBusyError
@@ -29,12 +25,14 @@ __all__ = [
     "Config",
     "Interrupted",
     "NonFiniteError",
+    "Preprocess",
     "TrainState",
     "WorkdirBusyError",
     "create_train_state",
     "evaluate",
     "evaluate_workdir",
     "fit",
+    "load_model",
     "make_eval_step",
     "make_optimizer",
     "make_schedule",

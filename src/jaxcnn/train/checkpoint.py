@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import re
 import sys
@@ -73,16 +74,23 @@ def all_finite(tree: Any) -> bool:
 
 
 class Checkpointer:
-    """The checkpoints of one workdir: ``save``, ``latest_step``, ``restore``; the last ``keep`` are kept.
+    """The checkpoints of one workdir: ``save``, ``latest_step``, ``restore``; the last ``keep`` are kept, and
+    with ``best`` also the one of the lowest ``best`` metric (an early-stopped run's best epoch).
 
     Args:
       directory: where the step directories live (created on the first save).
       keep: how many of the latest checkpoints to keep (older ones are deleted after a successful save).
+      best: the name of a metric passed to :meth:`save` (``"test_loss"``) whose lowest value marks a checkpoint
+        to keep as well, whatever its age (orbax's ``BestN`` preservation policy next to ``LatestN``: the
+        latest are still kept, so a run resumes from where it stopped); None keeps the latest only.
     """
 
-    def __init__(self, directory: str | os.PathLike, keep: int = 3, *, read_only: bool = False):
+    def __init__(
+        self, directory: str | os.PathLike, keep: int = 3, *, best: str | None = None, read_only: bool = False
+    ):
         self.directory = Path(directory).absolute()
         self.keep = keep
+        self.best = best
         self.read_only = read_only  # a reader (eval, restore) never creates, cleans up or deletes anything
         self._manager = None
 
@@ -94,11 +102,14 @@ class Checkpointer:
         if self._manager is None:
             self._check_directory()
             ocp = _quiet_orbax()
+            common = {"create": True, "enable_async_checkpointing": False, "cleanup_tmp_directories": True}
             if self.read_only:
                 options = ocp.CheckpointManagerOptions(read_only=True, create=False, max_to_keep=None)
+            elif self.best is None:
+                options = ocp.CheckpointManagerOptions(max_to_keep=self.keep, **common)
             else:
                 options = ocp.CheckpointManagerOptions(
-                    max_to_keep=self.keep, create=True, enable_async_checkpointing=False, cleanup_tmp_directories=True
+                    best_fn=_metric(self.best), best_mode="min", preservation_policy=_latest_and_best(self), **common
                 )
             self._manager = ocp.CheckpointManager(self.directory, options=options)
         return self._manager
@@ -134,12 +145,23 @@ class Checkpointer:
         steps = self.steps()
         return steps[-1] if steps else None
 
+    def best_step(self) -> int | None:
+        """The step of the checkpoint with the lowest ``best`` metric (the first of equals); None without ``best``
+        or when no checkpoint was saved with that metric."""
+        if self.best is None or not self.directory.is_dir():
+            return None
+        scored = [(self._open().metrics(step), step) for step in self.steps()]
+        scored = [(float(metrics[self.best]), step) for metrics, step in scored if _finite(metrics, self.best)]
+        return min(scored)[1] if scored else None
+
     def path(self, step: int) -> Path:
         return self.directory / str(step)
 
-    def save(self, state: TrainState, meta: dict[str, Any]) -> Path:
+    def save(self, state: TrainState, meta: dict[str, Any], metrics: dict[str, float] | None = None) -> Path:
         """Write ``state`` (and the JSON-able ``meta``) as the checkpoint of step ``state.step``, atomically.
 
+        ``metrics`` (finite floats, e.g. ``{"test_loss": 0.08}``) rank the checkpoint for ``best``; a checkpoint
+        saved without them is kept only while it is among the latest ``keep``.
         Refuses a state holding NaN or Inf: a diverged run never replaces a good checkpoint.
         """
         if not all_finite((state.params, state.model_state, state.opt_state)):
@@ -149,10 +171,15 @@ class Checkpointer:
         step = step_number(state)
         record = dict(meta, format=FORMAT, step=step, paths=paths, sha256=[_digest(a) for a in leaves])
         payload = {_name(i): leaf for i, leaf in enumerate(leaves)}
+        ranked = None  # without a finite metric: kept while among the latest
+        if self.best is not None and _finite(metrics, self.best):
+            ranked = {self.best: float(metrics[self.best]), "step": step}
         manager = self._open()
         try:
             manager.save(
-                step, args=ocp.args.Composite(state=ocp.args.StandardSave(payload), meta=ocp.args.JsonSave(record))
+                step,
+                args=ocp.args.Composite(state=ocp.args.StandardSave(payload), meta=ocp.args.JsonSave(record)),
+                metrics=ranked,
             )
             manager.wait_until_finished()
         except Exception as error:  # a full disk, a file-size limit: orbax leaves only a temporary directory
@@ -223,6 +250,32 @@ class Checkpointer:
         state = jax.tree.unflatten(treedef, [jax.numpy.asarray(leaf) for leaf in leaves])
         impl = jax.random.key_impl(template.key)
         return state.replace(key=as_typed_key(jax.random.wrap_key_data(state.key, impl=impl))), meta
+
+
+def _finite(metrics: Any, name: str) -> bool:
+    value = metrics.get(name) if isinstance(metrics, dict) else None
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _metric(name: str):
+    return lambda metrics: float(metrics[name])
+
+
+def _latest_and_best(checkpointer: Checkpointer) -> Any:
+    """Orbax's preservation policy that keeps the latest ``keep`` checkpoints and the one of the lowest metric
+    (the earliest of equals, as early stopping counts it). An orbax without preservation policies (before
+    0.11.2x) gets None: then orbax ranks by ``best_fn`` with no limit, and every checkpoint is kept."""
+    try:
+        from orbax.checkpoint import checkpoint_managers as policies
+
+        latest, best, either = policies.LatestN, policies.BestN, policies.AnyPreservationPolicy
+    except (ImportError, AttributeError):
+        return None
+    name = checkpointer.best
+    rank = lambda metrics: (float(metrics[name]), int(metrics.get("step", 0)))  # noqa: E731
+    # BestN sorts by rank in descending order (reverse) and keeps the last n: the lowest loss, earliest step
+    kept = best(get_metric_fn=rank, reverse=True, n=1, keep_checkpoints_without_metrics=False)
+    return either([latest(n=checkpointer.keep), kept])
 
 
 def _first_line(error: BaseException, limit: int = 200) -> str:

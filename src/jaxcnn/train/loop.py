@@ -1,9 +1,11 @@
-"""The training loop: ``fit(config, workdir)`` trains, evaluates, checkpoints and resumes; ``restore`` reads back.
+"""The training loop: ``fit(config, workdir)`` trains, evaluates, checkpoints and resumes (``restore`` and
+``load_model`` in :mod:`jaxcnn.train.restored` read a run back).
 
 A workdir holds ``config.json`` (the run's :class:`Config`), ``metrics.jsonl`` (one JSON object per epoch) and
-``checkpoints/<step>/`` (orbax, the last ``config.keep``). Every epoch ends in this order: evaluate, check that
-the state is finite, append the metrics line, write the checkpoint. A resumed run truncates ``metrics.jsonl``
-to the checkpoint it restores, so the file always describes the run the checkpoints continue.
+``checkpoints/<step>/`` (orbax, the last ``config.keep``; with early stopping also the best by test loss). Every
+epoch ends in this order: evaluate, check that the state is finite, append the metrics line, write the checkpoint.
+A resumed run truncates ``metrics.jsonl`` to the checkpoint it restores, so the file always describes the run
+the checkpoints continue.
 
 Resuming is exact: the data order of epoch ``e`` and the key of step ``s`` are functions of the seed and of
 ``e`` and ``s`` alone, and the checkpoint holds the whole state, so a run stopped after any epoch (or killed
@@ -27,8 +29,9 @@ import numpy as np
 from jaxcnn import _signals, models, parallel
 from jaxcnn import data as data_lib
 from jaxcnn.train import limits
-from jaxcnn.train.checkpoint import Checkpointer, CheckpointError, all_finite, step_number
+from jaxcnn.train.checkpoint import Checkpointer, all_finite, step_number
 from jaxcnn.train.config import Config, make_optimizer
+from jaxcnn.train.preprocess import Preprocess
 from jaxcnn.train.state import TrainState, create_train_state, data_key
 from jaxcnn.train.step import evaluate, layer_order, make_eval_step, make_train_step
 from jaxcnn.train.workdir import (  # noqa: F401  (the workdir's names, importable from here as before)
@@ -154,6 +157,7 @@ class Run:
             "steps_per_epoch": self.steps_per_epoch,
             "data_sha256": self.fingerprint,
             "config": self.config.to_dict(),
+            "preprocess": Preprocess.of_dataset(self.data).to_dict(),  # what predict and eval do to new images
         }
 
 
@@ -246,7 +250,9 @@ def _fit(
         if directory is not None:
             lock = _lock_workdir(directory, primary)  # held to the end: a second writer is refused from here on
             resuming = _check_workdir(directory, config)  # again: another run may have written it meanwhile
-            checkpointer = Checkpointer(directory / CHECKPOINT_DIR, keep=config.keep)
+            # an early-stopped run keeps its best checkpoint (lowest test loss) too
+            best = "test_loss" if config.early_stopping is not None else None
+            checkpointer = Checkpointer(directory / CHECKPOINT_DIR, keep=config.keep, best=best)
             say(f"workdir: {directory}")
             if checkpointer.latest_step() is not None:
                 state, meta = checkpointer.restore(state)
@@ -481,14 +487,17 @@ def _train(
                     append_line(directory / METRICS_FILE, json.dumps(record) + "\n", metrics_text(history))
                     if epoch == first_epoch:  # the first good epoch of this invocation: its config becomes the run's
                         write_atomically(directory / CONFIG_FILE, config.to_json())
-                checkpointer.save(state, run.meta(epoch))  # every process takes part; orbax writes it once
+                # every process takes part; orbax writes it once
+                checkpointer.save(state, run.meta(epoch), metrics={"test_loss": record["test_loss"]})
             say(_summary(record, config.epochs))
             stopped = early_stopping_epoch([r.get("test_loss") for r in history], config.early_stopping)
             if stopped is not None:
                 best = min(range(len(history)), key=lambda i: _loss_or_inf(history[i].get("test_loss")))
                 say(
                     f"early stopping at epoch {epoch}: the test loss has not improved for {config.early_stopping} "
-                    f"epochs (best {history[best]['test_loss']:.4f} at epoch {history[best]['epoch']})"
+                    f"epochs (best {history[best]['test_loss']:.4f} at epoch {history[best]['epoch']}"
+                    + ("; its checkpoint is kept, and eval and predict read it" if directory is not None else "")
+                    + ")"
                 )
                 break
             _stop_if_interrupted(lambda: f"after epoch {epoch}; {_kept(checkpointer)}", collective=True)
@@ -693,76 +702,14 @@ class _ProgressBar:
             self._progress = None
 
 
-# -- reading a run back ----------------------------------------------------------------------------------------
+# -- reading a run back: moved to jaxcnn.train.restored, still importable from here ---------------------------
+
+_MOVED = ("restore", "restore_run", "evaluate_workdir", "load_model")
 
 
-def restore(workdir: str | os.PathLike, *, step: int | None = None) -> TrainState:
-    """The :class:`TrainState` of ``workdir``'s latest checkpoint (or of checkpoint ``step``).
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        from jaxcnn.train import restored
 
-    The model and optimizer are rebuilt from the config and data shape saved with the checkpoint, so the data
-    set itself is not read.
-
-    Raises:
-      FileNotFoundError: ``workdir`` holds no run; CheckpointError: no checkpoint, or a corrupt one.
-    """
-    return restore_run(workdir, step=step)[1]
-
-
-def restore_run(workdir: str | os.PathLike, *, step: int | None = None) -> tuple[Config, TrainState, Any, dict]:
-    """``(config, state, model, meta)`` of ``workdir``'s latest checkpoint (or of checkpoint ``step``)."""
-    with jax.enable_x64(False):
-        return _restore_run(Path(workdir), step)
-
-
-def _restore_run(directory: Path, step: int | None) -> tuple[Config, TrainState, Any, dict]:
-    if not directory.exists():
-        raise FileNotFoundError(f"workdir {directory} does not exist")
-    config = read_config(directory)
-    with Checkpointer(directory / CHECKPOINT_DIR, keep=config.keep, read_only=True) as checkpointer:
-        if step is None:
-            step = checkpointer.latest_step()
-        if step is None:
-            raise CheckpointError(f"no checkpoint in {directory / CHECKPOINT_DIR}")
-        if step not in checkpointer.steps():
-            raise CheckpointError(f"no checkpoint of step {step} in {directory / CHECKPOINT_DIR}")
-        meta = checkpointer.read_meta(step)
-        input_shape = tuple(meta.get("input_shape", ()))
-        num_classes = meta.get("num_classes")
-        if not input_shape or not isinstance(num_classes, int):
-            raise CheckpointError(f"checkpoint {checkpointer.path(step)} is corrupt: its metadata is incomplete")
-        if isinstance(meta.get("config"), dict):  # the config this checkpoint was trained with
-            try:
-                config = Config.from_dict(meta["config"])
-            except ValueError as error:
-                where = checkpointer.path(step)
-                raise CheckpointError(f"checkpoint {where} holds an invalid config: {error}") from None
-        model = build_model(config, input_shape, num_classes)
-        optimizer, _ = make_optimizer(config, int(meta.get("steps_per_epoch", 1)))
-        template = initial_state(config, model, optimizer, input_shape)
-        state, meta = checkpointer.restore(template, step)
-    return config, state, model, meta
-
-
-def evaluate_workdir(workdir: str | os.PathLike, *, split: str = "test", batch_size: int = 256) -> dict[str, Any]:
-    """Evaluate the latest checkpoint of ``workdir`` on its data set's ``split`` ("test" or "train")."""
-    if split not in ("test", "train"):
-        raise ValueError(f"split must be 'test' or 'train', got {split!r}")
-    config, state, model, meta = restore_run(workdir)
-    with jax.enable_x64(False):
-        return _evaluate_restored(config, state, model, meta, split, batch_size)
-
-
-def _evaluate_restored(config, state, model, meta, split, batch_size) -> dict[str, Any]:
-    dataset = load_data(config)
-    if list(dataset.input_shape) != list(meta["input_shape"]):
-        raise ValueError(
-            f"the {config.dataset} images now have shape {tuple(dataset.input_shape)}, "
-            f"the checkpoint was trained on {tuple(meta['input_shape'])}"
-        )
-    x, y = dataset.test if split == "test" else dataset.train
-    _check_labels(dataset, model.output_shape(tuple(dataset.input_shape))[-1])
-    if config.ensemble > 1:
-        result = parallel.evaluate_ensemble(model, state.params, state.model_state, x, y, batch_size=batch_size)
-    else:
-        result = evaluate(model, state.params, state.model_state, np.asarray(x), np.asarray(y), batch_size=batch_size)
-    return dict(result, epoch=meta["epoch"], step=step_number(state), split=split)
+        return getattr(restored, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
