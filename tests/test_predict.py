@@ -291,7 +291,7 @@ def other_data_errors(tmp_path):
     np.savez(many, x_train=x, y_train=np.array([0, 1, 12]), x_test=x, y_test=np.array([0, 1, 12]))
     return {
         "shape": (["--data-path", str(wide)], "images have shape (4, 4, 1), the checkpoint was trained on (8, 8, 1)"),
-        "labels": (["--data-path", str(many)], "labels must be in [0, 10) for this model's outputs, found 12"),
+        "labels": (["--data-path", str(many)], "labels must lie in [0, 10) (the model's 10 outputs); found 12 at"),
         "path without npz": (["--dataset", "digits", "--data-path", str(wide)], "--data-path goes with --dataset npz"),
         "dir with digits": (["--data-dir", str(tmp_path)], "--data-dir goes with --dataset mnist"),
         "npz without path": (["--dataset", "npz"], "--dataset npz needs --data-path"),

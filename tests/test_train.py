@@ -383,7 +383,8 @@ def test_images_the_model_cannot_take_are_a_clear_error():
 def test_labels_beyond_the_model_outputs_are_an_error():
     data = jc.data.load("synthetic", shape=(8, 8, 1), num_classes=3, sizes=(12, 6))
     wrong = jc.data.Dataset(data.name, data.x_train, data.y_train + 5, data.x_test, data.y_test, 3)
-    with pytest.raises(ValueError, match=r"train labels must be in \[0, 3\) for this model's outputs, found 7"):
+    message = r"train labels must lie in \[0, 3\) \(the model.s 3 outputs\); found 7 at index"
+    with pytest.raises(ValueError, match=message):
         train.fit(train.Config(dataset="synthetic", epochs=1), None, data=wrong, log=None)
 
 
