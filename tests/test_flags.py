@@ -242,3 +242,19 @@ def test_warnings_and_inference_in_a_real_run(tmp_path):
     assert saved["dataset"] == "npz" and saved["momentum"] == Config().momentum
     assert saved["warmup_epochs"] == Config().warmup_epochs
     assert train.read_metrics(tmp_path / "w")[-1]["epoch"] == 1
+
+
+def test_a_harmful_translation_is_warned_once_on_stderr_naming_the_flag(tmp_path, capsys, no_training):
+    """Shifts above half the image are allowed but warned about: one stderr line naming --augment-translate
+    (was a stdout line naming neither flag nor field); the library issues a ConfigWarning naming the field."""
+    code, out, err = run_cli("--augment-translate", "5", workdir=tmp_path / "run", capsys=capsys)
+    warnings = [line for line in err.splitlines() if "warning" in line]
+    assert code == 2 and "reached the training loop" in err and "warning" not in out, (out, err)
+    assert warnings == [
+        "jaxcnn train: warning: --augment-translate 5 is above half the image size, 8x8: shifts that large leave "
+        "less than half of many images"
+    ]
+    with pytest.warns(train.config.ConfigWarning, match=r"^augment_translate 5 is above half the image size"):
+        with pytest.raises(Stopped):
+            train.fit(Config(augment_translate=5), None, log=None)
+    assert run_cli("--augment-translate", "4", workdir=tmp_path / "ok", capsys=capsys)[2].count("warning") == 0

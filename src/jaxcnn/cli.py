@@ -14,6 +14,7 @@ import dataclasses
 import os
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -166,7 +167,9 @@ def _train_run(args: argparse.Namespace) -> int:
         + (f", ensemble of {config.ensemble}" if config.ensemble > 1 else "")
         + placement
     )
-    state, history = train.fit(config, workdir, log=say, progress=not args.no_progress, devices=args.devices)
+    with warnings.catch_warnings():
+        warnings.showwarning = _warn_on_stderr  # a warning of fit's: one line naming the flag, not the field
+        state, history = train.fit(config, workdir, log=say, progress=not args.no_progress, devices=args.devices)
     steps = _plural(train.checkpoint.step_number(state), "step")
     if not history:  # a finished run whose metrics.jsonl was removed: nothing trained, nothing to report
         say(f"done: nothing to train ({steps} already taken); workdir {workdir}")
@@ -183,6 +186,11 @@ def _train_run(args: argparse.Namespace) -> int:
         f"after {_plural(last['epoch'], 'epoch')} ({steps}); workdir {workdir}"
     )
     return 0
+
+
+def _warn_on_stderr(message, category, filename, lineno, file=None, line=None) -> None:
+    text = message.with_flags() if hasattr(message, "with_flags") else str(message)
+    print(f"jaxcnn train: warning: {text}".splitlines()[0], file=sys.stderr, flush=True)
 
 
 def _number(value: float | None) -> str:

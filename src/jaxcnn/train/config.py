@@ -42,9 +42,9 @@ DIRECTORY_DATASETS = ("cifar10", "fashion_mnist", "mnist")
 FILE_DATASETS = ("npz",)
 
 
-class ConfigError(ValueError):
-    """An invalid :class:`Config` value. The message names the fields involved (``fields``) by their names;
-    :meth:`with_flags` names them as the ``jaxcnn train`` flags instead (``--augment-translate``)."""
+class _NamesFields:
+    """A message that names :class:`Config` fields (``fields``); :meth:`with_flags` names them as the
+    ``jaxcnn train`` flags instead (``--augment-translate``)."""
 
     def __init__(self, message: str, *fields: str):
         super().__init__(message)
@@ -56,6 +56,15 @@ class ConfigError(ValueError):
         for field in self.fields:
             text = re.sub(rf"(?<![\w'-]){field}(?![\w'])", flag_of(field), text)
         return text
+
+
+class ConfigError(_NamesFields, ValueError):
+    """An invalid :class:`Config` value. The message names the fields involved (``fields``) by their names;
+    :meth:`with_flags` names them as the ``jaxcnn train`` flags instead (``--augment-translate``)."""
+
+
+class ConfigWarning(_NamesFields, UserWarning):
+    """A :class:`Config` value that is allowed but likely harmful (issued through :mod:`warnings` by ``fit``)."""
 
 
 def flag_of(field: str) -> str:

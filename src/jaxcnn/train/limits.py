@@ -8,18 +8,18 @@ from typing import Any
 import jax
 
 from jaxcnn._memory import device_bytes, too_large
-from jaxcnn.train.config import Config, ConfigError
+from jaxcnn.train.config import Config, ConfigError, ConfigWarning
 
 
-def check_augmentation(config: Config, input_shape: tuple[int, ...]) -> list[str]:
+def check_augmentation(config: Config, input_shape: tuple[int, ...]) -> list[ConfigWarning]:
     """Refuses augmentation settings that make no sense for images of ``input_shape`` ``(H, W, C)``.
 
     A translation by ``t`` pixels shifts each image by up to ``t`` in each direction, filling with zeros: from
     ``t >= min(H, W)`` on, some shifts leave nothing of the image, so such a run learns from blanks.
 
     Returns:
-        Warnings (lines without a prefix) for settings that are allowed but likely harmful: a translation by
-        more than half the image, which blanks out more than half of many images.
+        Warnings for settings that are allowed but likely harmful: a translation by more than half the image,
+        which blanks out more than half of many images.
 
     Raises:
         ConfigError: ``augment_translate`` >= ``min(H, W)``.
@@ -34,8 +34,11 @@ def check_augmentation(config: Config, input_shape: tuple[int, ...]) -> list[str
         )
     if 2 * translate > min(height, width):
         return [
-            f"warning: shifts of up to {translate} pixels leave less than half of many {height}x{width} images "
-            "(augment translate above half the image size)"
+            ConfigWarning(
+                f"augment_translate {translate} is above half the image size, {height}x{width}: shifts that large "
+                "leave less than half of many images",
+                "augment_translate",
+            )
         ]
     return []
 

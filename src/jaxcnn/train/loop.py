@@ -19,6 +19,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -121,7 +122,7 @@ class Run:
         self.input_shape = tuple(self.data.input_shape)
         self.model = build_model(config, self.input_shape, self.data.num_classes)
         _check_labels(self.data, self.model.output_shape(self.input_shape)[-1])
-        self.warnings = limits.check_augmentation(config, self.input_shape)  # refuses, or lines for the log
+        self.warnings = limits.check_augmentation(config, self.input_shape)  # refuses, or warnings for fit
         self.steps_per_epoch = data_lib.num_batches(len(self.data.y_train), config.batch_size)
         if config.epochs * self.steps_per_epoch >= 2**31:
             raise ValueError(
@@ -238,8 +239,9 @@ def _fit(
         WorkdirLock(directory).acquire_and_release()  # another run writing it: say so before anything else
     resuming = directory is not None and _check_workdir(directory, config)
     run = Run(config, data)
-    for line in run.warnings:
-        say(line)
+    for warning in run.warnings:
+        if primary:
+            warnings.warn(warning, stacklevel=3)
     state = run.initial_state()
     _stop_if_interrupted("while starting, before any step; nothing was written", collective=True)
     history: list[dict[str, Any]] = []
