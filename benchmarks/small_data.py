@@ -41,15 +41,15 @@ SEEDS = (0, 1, 2)
 CANDIDATES: dict[str, dict[str, Any]] = {
     "defaults": {},
     "translate1": {"augment_translate": 1},
-    "translate1-dropout": {"augment_translate": 1, "dropout": 0.5},
-    "translate1-60": {"augment_translate": 1, "epochs": 60, "decay_rate": 0.93},
-    "translate1-dropout-60": {"augment_translate": 1, "dropout": 0.5, "epochs": 60, "decay_rate": 0.93},
-    "translate1-batch16": {"augment_translate": 1, "batch_size": 16, "learning_rate": 0.05},
-    "translate1-batch16-60": {"augment_translate": 1, "batch_size": 16, "learning_rate": 0.05, "epochs": 60, "decay_rate": 0.93},
-    "translate1-raw": {"augment_translate": 1, "normalize": False},
-    "translate1-noise": {"augment_translate": 1, "augment_noise": 0.1},
-    "translate1-wd": {"augment_translate": 1, "weight_decay": 2e-3},
-    "translate1-ensemble5": {"augment_translate": 1, "ensemble": 5},
+    "small-data": {"augment_translate": 1, "batch_size": 16, "learning_rate": 0.05, "epochs": 80, "decay_rate": 0.95},
+    "small-data-noise": {
+        "augment_translate": 1,
+        "augment_noise": 0.3,
+        "batch_size": 16,
+        "learning_rate": 0.05,
+        "epochs": 80,
+        "decay_rate": 0.95,
+    },
 }
 
 
@@ -155,7 +155,7 @@ def _table(rows: list[dict[str, Any]], columns: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--select", action="store_true", help="Choose a recipe on validation parts only.")
-    parser.add_argument("--recipe", default="translate1-dropout", choices=sorted(CANDIDATES))
+    parser.add_argument("--recipe", default="small-data-noise", choices=sorted(CANDIDATES))
     parser.add_argument("--candidates", nargs="+", default=list(CANDIDATES), choices=sorted(CANDIDATES))
     parser.add_argument("--fractions", nargs="+", type=float, default=list(FRACTIONS))
     parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
