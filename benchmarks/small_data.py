@@ -162,7 +162,7 @@ def _table(rows: list[dict[str, Any]], columns: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--select", action="store_true", help="Choose a recipe on validation parts only.")
-    parser.add_argument("--recipe", default="small-data-noise", choices=sorted(CANDIDATES))
+    parser.add_argument("--recipe", default="small-data", choices=sorted(CANDIDATES))
     parser.add_argument("--candidates", nargs="+", default=list(CANDIDATES), choices=sorted(CANDIDATES))
     parser.add_argument("--fractions", nargs="+", type=float, default=list(FRACTIONS))
     parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
