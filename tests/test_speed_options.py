@@ -197,7 +197,7 @@ def test_config_and_cli_take_dtype_and_remat(tmp_path, capsys):
     saved = train.read_config(workdir)
     assert (saved.dtype, saved.remat) == ("bfloat16", True)
     assert cli.main(["train", "--dtype", "float64", "--workdir", str(tmp_path / "bad")]) == 2
-    assert "unknown dtype 'float64'" in capsys.readouterr().err
+    assert "unknown --dtype 'float64'" in capsys.readouterr().err
 
 
 def test_bench_options_reach_every_contender_and_the_settings():

@@ -55,7 +55,7 @@ def test_fit_stops_early_and_a_resumed_run_stays_stopped(tmp_path, monkeypatch):
 
 
 def test_early_stopping_is_validated():
-    with pytest.raises(ValueError, match="early_stopping must be an int >= 1"):
+    with pytest.raises(ValueError, match="--early-stopping must be an int >= 1"):
         train.Config(early_stopping=0)
 
 
@@ -114,4 +114,4 @@ def test_the_cli_flags(tmp_path, capsys):
     assert printed[-2:] == [str(workdir / "curves.png"), str(workdir / "grad_norms.png")]
     assert (workdir / "grad_norms.png").stat().st_size > 10_000
     assert main(["train", "--early-stopping", "0", "--workdir", str(tmp_path / "bad")]) == 2
-    assert "early_stopping must be an int >= 1" in capsys.readouterr().err
+    assert "--early-stopping must be an int >= 1" in capsys.readouterr().err
