@@ -89,6 +89,11 @@ class ScaleResiduals(NamedTuple):
     x: jax.Array
 
 
+def per_channel(v, x):
+    """``v`` (C,) shaped to broadcast against ``x`` (..., C) (rank promotion is an error in the tests)."""
+    return v.reshape((1,) * (x.ndim - 1) + v.shape)
+
+
 @dataclass(frozen=True)
 class ChannelScale(nn.Layer):
     """y = gamma * x per channel, gamma initialised to 1; ``wrong`` forgets gamma in dx (right only at gamma = 1)."""
@@ -99,10 +104,10 @@ class ChannelScale(nn.Layer):
         return {"gamma": jnp.ones((input_shape[-1],), dtype)}, {}
 
     def forward(self, params, x):
-        return params["gamma"] * x, ScaleResiduals(x)
+        return per_channel(params["gamma"], x) * x, ScaleResiduals(x)
 
     def backward(self, params, residuals, dy):
-        dx = dy if self.wrong else dy * params["gamma"]
+        dx = dy if self.wrong else dy * per_channel(params["gamma"], dy)
         return dx, {"gamma": jnp.sum(dy * residuals.x, axis=tuple(range(dy.ndim - 1)))}
 
 
@@ -117,10 +122,11 @@ class Gate(nn.Layer):
         return {"bias": jnp.zeros((input_shape[-1],), dtype)}, {}
 
     def forward(self, params, x):
-        return x * (1 + params["bias"] * x), ScaleResiduals(x)
+        return x * (1 + per_channel(params["bias"], x) * x), ScaleResiduals(x)
 
     def backward(self, params, residuals, dy):
-        x, b = residuals.x, params["bias"]
+        x = residuals.x
+        b = per_channel(params["bias"], x)
         sign = -1 if self.wrong else 1
         return dy * (1 + sign * 2 * b * x), {"bias": jnp.sum(dy * x * x, axis=tuple(range(dy.ndim - 1)))}
 
@@ -203,7 +209,10 @@ def test_check_op_is_not_fooled_by_beta_one():
 
 def kinked_model() -> nn.Sequential:
     """ReLU, max-pool, BatchNorm and a residual branch: kinks, ties and normalisation at the perturbed point."""
-    block = nn.Sequential([nn.Conv2D(4, 3, padding=1), nn.BatchNorm(), nn.ReLU(), nn.Conv2D(4, 3, padding=1)])
+    # no bias before the BatchNorm: its gradient is structurally zero, which the float32 finite difference cannot
+    # judge at either point (issue 18)
+    conv = nn.Conv2D(4, 3, padding=1, use_bias=False)
+    block = nn.Sequential([conv, nn.BatchNorm(), nn.ReLU(), nn.Conv2D(4, 3, padding=1)])
     return nn.Sequential(
         [
             nn.Conv2D(4, 3, padding="SAME"),
@@ -244,9 +253,9 @@ def test_perturbations_must_be_a_non_negative_int():
 def test_perturbed_points_are_seeded_and_move_every_parameter():
     model = planted_model(wrong=False)
     params, state, x, y = planted_data(model)
-    a = jc.gradcheck.check_model(model, params, state, x, y, seed=3, finite_differences=False)
-    b = jc.gradcheck.check_model(model, params, state, x, y, seed=3, finite_differences=False)
-    c = jc.gradcheck.check_model(model, params, state, x, y, seed=4, finite_differences=False)
+    a = jc.gradcheck.check_model(model, params, state, x, y, seed=3, finite_differences=False, layers=False)
+    b = jc.gradcheck.check_model(model, params, state, x, y, seed=3, finite_differences=False, layers=False)
+    c = jc.gradcheck.check_model(model, params, state, x, y, seed=4, finite_differences=False, layers=False)
     assert [r.max_abs for r in a.checks] == [r.max_abs for r in b.checks]
     assert [r.max_abs for r in a.checks] != [r.max_abs for r in c.checks]
     from jaxcnn.gradcheck.numerics import add_noise, perturbation
