@@ -272,3 +272,14 @@ def test_restricted_domain_ops_shrink_the_perturbation():
     report = jc.gradcheck.check_op(jnp.log, x, vjp=log_vjp)
     assert report.ok, report.table()
     assert len(report.checks) == 4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["lenet5", "conv_autoencoder", "resnet20_cifar"])
+def test_registered_models_pass_at_the_perturbed_point(name, capsys):
+    from jaxcnn import cli
+
+    code = cli.main(["gradcheck", "--model", name, "--batch-size", "2", "--failures-only"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert out.splitlines()[-2].endswith("rows checked, 0 failed")
