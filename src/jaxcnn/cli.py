@@ -34,6 +34,11 @@ def _gradcheck(args: argparse.Namespace) -> int:
         raise ValueError(f"--seed must be in [0, 2**32), got {args.seed}")
     dtype = {"float64": jnp.float64, "float32": jnp.float32}[args.dtype]
     input_shape = models.input_shape(args.model)
+    if args.perturbations < 0:
+        raise ValueError(f"--perturbations must be >= 0, got {args.perturbations}")
+    # the header at once, then each row as it is made (or only the failing ones): a check takes a minute or more
+    print(f"gradcheck: model {args.model}, input {input_shape}, batch {args.batch_size}, seed {args.seed}", flush=True)
+    print(gradcheck.header_lines(), flush=True)
     key = jax.random.key(args.seed)
     params, state = model.init(jax.random.fold_in(key, 0), input_shape)
     # explicit dtypes: the same seed gives the same data whether or not 64-bit types are on
@@ -44,11 +49,6 @@ def _gradcheck(args: argparse.Namespace) -> int:
         num_classes = model.output_shape(input_shape)[-1]
         loss_fn = F.softmax_cross_entropy
         y = jax.random.randint(jax.random.fold_in(key, 2), (args.batch_size,), 0, num_classes, jnp.int32)
-    if args.perturbations < 0:
-        raise ValueError(f"--perturbations must be >= 0, got {args.perturbations}")
-    # the header at once, then each row as it is made (or only the failing ones): a check takes a minute or more
-    print(f"gradcheck: model {args.model}, input {input_shape}, batch {args.batch_size}, seed {args.seed}", flush=True)
-    print(gradcheck.header_lines(), flush=True)
     live = sys.stderr.isatty()
     where = {"layer": None}
 
