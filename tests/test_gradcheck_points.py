@@ -41,13 +41,12 @@ def readme_swish_reports():
     assert code.count(RIGHT_DX) == 1, "the README's Swish backward changed; update this test with it"
     y = jnp.array([0, 1, 2, 1])
     reports = {}
-    for which, source in (("right", code), ("wrong", code.replace(RIGHT_DX, WRONG_DX))):
-        model, params, state, x = build_readme_swish(source)
-        reports[which] = jc.gradcheck.check_model(model, params, state, x, y)
-        if which == "wrong":
-            reports["wrong, given point only"] = jc.gradcheck.check_model(
-                model, params, state, x, y, perturbations=0, finite_differences=False
-            )
+    # (the right one passes in test_readme.py, which runs the block as written)
+    model, params, state, x = build_readme_swish(code.replace(RIGHT_DX, WRONG_DX))
+    reports["wrong"] = jc.gradcheck.check_model(model, params, state, x, y)
+    reports["wrong, given point only"] = jc.gradcheck.check_model(
+        model, params, state, x, y, perturbations=0, finite_differences=False
+    )
     return reports
 
 
@@ -73,9 +72,8 @@ def test_readme_wrong_swish_fails_on_its_input_rows(readme_swish_reports):
     assert "FAIL" in report.table() and PERTURBED in report.table()
 
 
-def test_readme_right_swish_passes_at_both_points(readme_swish_reports):
-    report = readme_swish_reports["right"]
-    assert report.ok, report.table()
+def test_every_row_is_made_at_both_points(readme_swish_reports):
+    report = readme_swish_reports["wrong"]
     assert report.points == ["given", PERTURBED]
     given = [(c.scope, c.layer, c.quantity, c.method) for c in report.checks if c.point == "given"]
     perturbed = [(c.scope, c.layer, c.quantity, c.method) for c in report.checks if c.point == PERTURBED]
