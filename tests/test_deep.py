@@ -462,7 +462,8 @@ def test_resnet20_three_way_agreement_and_check_model():
     x, y = normal(1, (2, 8, 8, 3)), labels(1, 2, 10)
     report = jc.gradcheck.check_model(model, params, state, x, y, layers=False)
     rows = assert_report_three_way(report)
-    assert len(rows) == 2 * (1 + len(jax.tree.leaves(params)))  # the loss and every parameter, engine and bridge
+    # the loss and every parameter, engine and bridge, at the given and at the perturbed point
+    assert len(rows) == 2 * 2 * (1 + len(jax.tree.leaves(params)))
     names = {(c.layer, c.quantity, c.method) for c in report.checks}
     for path, quantity in [
         ("Residual_0/block/Conv_0", "kernel"),

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxcnn.functional import hand_rule
+from jaxcnn.nn.contract import check_backward_result
 from jaxcnn.nn.layer import Layer, Params, State
 
 LossFn = Callable[[jax.Array, jax.Array], jax.Array]
@@ -95,7 +96,9 @@ def reverse_pass(
         loss = loss_fn(predictions, y)
         # 3. backward pass: the loss's cotangent, then every layer's backward in reverse order
         dpredictions = vjp(predictions, y, jnp.ones((), loss.dtype))
-        _, grads = model.backward(params, residuals, dpredictions)
+        result = model.backward(params, residuals, dpredictions)
+        input_shape = tuple(jnp.shape(x)) if jnp.issubdtype(jnp.result_type(x), jnp.inexact) else None
+        _, grads = check_backward_result(type(model).__name__, result, params, input_shape)
         # 4. the weight update is the optimizer's: apply `grads` with optax (or plain SGD: p - lr * g)
         return ReversePass(loss, predictions, new_state, grads)
 

@@ -36,6 +36,11 @@ def _gradcheck(args: argparse.Namespace) -> int:
         raise ValueError(f"--seed must be in [0, 2**32), got {args.seed}")
     dtype = {"float64": jnp.float64, "float32": jnp.float32}[args.dtype]
     input_shape = models.input_shape(args.model)
+    if args.perturbations < 0:
+        raise ValueError(f"--perturbations must be >= 0, got {args.perturbations}")
+    # the header at once, then each row as it is made (or only the failing ones): a check takes a minute or more
+    print(f"gradcheck: model {args.model}, input {input_shape}, batch {args.batch_size}, seed {args.seed}", flush=True)
+    print(gradcheck.header_lines(), flush=True)
     key = jax.random.key(args.seed)
     params, state = model.init(jax.random.fold_in(key, 0), input_shape)
     # explicit dtypes: the same seed gives the same data whether or not 64-bit types are on
@@ -46,6 +51,21 @@ def _gradcheck(args: argparse.Namespace) -> int:
         num_classes = model.output_shape(input_shape)[-1]
         loss_fn = F.softmax_cross_entropy
         y = jax.random.randint(jax.random.fold_in(key, 2), (args.batch_size,), 0, num_classes, jnp.int32)
+    live = sys.stderr.isatty()
+    where = {"layer": None}
+
+    def progress(check) -> None:
+        stage = (check.scope, check.layer if check.scope == "layer" else "gradients", check.point)
+        if args.failures_only and stage != where["layer"]:
+            # a progress line per layer and point on stderr (rewritten in place on a terminal), failures on stdout
+            where["layer"] = stage
+            line = "checking {} {} at {} ...".format(*stage)
+            print(f"\r\033[K{line}" if live else line, end="" if live else "\n", file=sys.stderr, flush=True)
+        if not (args.failures_only and check.ok):
+            if live and args.failures_only:
+                print("\r\033[K", end="", file=sys.stderr, flush=True)
+            print(gradcheck.format_row(check), flush=True)
+
     report = gradcheck.check_model(
         model,
         params,
@@ -58,9 +78,13 @@ def _gradcheck(args: argparse.Namespace) -> int:
         key=jax.random.fold_in(key, 3),
         layers=not args.no_layers,
         finite_differences=not args.no_finite_differences,
+        perturbations=args.perturbations,
+        progress=progress,
     )
-    print(f"gradcheck: model {args.model}, input {input_shape}, batch {args.batch_size}, seed {args.seed}")
-    print(report.table())
+    if live and args.failures_only:
+        print("\r\033[K", end="", file=sys.stderr, flush=True)
+    print(f"{len(report.checks)} rows checked, {len(report.failures())} failed")
+    print(report.summary())
     return 0 if report.ok else 1
 
 
@@ -522,6 +546,15 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--batch-size", type=int, default=4, help="examples in the checked batch (default: 4)")
     check.add_argument("--no-layers", action="store_true", help="skip the layer-by-layer checks")
     check.add_argument("--no-finite-differences", action="store_true", help="skip finite differences")
+    check.add_argument(
+        "--perturbations",
+        type=int,
+        default=1,
+        help="seeded random points near the initial parameters and inputs to check at as well (default: 1)",
+    )
+    check.add_argument(
+        "--failures-only", action="store_true", help="print only the failing rows (and the header and a summary)"
+    )
     check.set_defaults(run=_gradcheck)
     return parser
 

@@ -5,6 +5,7 @@ See :class:`jaxcnn.nn.Layer` for the protocol a layer of your own implements.
 
 from jaxcnn.nn.activations import ELU, GELU, Activation, LeakyReLU, ReLU, Sigmoid, Softplus, Tanh
 from jaxcnn.nn.container import Container
+from jaxcnn.nn.contract import BackwardError
 from jaxcnn.nn.conv import Conv2D, ConvTranspose2D
 from jaxcnn.nn.dense import Dense, Flatten
 from jaxcnn.nn.dropout import Dropout
@@ -18,6 +19,7 @@ from jaxcnn.nn.sequential import Sequential
 __all__ = [
     "Activation",
     "AvgPool2D",
+    "BackwardError",
     "BatchNorm",
     "Container",
     "Conv2D",

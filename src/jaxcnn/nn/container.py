@@ -16,21 +16,38 @@ chain rule of the wiring (a chain runs its children in reverse; a sum sends ``dy
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 
+from jaxcnn.nn.contract import check_backward_result
 from jaxcnn.nn.layer import (
     Layer,
     LayerCall,
     Params,
     Shape,
     State,
+    Static,
     check_gradients_mode,
     check_key,
     layer_key,
+    layer_path,
     named,
 )
+
+
+class ChildResiduals(NamedTuple):
+    """What a container saves per child: the child's own residuals, and its input's shape (Static; None for an
+    integer input) against which the child's ``dx`` is checked."""
+
+    residuals: Any
+    input_shape: Static
+
+
+def _input_shape(x: jax.Array) -> tuple[int, ...] | None:
+    return tuple(jnp.shape(x)) if jnp.issubdtype(jnp.result_type(x), jnp.inexact) else None
+
 
 # visit(name, layer, params, state, x, key) -> (y, extra, new_state): what running one child means
 Visit = Callable[[str, Layer, Params, State, jax.Array, "jax.Array | None"], tuple[jax.Array, Any, State]]
@@ -102,7 +119,8 @@ class Container(Layer):
         """Forward through the wiring, saving each child's residuals (by name) for :meth:`backward`."""
 
         def visit(name, layer, p, s, inputs, k):
-            return layer.forward_with_state(p, s, inputs, train=train, key=k)
+            y, residuals, new_state = layer.forward_with_state(p, s, inputs, train=train, key=k)
+            return y, ChildResiduals(residuals, Static(_input_shape(inputs))), new_state
 
         return self._run(params, state, x, key, visit)
 
@@ -161,8 +179,11 @@ class Container(Layer):
     ) -> jax.Array:
         """Run child ``name``'s backward on ``dy``; store its parameter gradients in ``grads``; return its ``dx``."""
         layer = dict(self.named_children())[name]
+        saved = residuals[name]
+        child_params = params.get(name, {})
         with named(name):
-            dx, child_grads = layer.backward(params.get(name, {}), residuals[name], dy)
+            result = layer.backward(child_params, saved.residuals, dy)
+        dx, child_grads = check_backward_result(layer_path(name), result, child_params, saved.input_shape.value)
         if name in params:
             grads[name] = child_grads
         return dx

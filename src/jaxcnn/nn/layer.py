@@ -17,6 +17,7 @@ the checks in :mod:`jaxcnn.gradcheck` -- is derived from these methods, so a new
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import operator
 from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar, NamedTuple
@@ -25,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxcnn.functional._args import is_int
+from jaxcnn.nn.contract import BackwardError, check_backward_result
 
 Params = Any  # a pytree of arrays; {} for a layer without parameters
 State = Any  # a pytree of arrays; {} for a layer without state
@@ -118,13 +120,32 @@ def kernel_grads(params: Params, dw: jax.Array, db: jax.Array, use_bias: bool) -
     return grads
 
 
+_PATH: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("jaxcnn_layer_path", default=())
+
+
 @contextlib.contextmanager
 def named(name: str) -> Iterator[None]:
-    """Prefix a ValueError raised inside with the layer's name, so errors say where in a model they happened."""
+    """Prefix a ValueError raised inside with the layer's name, so errors say where in a model they happened.
+
+    Inside the block, :func:`layer_path` includes ``name``. A :class:`BackwardError` already names its layer's
+    whole path and passes through unchanged.
+    """
+    token = _PATH.set((*_PATH.get(), name))
     try:
         yield
+    except BackwardError:
+        raise
     except ValueError as error:
         raise ValueError(f"{name}: {error}") from None
+    finally:
+        _PATH.reset(token)
+
+
+def layer_path(name: str | None = None) -> str:
+    """The path of the layer being run (``"block/Conv_0"``): the names of the enclosing :func:`named` blocks,
+    then ``name`` when given."""
+    parts = (*_PATH.get(), name) if name is not None else _PATH.get()
+    return "/".join(parts)
 
 
 class Layer:
@@ -229,6 +250,8 @@ def manual_apply(
     state is ignored, as running statistics are not differentiated.
     """
     x_dtype = jnp.result_type(x)
+    x_shape = tuple(jnp.shape(x))
+    path = layer_path() or layer.prefix()  # while tracing the forward, inside the container's named() blocks
 
     @jax.custom_vjp
     def run(params, state, x, key):
@@ -242,7 +265,9 @@ def manual_apply(
     def run_backward(saved, cotangents):
         params, residuals = saved
         dy, _ = cotangents
-        dx, dparams = layer.backward(params, residuals, dy)
+        # shape mistakes in a user's backward name the layer here, not in a pytree error below
+        checked_shape = x_shape if jnp.issubdtype(x_dtype, jnp.inexact) else None
+        dx, dparams = check_backward_result(path, layer.backward(params, residuals, dy), params, checked_shape)
         # cotangents come back in the dtypes of their primals (a rule may compute in a promoted dtype)
         dparams = jax.tree.map(lambda g, p: jnp.asarray(g).astype(jnp.result_type(p)), dparams, params)
         if jnp.issubdtype(x_dtype, jnp.inexact):

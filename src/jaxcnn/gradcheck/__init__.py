@@ -1,0 +1,70 @@
+"""The three-way gradient check: hand-derived rules vs JAX autodiff vs finite differences.
+
+:func:`check_model` compares, for one batch:
+
+* **per layer** -- each leaf layer's ``backward`` against ``jax.vjp`` of its own forward, at the input the layer
+  actually receives inside the model, for a random output cotangent: the input cotangent and every parameter;
+  plus a central finite difference of ``<forward(p, x), dy>`` along one random direction per quantity;
+* **per parameter, whole model** -- the gradient of the loss from the explicit reverse pass (``engine``,
+  :func:`jaxcnn.backprop.value_and_grad`) and from ``jax.grad`` through the ``gradients="manual"`` custom_vjp
+  bridge (``bridge``), each against ``jax.grad`` through the plain forward (``autodiff``); plus a central
+  finite difference of the loss along a random direction in each parameter, taken (with the engine's
+  gradient) at the parameters plus a little noise, off the kinks that zero biases on zero inputs sit on.
+
+:func:`check_op` does the same for one functional op.
+
+**Points.** Every comparison is made at the given parameters and inputs (``point`` "given") and again at
+``perturbations`` (default 1) seeded random points near them (``point`` "perturbed(seed=S)"): each
+floating-point parameter and input plus ``0.5 * scale * N(0, 1)`` elementwise, where ``scale`` is the leaf's
+standard deviation, or for a scalar or constant leaf the size of its values but at least 1. Initial values
+are special: a scale at 1, a bias at 0, a learnable ``beta`` at 1 make wrong rules (a dropped factor of
+``beta``, a wrong sign on a term multiplied by the bias) give the right numbers, and only the perturbed point
+catches them. Where the perturbed function is not finite (an op with a restricted domain), the noise is
+halved until it is. State (running statistics) and integer inputs stay as given.
+
+Tolerances (:data:`TOLERANCES`), by the dtype the gradients are computed in:
+
+==========  ================================  =================================  ==============================
+dtype       hand vs autodiff (normwise rel.)  finite differences (rel.)          absolute floor (x largest grad)
+==========  ================================  =================================  ==============================
+float64     1e-10                             1e-5  (step 1e-6)                  1e-13
+float32     1e-4                              1e-2  (step 1e-6, in float64)      1e-5
+==========  ================================  =================================  ==============================
+
+* Two arrays: the error is ``max|a - b| / max(max|a|, max|b|)`` (normwise over the leaf, 0 when both are 0).
+  A comparison also passes when ``max|a - b|`` is below the floor times the largest entry of the layer's (or
+  the model's) whole gradient: a gradient that is exactly zero (a bias feeding a centring op) carries
+  round-off that no relative measure can judge.
+* A finite difference: ``(f(p + h v) - f(p - h v)) / 2h`` along a random unit direction ``v``, differenced
+  elementwise and projected on the output cotangent, against ``<g, v>``; the error is divided by
+  ``max(|fd|, |<g, v>|, |g| / sqrt(n))`` and errors below the float64 round-off of the evaluations pass.
+  Finite differences are always evaluated in float64 (in float32 they resolve only about three digits);
+  the float32 tolerance reflects the accuracy of a float32 gradient itself. Layer-level ones are taken at
+  the recorded input plus a little noise, so that ties and kinks (exact zeros after a ReLU, equal values in
+  a max-pool window) do not sit under the step.
+* Check a gradient that is nonzero: one that is identically zero can only be checked against the floors.
+
+A layer's ``backward`` that returns the wrong form (``dx`` of the wrong shape, parameter gradients under other
+keys, ``dx`` alone) raises :class:`jaxcnn.nn.BackwardError` naming the layer, here as in training.
+
+``progress`` (a callable) receives each :class:`Check` as soon as it is made; :func:`header_lines` and
+:func:`format_row` print them as a table, row by row (``jaxcnn gradcheck`` does).
+"""
+
+from jaxcnn.gradcheck.checks import Progress, check_layers, check_model, check_op
+from jaxcnn.gradcheck.numerics import compare
+from jaxcnn.gradcheck.report import TOLERANCES, Check, Report, Tolerance, format_row, header_lines
+
+__all__ = [
+    "TOLERANCES",
+    "Check",
+    "Progress",
+    "Report",
+    "Tolerance",
+    "check_layers",
+    "check_model",
+    "check_op",
+    "compare",
+    "format_row",
+    "header_lines",
+]
