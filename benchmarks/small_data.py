@@ -52,6 +52,33 @@ CANDIDATES: dict[str, dict[str, Any]] = {
         "epochs": 80,
         "decay_rate": 0.95,
     },
+    "small-data-affine": {
+        "augment_translate": 1,
+        "augment_rotate": 12.0,
+        "augment_scale": 0.1,
+        "batch_size": 16,
+        "learning_rate": 0.05,
+        "epochs": 80,
+        "decay_rate": 0.95,
+    },
+    "small-data-affine-mild": {
+        "augment_translate": 1,
+        "augment_rotate": 6.0,
+        "augment_scale": 0.05,
+        "batch_size": 16,
+        "learning_rate": 0.05,
+        "epochs": 80,
+        "decay_rate": 0.95,
+    },
+    "small-data-affine-long": {
+        "augment_translate": 1,
+        "augment_rotate": 12.0,
+        "augment_scale": 0.1,
+        "batch_size": 16,
+        "learning_rate": 0.05,
+        "epochs": 120,
+        "decay_rate": 0.95,
+    },
 }
 
 

@@ -1,4 +1,5 @@
-"""Augmentation on the device (translate, flip, noise) and the train options that use it (with --dropout)."""
+"""Augmentation on the device (rotate and scale, translate, flip, noise) and the train options that use it (with
+--dropout)."""
 
 import jax
 import jax.numpy as jnp
@@ -7,6 +8,7 @@ import pytest
 
 from jaxcnn import data, nn, train
 from jaxcnn.data import DataError, augment
+from jaxcnn.data.augment import warp
 
 
 def images(n=6, size=5, channels=2):
@@ -61,6 +63,13 @@ def test_same_key_same_batch_other_key_other_batch():
         ({"translate": -1}, "translate must be an int >= 0"),
         ({"flip": 1}, "flip must be true or false"),
         ({"noise": float("nan")}, "noise must be a finite number >= 0"),
+        ({"rotate": 180}, "rotate must be a number of degrees in \\[0, 180\\), got 180"),
+        ({"rotate": -1.0}, "rotate must be a number of degrees in \\[0, 180\\), got -1.0"),
+        ({"rotate": float("inf")}, "rotate must be a number of degrees"),
+        ({"rotate": True}, "rotate must be a number of degrees"),
+        ({"scale": 1.0}, "scale must be a number in \\[0, 1\\), got 1.0"),
+        ({"scale": -0.1}, "scale must be a number in \\[0, 1\\), got -0.1"),
+        ({"scale": "0.1"}, "scale must be a number in \\[0, 1\\)"),
     ],
 )
 def test_bad_options_are_named(options, message):
@@ -71,7 +80,10 @@ def test_bad_options_are_named(options, message):
 
 
 def test_fit_with_augmentation_and_dropout_trains_and_resumes_bit_for_bit(tmp_path):
-    config = train.Config(epochs=2, augment_translate=1, augment_noise=0.05, dropout=0.3, keep=1)
+    config = train.Config(
+        epochs=2, augment_translate=1, augment_noise=0.05, augment_rotate=10.0, augment_scale=0.1, dropout=0.3, keep=1
+    )
+    assert train.loop.augmentation_of(config) == {"translate": 1, "noise": 0.05, "rotate": 10.0, "scale": 0.1}
     straight, history = train.fit(config, None, log=None)
     assert history[-1]["test_accuracy"] > 0.8
     train.fit(config.replace(epochs=1), tmp_path, log=None)
@@ -90,4 +102,80 @@ def test_augmentation_and_dropout_settings_are_checked():
         train.Config(augment_translate=-2)
     with pytest.raises(ValueError, match="augment_noise must be a finite number >= 0"):
         train.Config(augment_noise=-0.1)
+    for value in (180, -0.5, float("nan"), "10"):
+        with pytest.raises(
+            train.config.ConfigError, match="augment_rotate must be a number of degrees in \\[0, 180\\)"
+        ):
+            train.Config(augment_rotate=value)
+    for value in (1, -0.01, float("inf"), None):
+        with pytest.raises(train.config.ConfigError, match="augment_scale must be a number in \\[0, 1\\)"):
+            train.Config(augment_scale=value)
+    config = train.Config(augment_rotate=np.float32(15), augment_scale=0.2)
+    assert config.augment_rotate == 15.0 and train.Config.from_json(config.to_json()) == config
     assert data.augment is augment
+
+
+# -- rotate and scale: one affine warp per image about its centre ---------------------------------------------
+
+
+def test_rotate_and_scale_zero_are_the_identity_bit_for_bit_and_leave_the_other_draws_alone():
+    x = images(n=8, size=7)
+    assert augment(jax.random.key(0), x, rotate=0.0, scale=0.0) is x
+    assert np.array_equal(warp(x[0], jnp.float32(0), jnp.float32(1)), x[0])
+    key = jax.random.key(6)
+    plain = augment(key, x, translate=1, noise=0.1)
+    assert np.array_equal(augment(key, x, translate=1, noise=0.1, rotate=0.0, scale=0.0), plain)
+    # the warp draws from its own key: the shifts and the noise of a warped run are those of the plain run
+    warped = np.asarray(augment(key, x, noise=0.1, rotate=20.0, scale=0.2) - augment(key, x, rotate=20.0, scale=0.2))
+    assert np.allclose(warped, augment(key, x, noise=0.1) - x, atol=1e-5)
+
+
+@pytest.mark.parametrize(("size", "channels"), [(5, 1), (6, 3), (8, 2)])
+def test_quarter_turns_are_np_rot90(size, channels):
+    x = np.asarray(images(n=1, size=size, channels=channels)[0])
+    for quarters in (1, 2, -1):
+        turned = np.asarray(warp(jnp.asarray(x), jnp.deg2rad(jnp.float32(90 * quarters)), jnp.float32(1)))
+        np.testing.assert_allclose(turned, np.rot90(x, quarters), atol=2e-6, rtol=0)
+
+
+def test_zoom_keeps_the_centre_pixel_and_scales_a_ramp_about_it():
+    x = images(n=50, size=7, channels=2)
+    out = np.asarray(augment(jax.random.key(7), x, rotate=40.0, scale=0.5))
+    assert np.array_equal(out[:, 3, 3], np.asarray(x)[:, 3, 3])  # exactly: the centre samples itself
+    assert not np.allclose(out, x)
+    # bilinear interpolation of a linear ramp is exact: zoom 2 halves its slope about the centre
+    rows = np.arange(9, dtype=np.float32)[:, None, None] * np.ones((9, 9, 1), np.float32)
+    zoomed = np.asarray(warp(jnp.asarray(rows), jnp.float32(0), jnp.float32(2)))
+    np.testing.assert_allclose(zoomed, 4 + (rows - 4) / 2, atol=1e-6)
+    shrunk = np.asarray(warp(jnp.asarray(rows + 1), jnp.float32(0), jnp.float32(0.5)))
+    assert np.all(shrunk[0] == 0) and np.all(shrunk[:, 0] == 0)  # zeros where the source lies outside
+    np.testing.assert_allclose(shrunk[2:7, 2:7], 5 + 2 * (rows[2:7, 2:7] - 4), atol=1e-5)
+
+
+def test_angles_and_zooms_are_uniform_within_the_bounds():
+    """A marked pixel 8 above the centre of a 21x21 image: where its mass lands gives each image's angle and
+    zoom; they fill [-r, r] and [1 - s, 1 + s] uniformly (mean 0 and 1, standard deviation bound / sqrt(3))."""
+    n, r, s = 600, 15.0, 0.2
+    marked = np.zeros((n, 21, 21, 1), np.float32)
+    marked[:, 2, 10] = 1.0
+    out = np.asarray(augment(jax.random.key(8), jnp.asarray(marked), rotate=r, scale=s))[..., 0]
+    rows, cols = np.mgrid[:21, :21]
+    mass = out.sum(axis=(1, 2))
+    dy = (out * (rows - 10)).sum(axis=(1, 2)) / mass
+    dx = (out * (cols - 10)).sum(axis=(1, 2)) / mass
+    angles = np.degrees(np.arctan2(-dx, -dy))  # anticlockwise as displayed
+    zooms = np.hypot(dx, dy) / 8
+    assert np.all(np.abs(angles) < r + 2) and np.abs(angles).max() > r - 2  # the centroid of a bilinear mark
+    assert abs(angles.mean()) < 1.0 and angles.std() == pytest.approx(r / np.sqrt(3), rel=0.1)
+    assert np.all((zooms > 1 - s - 0.03) & (zooms < 1 + s + 0.03))
+    assert abs(zooms.mean() - 1) < 0.02 and zooms.std() == pytest.approx(s / np.sqrt(3), rel=0.15)
+
+
+def test_warp_same_key_same_bits_other_key_other_bits():
+    x = images(n=10, size=8, channels=1)
+    a = augment(jax.random.key(9), x, translate=1, rotate=12.0, scale=0.1)
+    b = augment(jax.random.key(9), x, translate=1, rotate=12.0, scale=0.1)
+    c = augment(jax.random.key(10), x, translate=1, rotate=12.0, scale=0.1)
+    assert np.array_equal(a, b) and not np.allclose(a, c)
+    jitted = jax.jit(lambda k, v: augment(k, v, rotate=12.0, scale=0.1))(jax.random.key(9), x)
+    np.testing.assert_allclose(jitted, augment(jax.random.key(9), x, rotate=12.0, scale=0.1), atol=1e-5)

@@ -69,3 +69,16 @@ def test_benchmark_row_reproduces():
     recipe = bench.cnn_accuracy(bench.CANDIDATES[RESULTS["recipe"]], train, test)
     assert svc == pytest.approx(row["svc"], abs=1e-9)
     assert recipe == pytest.approx(row[RESULTS["recipe"]], abs=0.002) and recipe > svc
+
+
+def test_recipe_is_the_one_chosen_on_validation_parts_among_the_rotation_and_zoom_candidates():
+    selection = json.loads((ROOT / "benchmarks" / "small_data_selection.json").read_text())
+    assert selection["chosen"] == RESULTS["recipe"] == selection["ranking"][0]
+    candidates = _benchmark().CANDIDATES
+    assert any(candidates[name].get("augment_rotate") for name in selection["ranking"])  # the warp was in the race
+    rows = selection["rows"]
+
+    def rank_key(name):
+        return (min(r[name] - r["svc"] for r in rows), statistics.mean(r[name] for r in rows))
+
+    assert max(selection["ranking"], key=rank_key) == selection["chosen"]  # the stated rule, recomputed

@@ -114,6 +114,8 @@ _TRAIN_FLAGS: dict[str, tuple[type, str]] = {
     "dropout": (float, "dropout rate before the model's last layer (0: none)"),
     "augment_translate": (int, "shift training images by up to this many pixels (pad and random crop)"),
     "augment_noise": (float, "standard deviation of Gaussian noise added to training images"),
+    "augment_rotate": (float, "rotate training images by a random angle within +- this many degrees"),
+    "augment_scale": (float, "zoom training images by a random factor within 1 +- this (in [0, 1))"),
     "keep": (int, "checkpoints to keep"),
 }
 

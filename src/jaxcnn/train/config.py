@@ -115,6 +115,10 @@ class Config:
         random offset), on the device inside the train step; 0 is off.
       augment_flip: mirror training images left-right with probability 1/2.
       augment_noise: add Gaussian noise of this standard deviation to training images; 0 is off.
+      augment_rotate: rotate each training image about its centre by a random angle in [-r, r] degrees (r in
+        [0, 180); bilinear, zeros outside), before any translation; 0 is off.
+      augment_scale: zoom each training image about its centre by a random factor in [1 - s, 1 + s] (s in
+        [0, 1)), in the same warp as the rotation; 0 is off.
       early_stopping: stop once the test loss has not improved for this many epochs in a row (>= 1); None
         trains every epoch. The digits and the other built-in sets have no validation split, so the test set
         stands in for one: the stopping epoch is chosen on it.
@@ -147,6 +151,8 @@ class Config:
     augment_translate: int = 0
     augment_flip: bool = False
     augment_noise: float = 0.0
+    augment_rotate: float = 0.0
+    augment_scale: float = 0.0
     early_stopping: int | None = None
     log_grad_norms: bool = False
     keep: int = 3
@@ -201,6 +207,8 @@ class Config:
         _number("dropout", self.dropout, "a number in [0, 1)", lambda v: 0 <= v < 1)
         _integer("augment_translate", self.augment_translate, 0)
         _number("augment_noise", self.augment_noise, "a finite number >= 0", lambda v: v >= 0)
+        _number("augment_rotate", self.augment_rotate, "a number of degrees in [0, 180)", lambda v: 0 <= v < 180)
+        _number("augment_scale", self.augment_scale, "a number in [0, 1)", lambda v: 0 <= v < 1)
         if self.early_stopping is not None:
             _integer("early_stopping", self.early_stopping, 1)
         _integer("seed", self.seed, 0)

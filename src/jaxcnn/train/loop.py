@@ -536,6 +536,7 @@ def _loss_or_inf(loss: float | None) -> float:
 def augmentation_of(config: Config) -> dict[str, Any]:
     """The augmentation options ``config`` asks for (only those switched on; ``{}`` for none)."""
     options = {"translate": config.augment_translate, "flip": config.augment_flip, "noise": config.augment_noise}
+    options.update(rotate=config.augment_rotate, scale=config.augment_scale)
     return {name: value for name, value in options.items() if value}
 
 

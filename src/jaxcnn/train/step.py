@@ -257,8 +257,9 @@ def make_train_step(
       steps_per_call: train steps per call (>= 1), scanned (see above).
       log_grad_norms: add ``"grad_norms"`` and ``"update_ratios"`` to the metrics: per layer (a dict by name,
         see :func:`layer_norms`), the gradient's norm and the norm of the optimizer's update over the weights'.
-      augmentation: options of :func:`jaxcnn.data.augment.augment` (``translate``, ``flip``, ``noise``) applied
-        to every batch on the device, from the step's key; None or ``{}`` trains on the batches as given.
+      augmentation: options of :func:`jaxcnn.data.augment.augment` (``translate``, ``flip``, ``noise``,
+        ``rotate``, ``scale``) applied to every batch on the device, from the step's key; None or ``{}`` trains
+        on the batches as given.
 
     Returns:
       ``step(state, x, y)`` with ``x`` of shape ``(N, *input_shape)`` and ``y`` the targets (``(N,)`` integer
