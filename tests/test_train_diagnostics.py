@@ -55,7 +55,7 @@ def test_fit_stops_early_and_a_resumed_run_stays_stopped(tmp_path, monkeypatch):
 
 
 def test_early_stopping_is_validated():
-    with pytest.raises(ValueError, match="--early-stopping must be an int >= 1"):
+    with pytest.raises(ValueError, match="early_stopping must be an int >= 1"):
         train.Config(early_stopping=0)
 
 
