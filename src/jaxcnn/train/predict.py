@@ -17,7 +17,6 @@ import functools
 import io
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,8 +24,10 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxcnn.train.checkpoint import _first_line
 from jaxcnn.train.preprocess import Preprocess
 from jaxcnn.train.restored import describe, preprocess_of, restore_run
+from jaxcnn.train.workdir import write_atomically
 
 ARRAY_SUFFIXES = (".npy", ".npz")
 
@@ -263,20 +264,5 @@ def write_predictions(rows: Sequence[dict[str, Any]], output: str | os.PathLike,
             index = "" if row["index"] is None else row["index"]
             writer.writerow([row["input"], index, row["class"], repr(row["probability"]), *rest])
         text = buffer.getvalue()
-    handle, temporary = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, output)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    write_atomically(output, text)
     return output
-
-
-def _first_line(error: BaseException, limit: int = 160) -> str:
-    text = str(error).strip().splitlines()
-    line = f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")
-    return line if len(line) <= limit else line[: limit - 3] + "..."
