@@ -1,12 +1,56 @@
-"""Test configuration: 64-bit types on (float64 checks), silent rank promotion made an error."""
+"""Test configuration: 64-bit types on (float64 checks), silent rank promotion made an error, one persistent
+compilation cache for the whole test run (every worker and every `python -m jaxcnn` process it starts)."""
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import pytest
+import hashlib
+import os
+import shutil
+import tempfile
+
+# The suite compiles far more than it runs: in the test processes XLA's backend optimisations are off, which
+# makes a compile about a third cheaper. Every comparison in the suite is between paths compiled alike (or within
+# a stated tolerance). The flag is read when JAX starts its backend, here; the processes the tests start (the CLI
+# runs, which train for longer) do not inherit it and compile as users' runs do.
+_XLA_FLAGS = os.environ.get("XLA_FLAGS")
+os.environ["XLA_FLAGS"] = " ".join([_XLA_FLAGS or "", "--xla_backend_optimization_level=0"]).strip()
+
+import jax  # noqa: E402
+
+jax.devices()
+if _XLA_FLAGS is None:
+    del os.environ["XLA_FLAGS"]
+else:
+    os.environ["XLA_FLAGS"] = _XLA_FLAGS
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+# The same step, model or check is compiled by many tests, in both xdist workers and in the processes the CLI
+# tests start: XLA's persistent cache compiles each once per test run. A cache hit loads the executable a compile
+# would give, so results stay bit for bit the same. The controller makes the directory before it starts its
+# workers (they inherit its environment) and removes it at the end. JAXCNN_TEST_CACHE=off runs without it.
+OWNER = "JAXCNN_TEST_CACHE" not in os.environ
+if OWNER:
+    os.environ["JAXCNN_TEST_CACHE"] = tempfile.mkdtemp(prefix="jaxcnn-tests-")
+CACHE = os.environ["JAXCNN_TEST_CACHE"]
+if CACHE != "off":
+    os.environ.update(
+        JAX_COMPILATION_CACHE_DIR=CACHE,
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.3",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
+    jax.config.update("jax_compilation_cache_dir", CACHE)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.3)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if OWNER:
+        shutil.rmtree(CACHE, ignore_errors=True)
+
 
 # max relative error (max |a - b| / max |b|) allowed between a hand rule and jax.vjp, per dtype
 TOLERANCE = {jnp.float64: 1e-10, jnp.float32: 1e-4}
@@ -42,5 +86,27 @@ def rng():
 FIRST = ("tests/test_readme.py::test_python_blocks_run", "tests/test_parallel.py::test_two_processes")  # prefixes
 
 
+@pytest.hookimpl(tryfirst=True)  # before -m "not slow" deselects
 def pytest_collection_modifyitems(config, items):
+    """Run the longest tests first; sample the big tables (``@pytest.mark.sample(k)``).
+
+    A test function marked ``sample(k)`` keeps about one in ``k`` of its parametrized cases in the default
+    suite, chosen by a hash of the case's id (the same cases on every machine and every run); the others are
+    marked ``slow``, so ``python -m pytest -m slow`` runs them and ``python -m pytest -m ""`` runs the whole table.
+    """
+    for item in items:
+        marker = item.get_closest_marker("sample")
+        if marker is None or not hasattr(item, "callspec"):
+            continue
+        (every,) = marker.args
+        if int(hashlib.sha256(item.callspec.id.encode()).hexdigest(), 16) % every != 0:
+            item.add_marker(pytest.mark.slow)
     items.sort(key=lambda item: not item.nodeid.startswith(FIRST))
+
+
+def same_bits(a, b) -> bool:
+    """Whether two train states hold the same bits: parameters, model state, optimizer state, step and key."""
+    leaves = [
+        jax.tree.leaves((s.params, s.model_state, s.opt_state, s.step, jax.random.key_data(s.key))) for s in (a, b)
+    ]
+    return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(*leaves, strict=True))

@@ -12,7 +12,7 @@ import pytest
 
 import jaxcnn.functional as F
 from conftest import normal, relative_error
-from test_functional import CONV_CASES, POOL_CASES
+from op_cases import CONV_CASES, POOL_CASES
 
 torch = pytest.importorskip("torch")
 TF = torch.nn.functional
@@ -51,6 +51,7 @@ def two(v):
     return (v, v) if isinstance(v, int) else tuple(v)
 
 
+@pytest.mark.sample(4)
 @pytest.mark.parametrize("case", CONV_CASES, ids=[f"conv{i}" for i in range(len(CONV_CASES))])
 def test_conv2d_against_torch(case):
     batch, h, w, c, f, kernel, stride, padding, dilation, groups, bias = case

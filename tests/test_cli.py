@@ -8,6 +8,8 @@ import pytest
 from jaxcnn import cli
 
 
+# a whole gradcheck of mnist_cnn through the CLI; test_cli_gradcheck.py and the failing case below run by default
+@pytest.mark.slow
 def test_gradcheck_command_passes(capsys):
     code = cli.main(["gradcheck", "--model", "lenet5", "--batch-size", "2"])
     out = capsys.readouterr().out

@@ -13,8 +13,8 @@ import jax
 import numpy as np
 import pytest
 
+from data_files import write_cifar, write_mnist, write_npz
 from jaxcnn import cli, train
-from test_data import write_cifar, write_mnist, write_npz
 
 
 def jaxcnn(*args, cwd=None, timeout=600):

@@ -18,8 +18,6 @@ from models_for_tests import random_variables
 # -- helpers --------------------------------------------------------------------------------------------------
 
 
-
-
 def labels(seed, batch, classes):
     return jnp.asarray(np.random.default_rng(seed).integers(0, classes, batch))
 
@@ -452,6 +450,7 @@ def assert_report_three_way(report, tolerance=1e-9):
     return rows
 
 
+@pytest.mark.slow  # ResNet-20 (about 35 s); the mixed model below has BatchNorm, residuals and both shortcut kinds too
 def test_resnet20_three_way_agreement_and_check_model():
     """ResNet-20 at 8x8, batch 2, float64: check_model compares the engine's and the bridge's gradients with
     autodiff (<= 1e-9 here, besides its own tolerances) and the engine's with finite differences; the three
@@ -612,6 +611,7 @@ def test_train_step_with_batchnorm_in_all_three_modes():
         assert_trees_close(finals[gradients].model_state, finals["autodiff"].model_state, jnp.float64, gradients)
 
 
+@pytest.mark.slow  # bfloat16 runs by default in test_speed_options.py
 def test_bfloat16_batchnorm_residual_model_runs():
     model = small_bn_model()
     params, state = random_variables(model, (5, 5, 2), dtype=jnp.float32)

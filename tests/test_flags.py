@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
+from data_files import write_npz
 from jaxcnn import cli, train
 from jaxcnn.train.config import Config
-from test_data import write_npz
 
 
 class Stopped(Exception):

@@ -11,46 +11,7 @@ import pytest
 import jaxcnn.functional as F
 from conftest import DTYPES, assert_trees_close, normal, relative_error
 from jaxcnn import gradcheck
-
-
-def _conv_cases():
-    """Odd sizes, non-square kernels 1-5, stride 1-3, dilation 1-3, groups 1/2/3, every padding spelling,
-    batch 1 and 3: hand-picked edge cases plus a seeded random sample of the product."""
-    cases = [
-        # (batch, H, W, C, F, (kh, kw), stride, padding, dilation, groups, bias)
-        (1, 5, 5, 1, 1, (1, 1), 1, "VALID", 1, 1, True),
-        (3, 7, 9, 3, 6, (3, 2), 1, "SAME", 1, 1, True),
-        (3, 8, 7, 4, 4, (3, 3), 2, ((1, 2), (0, 3)), 1, 2, True),
-        (1, 9, 9, 3, 3, (2, 5), 3, 2, 2, 3, False),  # depthwise, int padding
-        (3, 10, 11, 6, 6, (3, 3), (2, 3), "SAME", (2, 1), 6, True),  # depthwise, SAME, strided, dilated
-        (1, 6, 6, 1, 2, (2, 2), 1, ((3, 0), (0, 4)), 1, 1, True),  # padding larger than the kernel
-        (3, 5, 5, 2, 2, (1, 1), 1, 3, 1, 1, True),
-        (1, 4, 4, 3, 3, (4, 4), 1, "VALID", 1, 1, True),  # kernel as large as the input
-        (3, 11, 7, 2, 4, (5, 3), 3, "SAME", 3, 2, True),
-        (1, 13, 13, 3, 2, (3, 5), (1, 2), ((0, 2), (2, 1)), (3, 2), 1, False),
-    ]
-    rng = np.random.default_rng(1234)
-    paddings = ["SAME", "VALID", 0, 1, 2, ((0, 1), (2, 0)), ((1, 2), (1, 1)), ((2, 0), (0, 1))]
-    while len(cases) < 40:
-        groups = int(rng.choice([1, 2, 3]))
-        channels = groups * int(rng.integers(1, 3))
-        features = groups * int(rng.integers(1, 3))
-        kernel = (int(rng.integers(1, 6)), int(rng.integers(1, 6)))
-        stride = (int(rng.integers(1, 4)), int(rng.integers(1, 4)))
-        dilation = (int(rng.integers(1, 4)), int(rng.integers(1, 4)))
-        padding = paddings[int(rng.integers(len(paddings)))]
-        height, width = int(rng.integers(5, 14)) | 1, int(rng.integers(5, 14))
-        effective = [(k - 1) * d + 1 for k, d in zip(kernel, dilation)]
-        if effective[0] > height or effective[1] > width:
-            continue
-        batch = int(rng.choice([1, 3]))
-        cases.append(
-            (batch, height, width, channels, features, kernel, stride, padding, dilation, groups, bool(rng.integers(2)))
-        )
-    return cases
-
-
-CONV_CASES = _conv_cases()
+from op_cases import CONV_CASES, POOL_CASES
 
 
 def _conv_inputs(case, dtype, seed=0):
@@ -62,6 +23,7 @@ def _conv_inputs(case, dtype, seed=0):
     return x, kern, b, options
 
 
+@pytest.mark.sample(4)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float64", "float32"])
 @pytest.mark.parametrize("case", CONV_CASES, ids=[f"conv{i}" for i in range(len(CONV_CASES))])
 def test_conv2d_vjp_matches_autodiff(case, dtype):
@@ -81,6 +43,7 @@ def test_conv2d_vjp_matches_autodiff(case, dtype):
         assert_trees_close((dx, dw, db), expected, dtype, f"conv2d dw_method={method} {case}")
 
 
+@pytest.mark.sample(2)
 @pytest.mark.parametrize("method", ["taps", "conv"])
 @pytest.mark.parametrize("case", CONV_CASES[2::9], ids=[f"conv{i}" for i in range(2, len(CONV_CASES), 9)])
 def test_conv2d_dw_methods_against_finite_differences(case, method):
@@ -137,21 +100,7 @@ def test_conv2d_output_shapes_follow_lax():
         assert relative_error(y, expected) < 1e-12
 
 
-POOL_CASES = [
-    # (batch, H, W, C, window, stride, padding)
-    (1, 6, 6, 1, 2, None, "VALID"),
-    (3, 7, 9, 2, 2, None, "VALID"),
-    (3, 7, 9, 3, 3, 2, "SAME"),
-    (1, 8, 8, 2, (3, 2), (1, 2), ((1, 2), (0, 1))),
-    (3, 5, 5, 1, 3, 1, 1),
-    (1, 9, 7, 2, (2, 3), 3, "SAME"),
-    (3, 11, 10, 2, 4, (2, 3), ((3, 0), (1, 2))),
-    (1, 5, 5, 3, 5, 1, "VALID"),
-    (3, 6, 5, 2, (1, 3), (1, 1), "SAME"),
-    (1, 13, 11, 1, 3, (3, 1), 2),
-]
-
-
+@pytest.mark.sample(4)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float64", "float32"])
 @pytest.mark.parametrize("op", ["max", "avg"])
 @pytest.mark.parametrize("case", POOL_CASES, ids=[f"pool{i}" for i in range(len(POOL_CASES))])
@@ -212,6 +161,7 @@ def test_global_avg_pool_vjp(shape, dtype):
 DENSE_CASES = [((1, 1), 1, True), ((3, 7), 5, True), ((4, 13), 2, False), ((2, 3, 6), 4, True)]
 
 
+@pytest.mark.sample(2)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float64", "float32"])
 @pytest.mark.parametrize("case", DENSE_CASES, ids=[f"dense{i}" for i in range(len(DENSE_CASES))])
 def test_dense_vjp(case, dtype):
@@ -280,6 +230,7 @@ def test_activation_forwards_match_jax_nn():
         assert relative_error(ours, theirs) < 1e-14
 
 
+@pytest.mark.sample(2)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float64", "float32"])
 @pytest.mark.parametrize("batch,classes", [(1, 2), (5, 10), (3, 7)])
 def test_softmax_cross_entropy_vjp(batch, classes, dtype):

@@ -113,6 +113,7 @@ def _compare(forward, rule, shape, has_scale, has_bias, epsilons, dtype, what):
         assert_trees_close(present, tuple(e for e in expected if e is not None), dtype, label)
 
 
+@pytest.mark.sample(3)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("case", BN_CASES, ids=[f"bn{i}" for i in range(len(BN_CASES))])
@@ -141,6 +142,7 @@ def test_layer_norm_vjp_matches_autodiff(case, dtype):
     _compare(layer_norm, layer_norm_vjp, shape, has_scale, has_bias, epsilons, dtype, f"layer_norm {case}")
 
 
+@pytest.mark.sample(3)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("case", GN_CASES, ids=[f"gn{i}" for i in range(len(GN_CASES))])
 def test_group_norm_vjp_matches_autodiff(case, dtype):
@@ -315,6 +317,7 @@ FD_CASES = [
 ]
 
 
+@pytest.mark.sample(3)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("forward,name,options,shape", FD_CASES, ids=[c[1] for c in FD_CASES])
 def test_finite_differences_through_check_op(forward, name, options, shape, dtype):

@@ -51,6 +51,7 @@ def test_forward_matches_the_unrolled_loop(case):
     np.testing.assert_allclose(elman_rnn(*args), reference_forward(*args), rtol=1e-12, atol=1e-13)
 
 
+@pytest.mark.sample(3)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CASES)
 def test_bptt_matches_autodiff(case, dtype):
@@ -66,6 +67,7 @@ def test_bptt_matches_autodiff(case, dtype):
         assert error <= TOLERANCE[dtype], f"{name}: relative error {error:.2e}"
 
 
+@pytest.mark.sample(2)
 @pytest.mark.parametrize("case", CASES[2:6])
 def test_bptt_against_finite_differences(case):
     args = arguments(case, jnp.float64, seed=7)

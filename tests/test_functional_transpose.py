@@ -95,6 +95,7 @@ def test_cases_cover_the_table():
     assert {c[6] for c in CT_CASES} >= {1, 2, 3} and any(isinstance(c[6], tuple) for c in CT_CASES)
 
 
+@pytest.mark.sample(3)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float64", "float32"])
 @pytest.mark.parametrize("case", CT_CASES, ids=CT_IDS)
 def test_conv_transpose2d_forward_matches_lax(case, dtype):
@@ -183,6 +184,7 @@ def test_conv_transpose2d_forward_matches_torch(case):
     assert relative_error(y, expected.numpy().transpose(0, 2, 3, 1)) < 1e-12
 
 
+@pytest.mark.sample(4)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float64", "float32"])
 @pytest.mark.parametrize("case", CT_CASES, ids=CT_IDS)
 def test_conv_transpose2d_vjp_matches_autodiff(case, dtype):
@@ -254,6 +256,7 @@ def test_conv_transpose2d_registered_and_promotes_dtypes():
 UPSAMPLE_SCALES = [1, 2, 3, (2, 3), (3, 1)]
 
 
+@pytest.mark.sample(3)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float64", "float32"])
 @pytest.mark.parametrize("scale", UPSAMPLE_SCALES, ids=[str(s) for s in UPSAMPLE_SCALES])
 @pytest.mark.parametrize("shape", [(1, 1, 1, 1), (3, 5, 7, 2)], ids=["1x1", "5x7"])
@@ -330,6 +333,7 @@ def test_dropout_keep_fraction_and_scaling(rate):
     assert abs(y.mean() - 1.0) < 1e-2
 
 
+@pytest.mark.sample(2)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float64", "float32"])
 @pytest.mark.parametrize("rate", [0.0, 0.3, 0.75, 1.0])
 def test_dropout_vjp_matches_autodiff(rate, dtype):

@@ -42,7 +42,10 @@ def leaf_layer_paths(model, prefix=""):
     return paths
 
 
-@pytest.mark.parametrize("name", ["mnist_cnn", pytest.param("every_layer", marks=pytest.mark.slow), "unseen", "nested"])
+# one model in the default suite; the others (and the perturbed-point tests' models) with the slow cases
+@pytest.mark.parametrize(
+    "name", ["unseen", *(pytest.param(n, marks=pytest.mark.slow) for n in ("mnist_cnn", "every_layer", "nested"))]
+)
 def test_check_model_passes_on_correct_rules(name):
     model, params, state, x, y = data(name, batch=2 if name == "mnist_cnn" else 3)
     report = jc.gradcheck.check_model(model, params, state, x, y)
@@ -244,6 +247,7 @@ def test_seed_must_be_non_negative():
         jc.gradcheck.check_model(model, params, state, x, y, seed=-1)
 
 
+@pytest.mark.slow  # mnist_cnn at 28x28 (about 15 s)
 @pytest.mark.parametrize("name", ["mnist_cnn", pytest.param("every_layer", marks=pytest.mark.slow)])
 def test_zero_background_images_at_initialisation_pass(name):
     """Zero biases on zero pixels put pre-activations exactly on ReLU kinks; the checks must not trip on them."""

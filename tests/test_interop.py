@@ -1,7 +1,6 @@
 """Flax interop: to_flax gives a flax.linen module computing the same function on the same variables (eval and
 train mode, running statistics included); from_flax takes Flax variables back, checked against the model."""
 
-
 import flax.linen as linen
 import jax
 import jax.numpy as jnp
@@ -80,6 +79,7 @@ EVAL_CASES = [
 ]
 
 
+@pytest.mark.sample(2)
 @pytest.mark.parametrize("name,input_shape", EVAL_CASES, ids=[case[0] for case in EVAL_CASES])
 def test_to_flax_matches_in_eval_mode(name, input_shape):
     model = jc.models.get(name)

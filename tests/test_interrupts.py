@@ -7,10 +7,9 @@ import signal
 import subprocess
 import sys
 
-import jax
-import numpy as np
 import pytest
 
+from conftest import same_bits
 from jaxcnn import _signals, cli, train
 from processes import SIGNAL_EXIT, assert_one_line, catches, compile_cache, read_until, run, start, wait_until
 
@@ -25,13 +24,6 @@ def stop(process, signum):
     out, err = process.communicate(timeout=300)
     assert process.returncode == SIGNAL_EXIT[signum], (process.returncode, err[-3000:])  # not -11, not 0
     return out, err
-
-
-def same_bits(a, b):
-    leaves = [
-        jax.tree.leaves((s.params, s.model_state, s.opt_state, s.step, jax.random.key_data(s.key))) for s in (a, b)
-    ]
-    return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(*leaves, strict=True))
 
 
 # -- in-process: the handlers and what library users keep -------------------------------------------------------

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 import jaxcnn as jc
+from data_files import npz_arrays, write_npz
 from jaxcnn import nn, parallel, train
 from jaxcnn.data import DataError
-from test_data import npz_arrays, write_npz
 
 # -- labels in .npz files ----------------------------------------------------------------------------------
 

@@ -85,6 +85,7 @@ def assert_close(actual, expected, tolerance, what):
         assert error <= tolerance, f"{what}: relative error {error:.2e}"
 
 
+@pytest.mark.sample(2)
 @pytest.mark.parametrize(("name", "gradients"), CASES)
 def test_per_example_grads_equal_single_example_grads_and_average_to_the_batch_grad(name, gradients):
     build, shape, classes = MODELS[name]
@@ -248,6 +249,7 @@ def test_dp_train_step_clips_updates_and_refuses_batchnorm():
 # -- ensembles -------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # the step level; fit's ensemble against separate runs runs by default
 def test_an_ensemble_of_k_equals_k_separate_runs_with_the_same_seeds():
     with jax.enable_x64(False):
         model = dropout_cnn()
@@ -505,6 +507,8 @@ def test_the_readme_gives_the_commands_these_tests_run():
         assert f"jaxcnn train {flags} --workdir runs/two {process}" in readme
 
 
+# two processes through jax.distributed (about 50 s); data parallelism on four simulated devices runs by default
+@pytest.mark.slow
 def test_two_processes_on_one_machine_match_one_process(tmp_path):
     environment = dict(os.environ)
     environment.pop("XLA_FLAGS", None)

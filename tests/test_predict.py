@@ -9,10 +9,10 @@ import pytest
 from PIL import Image
 
 import jaxcnn as jc
+from data_files import write_cifar, write_mnist, write_npz
 from jaxcnn import train
 from jaxcnn.cli import main
 from jaxcnn.train import Preprocess, predict
-from test_data import write_cifar, write_mnist, write_npz
 
 # ---------------------------------------------------------------------------------------- the preprocessing
 

@@ -3,6 +3,8 @@
 import pathlib
 import re
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
@@ -39,6 +41,9 @@ def run_blocks(codes: list[str]) -> dict:
 DEEPER = "tiny_resnet = "
 
 
+# the README's deepest block (a check_model of a small ResNet with BatchNorm and dropout, about 35 s); the same layers
+# are checked in test_deep.py
+@pytest.mark.slow
 def test_python_blocks_run_deeper_networks():
     codes = blocks("python")
     deeper = [i for i, code in enumerate(codes) if DEEPER in code]

@@ -45,6 +45,7 @@ def _params_equal(a, b, rtol):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=rtol)
 
 
+@pytest.mark.sample(2)
 @pytest.mark.parametrize("gradients", MODES)
 def test_bfloat16_computes_in_bf16_and_keeps_float32_weights_loss_and_state(gradients):
     params, model_state = MODEL.init(jax.random.key(0), SHAPE, dtype=jnp.float32)
@@ -152,6 +153,7 @@ def test_remat_errors_name_the_problem():
         MODEL.apply(*MODEL.init(jax.random.key(0), SHAPE), _batch()[0], remat="yes")
 
 
+@pytest.mark.sample(2)
 @pytest.mark.parametrize("gradients", MODES)
 def test_steps_per_call_equals_that_many_calls(gradients):
     state, optimizer = _state()

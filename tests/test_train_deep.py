@@ -5,8 +5,8 @@ import jax
 import numpy as np
 import pytest
 
+from data_files import write_cifar
 from jaxcnn import cli, data, models, nn, train
-from test_data import write_cifar
 
 
 def tiny_bn_net(num_classes: int = 10) -> nn.Sequential:
@@ -49,14 +49,16 @@ def test_batchnorm_statistics_are_checkpointed_and_resumed_bit_for_bit(tiny_mode
     assert len(history) == 3
 
 
-@pytest.mark.parametrize("gradients", ["autodiff", "manual", "engine"])
-def test_the_three_modes_train_a_batchnorm_net_alike(tiny_model, gradients):
+def test_the_hand_modes_train_a_batchnorm_net_as_autodiff_does(tiny_model):
     dataset = data.load("synthetic", shape=(8, 8, 3), num_classes=10, sizes=(32, 8))
-    config = train.Config(model=tiny_model, dataset="synthetic", epochs=1, batch_size=16, gradients=gradients)
-    state, _ = train.fit(config, None, data=dataset, log=None)
-    reference, _ = train.fit(config.replace(gradients="autodiff"), None, data=dataset, log=None)
-    for a, b in zip(leaves(state), leaves(reference), strict=True):
-        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)
+    config = train.Config(model=tiny_model, dataset="synthetic", epochs=1, batch_size=16, gradients="autodiff")
+    reference, _ = train.fit(config, None, data=dataset, log=None)
+    for gradients in ("manual", "engine"):
+        state, _ = train.fit(config.replace(gradients=gradients), None, data=dataset, log=None)
+        # float32: the hand rules sum in another order than autodiff (about 1e-7 relative per gradient), and two
+        # momentum steps through BatchNorm's division by the batch spread grow that to about 1e-5
+        for a, b in zip(leaves(state), leaves(reference), strict=True):
+            np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6, err_msg=gradients)
 
 
 @pytest.mark.slow
@@ -73,6 +75,8 @@ def test_train_resnet20_on_cifar10_files_from_the_command_line(tmp_path, capsys)
     assert "on 3 images" in capsys.readouterr().out
 
 
+# the CLI's gradcheck of a whole autoencoder; the engine's mean squared error runs by default in test_backprop.py
+@pytest.mark.slow
 def test_gradcheck_command_on_the_autoencoder_uses_mean_squared_error(capsys):
     code = cli.main(["gradcheck", "--model", "conv_autoencoder", "--batch-size", "2", "--no-finite-differences"])
     out = capsys.readouterr().out

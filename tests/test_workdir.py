@@ -11,10 +11,10 @@ import sys
 
 import pytest
 
+from conftest import same_bits
 from jaxcnn import cli, train
 from jaxcnn.train import loop, workdir
 from processes import assert_one_line, compile_cache, read_until, run, start
-from test_interrupts import same_bits
 
 assert compile_cache  # a fixture, used by name below
 
