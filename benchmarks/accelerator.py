@@ -40,7 +40,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import profile_phases  # noqa: E402
-
 from jaxcnn import bench  # noqa: E402
 from jaxcnn import functional as F  # noqa: E402
 from jaxcnn.functional import conv as conv_module  # noqa: E402
@@ -55,11 +54,12 @@ def gradients_section() -> dict:
         x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
         w = jnp.asarray(rng.standard_normal(w_shape), jnp.float32)
         options = dict(stride=stride, padding=padding, groups=groups)
-        y, vjp = jax.vjp(lambda x, w: F.conv2d(x, w, **options), x, w)
+        y, vjp = jax.vjp(lambda x, w, options=options: F.conv2d(x, w, **options), x, w)
         dy = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
         expected = vjp(dy)
         for method in ("taps", "conv"):
-            dx, dw, _ = jax.jit(lambda x, w, dy, m=method: F.conv2d_vjp(x, w, dy, **options, dw_method=m))(x, w, dy)
+            hand = lambda x, w, dy, m=method, options=options: F.conv2d_vjp(x, w, dy, **options, dw_method=m)
+            dx, dw, _ = jax.jit(hand)(x, w, dy)
             errors = [
                 float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b))) for a, b in zip((dx, dw), expected, strict=True)
             ]

@@ -149,7 +149,10 @@ def _figure(runs, path):
     figure = Figure(figsize=(10, 4), layout="constrained")
     FigureCanvasAgg(figure)
     for axes, field, label in zip(
-        figure.subplots(1, 2), ("seconds", "evaluations"), ("training wall-clock (s)", "forward evaluations")
+        figure.subplots(1, 2),
+        ("seconds", "evaluations"),
+        ("training wall-clock (s)", "forward evaluations"),
+        strict=True,
     ):
         for method, history in runs.items():
             axes.plot([r[field] for r in history], [r["accuracy"] for r in history], "-o", markersize=3, label=method)

@@ -98,7 +98,7 @@ def _figures(shown, reconstructed, history, output):
     figure = Figure(figsize=(10, 2.4), layout="constrained")
     FigureCanvasAgg(figure)
     grid = figure.subplots(2, len(shown))
-    for column, (original, copy) in enumerate(zip(shown, reconstructed)):
+    for column, (original, copy) in enumerate(zip(shown, reconstructed, strict=True)):
         for row, image in enumerate((original, copy)):
             grid[row, column].imshow(image[..., 0], cmap="gray")
             grid[row, column].set_axis_off()

@@ -140,8 +140,8 @@ def _figure(runs, path):
     FigureCanvasAgg(figure)
     panels = figure.subplots(1, len(ACTIVATIONS), sharey=True)
     depth = range(1, DEPTH + 1)
-    for axes, activation in zip(panels, ACTIVATIONS):
-        for colour, kind in zip(("C3", "C0", "C2"), KINDS):
+    for axes, activation in zip(panels, ACTIVATIONS, strict=True):
+        for colour, kind in zip(("C3", "C0", "C2"), KINDS, strict=True):
             result = runs[f"{activation}/{kind}"]
             axes.plot(depth, result["init"], "--", color=colour, linewidth=1)
             axes.plot(depth, result["trained"], "-o", color=colour, markersize=3, label=kind)

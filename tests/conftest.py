@@ -68,7 +68,7 @@ def relative_error(actual, expected) -> float:
 def assert_trees_close(actual, expected, dtype, what: str = "") -> None:
     """Every leaf within the dtype's relative tolerance (and the same tree structure)."""
     assert jax.tree.structure(actual) == jax.tree.structure(expected), what
-    for a, b in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
+    for a, b in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
         error = relative_error(a, b)
         assert error <= TOLERANCE[dtype], f"{what}: relative error {error:.3e} > {TOLERANCE[dtype]:.0e}"
 

@@ -68,7 +68,7 @@ def write_cifar(directory: Path, train_counts=(7, 3), test_count=4, numbers=None
     directory.mkdir(parents=True, exist_ok=True)
     numbers = numbers or list(range(1, len(train_counts) + 1))
     written = {}
-    for seed, (k, n) in enumerate(zip(numbers, train_counts)):
+    for seed, (k, n) in enumerate(zip(numbers, train_counts, strict=True)):
         written[k] = cifar_arrays(n, seed)
         write(directory / f"data_batch_{k}.bin", cifar_bytes(*written[k]))
     written["test"] = cifar_arrays(test_count, 99)

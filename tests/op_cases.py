@@ -30,7 +30,7 @@ def conv_cases() -> list[tuple]:
         dilation = (int(rng.integers(1, 4)), int(rng.integers(1, 4)))
         padding = paddings[int(rng.integers(len(paddings)))]
         height, width = int(rng.integers(5, 14)) | 1, int(rng.integers(5, 14))
-        effective = [(k - 1) * d + 1 for k, d in zip(kernel, dilation)]
+        effective = [(k - 1) * d + 1 for k, d in zip(kernel, dilation, strict=True)]
         if effective[0] > height or effective[1] > width:
             continue
         batch = int(rng.choice([1, 3]))

@@ -37,7 +37,7 @@ def explicit(padding, size, kernel, stride, dilation):
         return ((0, 0), (0, 0))
     if padding == "SAME":
         pads = []
-        for n, k, s, d in zip(size, kernel, stride, dilation):
+        for n, k, s, d in zip(size, kernel, stride, dilation, strict=True):
             out = math.ceil(n / s)
             total = max((out - 1) * s + (k - 1) * d + 1 - n, 0)
             pads.append((total // 2, total - total // 2))
@@ -135,7 +135,7 @@ def test_global_avg_pool_and_dense_against_torch():
     dy = normal(5, (4, 5))
     yt.backward(torch.tensor(np.asarray(dy)))
     assert relative_error(F.dense(x, w, b), yt.detach().numpy()) <= TOLERANCE
-    for ours, theirs in zip(F.dense_vjp(x, w, dy), (xt.grad, wt.grad, bt.grad)):
+    for ours, theirs in zip(F.dense_vjp(x, w, dy), (xt.grad, wt.grad, bt.grad), strict=True):
         assert relative_error(ours, theirs.numpy()) <= TOLERANCE
 
 

@@ -26,7 +26,7 @@ def test_translation_is_a_zero_filled_shift_within_the_bound():
     x = images(n=40, size=6, channels=1) + 10.0  # no zeros of its own
     out = np.asarray(augment(jax.random.key(1), x, translate=2))
     seen = set()
-    for original, shifted in zip(np.asarray(x), out):
+    for original, shifted in zip(np.asarray(x), out, strict=True):
         matches = []
         for dy in range(-2, 3):
             for dx in range(-2, 3):
@@ -42,9 +42,9 @@ def test_translation_is_a_zero_filled_shift_within_the_bound():
 def test_flip_mirrors_about_half_and_noise_has_its_standard_deviation():
     x = images(n=400, size=4, channels=1)
     out = np.asarray(augment(jax.random.key(2), x, flip=True))
-    flipped = [np.array_equal(o, np.asarray(i)[:, ::-1]) for o, i in zip(out, x)]
-    kept = [np.array_equal(o, np.asarray(i)) for o, i in zip(out, x)]
-    assert all(f or k for f, k in zip(flipped, kept)) and 0.4 < np.mean(flipped) < 0.6
+    flipped = [np.array_equal(o, np.asarray(i)[:, ::-1]) for o, i in zip(out, x, strict=True)]
+    kept = [np.array_equal(o, np.asarray(i)) for o, i in zip(out, x, strict=True)]
+    assert all(f or k for f, k in zip(flipped, kept, strict=True)) and 0.4 < np.mean(flipped) < 0.6
     noisy = np.asarray(augment(jax.random.key(3), jnp.zeros((200, 8, 8, 1)), noise=0.3))
     assert np.std(noisy) == pytest.approx(0.3, rel=0.05)
 

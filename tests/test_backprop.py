@@ -2,6 +2,7 @@
 jit and vmap, and the hand rules run with JAX's differentiation transforms switched off."""
 
 import ast
+import operator
 import pathlib
 
 import jax
@@ -93,8 +94,9 @@ def test_manual_gradients_compose_with_vmap():
 
     per_example = jax.jit(jax.vmap(jax.grad(single), in_axes=(None, 0, 0)))(params, x, y)
     for i in range(x.shape[0]):
-        one = jax.grad(lambda p: F.softmax_cross_entropy(model.apply(p, state, x[i : i + 1])[0], y[i : i + 1]))(params)
-        assert_trees_close(jax.tree.map(lambda g: g[i], per_example), one, jnp.float64, f"example {i}")
+        xi, yi = x[i : i + 1], y[i : i + 1]
+        one = jax.grad(lambda p, xi=xi, yi=yi: F.softmax_cross_entropy(model.apply(p, state, xi)[0], yi))(params)
+        assert_trees_close(jax.tree.map(operator.itemgetter(i), per_example), one, jnp.float64, f"example {i}")
     mean = jax.tree.map(lambda g: g.mean(0), per_example)
     batch = jax.grad(lambda p: F.softmax_cross_entropy(model.apply(p, state, x)[0], y))(params)
     assert_trees_close(mean, batch, jnp.float64, "mean of per-example")
@@ -129,7 +131,7 @@ def test_hand_rules_run_without_jax_differentiation():
     dy = normal(3, F.conv2d(x, w, b, **opts).shape)
     conv_expected = jax.vjp(lambda x, w, b: F.conv2d(x, w, b, **opts), x, w, b)[1](dy)
     pool_dy = normal(4, F.max_pool2d(x, 3, 2, "SAME").shape)
-    pool_expected = [jax.vjp(lambda x: f(x, 3, 2, "SAME"), x)[1](pool_dy)[0] for f in (F.max_pool2d, F.avg_pool2d)]
+    pool_expected = [jax.vjp(lambda x, f=f: f(x, 3, 2, "SAME"), x)[1](pool_dy)[0] for f in (F.max_pool2d, F.avg_pool2d)]
     activations = ("relu", "leaky_relu", "elu", "gelu", "sigmoid", "tanh", "softplus")
     act_expected = {n: jax.vjp(getattr(F, n), x)[1](x)[0] for n in activations}
     model, params, state, xb, yb = setup("unseen")

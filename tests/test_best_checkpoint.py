@@ -42,8 +42,12 @@ def test_an_early_stopped_run_keeps_and_reads_its_best_checkpoint(tmp_path, monk
 
     best = train.restore(tmp_path)
     assert int(best.step) == 2 * STEPS
-    assert all(np.array_equal(a, b) for a, b in zip(leaves(best), leaves(train.restore(tmp_path, step=2 * STEPS))))
-    assert all(np.array_equal(a, b) for a, b in zip(leaves(train.restore(tmp_path, step="latest")), leaves(state)))
+    assert all(
+        np.array_equal(a, b) for a, b in zip(leaves(best), leaves(train.restore(tmp_path, step=2 * STEPS)), strict=True)
+    )
+    assert all(
+        np.array_equal(a, b) for a, b in zip(leaves(train.restore(tmp_path, step="latest")), leaves(state), strict=True)
+    )
     _, _, _, meta = train.restore_run(tmp_path)
     assert meta["epoch"] == 2 and meta["chosen"] == "best test loss"
 

@@ -48,13 +48,13 @@ def assert_three_way_agree(results, tolerance=1e-9):
         loss, state, grads = results[mode]
         assert relative_error(loss, loss_a) <= tolerance, mode
         assert jax.tree.structure(grads) == jax.tree.structure(grads_a), mode
-        for (path, g), a in zip(jax.tree_util.tree_flatten_with_path(grads)[0], jax.tree.leaves(grads_a)):
+        for (path, g), a in zip(jax.tree_util.tree_flatten_with_path(grads)[0], jax.tree.leaves(grads_a), strict=True):
             error = relative_error(g, a)
             assert error <= tolerance, f"{mode} {jax.tree_util.keystr(path)}: relative error {error:.2e}"
             assert float(jnp.max(jnp.abs(a))) > 0, f"{jax.tree_util.keystr(path)}: zero gradient"
         # the running statistics the three paths compute are the same numbers
         assert jax.tree.structure(state) == jax.tree.structure(state_a), mode
-        for s, a in zip(jax.tree.leaves(state), jax.tree.leaves(state_a)):
+        for s, a in zip(jax.tree.leaves(state), jax.tree.leaves(state_a), strict=True):
             np.testing.assert_array_equal(np.asarray(s), np.asarray(a), err_msg=f"{mode} running statistics")
 
 
@@ -223,7 +223,8 @@ def test_nested_residual_layout_output_and_hand_backward():
     for mode in (True, False):
         engine = jax.jit(jc.backprop.value_and_grad(model, F.softmax_cross_entropy, train=mode))
         (loss, new_state), grads = engine(params, state, x, y)
-        autodiff = jax.jit(jax.grad(lambda p: F.softmax_cross_entropy(model.apply(p, state, x, train=mode)[0], y)))
+        loss = lambda p, mode=mode: F.softmax_cross_entropy(model.apply(p, state, x, train=mode)[0], y)
+        autodiff = jax.jit(jax.grad(loss))
         expected = autodiff(params)
         assert_trees_close(grads, expected, jnp.float64, f"train={mode}")
         assert jax.tree.structure(new_state) == jax.tree.structure(state)
@@ -481,9 +482,9 @@ def assert_states_identical(states, old_state):
     assert jax.tree.structure(reference) == jax.tree.structure(old_state)
     for mode in ("manual", "engine"):
         assert jax.tree.structure(states[mode]) == jax.tree.structure(reference), mode
-        for a, b in zip(jax.tree.leaves(states[mode]), jax.tree.leaves(reference)):
+        for a, b in zip(jax.tree.leaves(states[mode]), jax.tree.leaves(reference), strict=True):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=f"{mode} running statistics")
-    for old, new in zip(jax.tree.leaves(old_state), jax.tree.leaves(reference)):
+    for old, new in zip(jax.tree.leaves(old_state), jax.tree.leaves(reference), strict=True):
         assert not np.array_equal(np.asarray(old), np.asarray(new))  # train mode moved every statistic
 
 
@@ -599,7 +600,7 @@ def test_train_step_with_batchnorm_in_all_three_modes():
         step = train.make_train_step(model, optimizer, gradients=gradients)
         state, metrics = step(state, x, y)
         assert jax.tree.structure(state.model_state) == jax.tree.structure(initial)
-        for old, new in zip(jax.tree.leaves(initial), jax.tree.leaves(state.model_state)):
+        for old, new in zip(jax.tree.leaves(initial), jax.tree.leaves(state.model_state), strict=True):
             assert not np.array_equal(old, np.asarray(new)), gradients  # the running statistics moved
             assert new.dtype == jnp.float64
         state, metrics = step(state, x, y)

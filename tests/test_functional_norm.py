@@ -99,12 +99,12 @@ def _compare(forward, rule, shape, has_scale, has_bias, epsilons, dtype, what):
         return [
             (
                 rule(x, scale, bias, dy, epsilon=epsilon),
-                jax.vjp(lambda x, s, b: forward(x, s, b, epsilon=epsilon), x, scale, bias)[1](dy),
+                jax.vjp(lambda x, s, b, epsilon=epsilon: forward(x, s, b, epsilon=epsilon), x, scale, bias)[1](dy),
             )
             for epsilon in epsilons
         ]
 
-    for epsilon, (got, expected) in zip(epsilons, hand_and_autodiff(x, scale, bias, dy)):
+    for epsilon, (got, expected) in zip(epsilons, hand_and_autodiff(x, scale, bias, dy), strict=True):
         label = f"{what} eps={epsilon}"
         dx, dscale, dbias = got
         assert (dscale is None) == (scale is None) and (dbias is None) == (bias is None), label
@@ -172,7 +172,7 @@ def test_single_cell_statistics_give_y_equal_bias_and_zero_dx():
     np.testing.assert_array_equal(np.asarray(dx), 0.0)
     np.testing.assert_array_equal(np.asarray(dscale), 0.0)
     np.testing.assert_array_equal(np.asarray(dbias), np.asarray(dy).reshape(3))
-    for got, expected in zip((dx, dscale, dbias), auto):
+    for got, expected in zip((dx, dscale, dbias), auto, strict=True):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
     np.testing.assert_allclose(np.asarray(var), 0.9 * np.asarray(running_var), rtol=1e-15)
 
@@ -270,7 +270,7 @@ def test_batch_norm_matches_flax(case, train):
     ours, theirs = ours_and_flax(x, variables)
     # the comparison really is in float64 (a float32 path would miss the tolerance by 5 orders of magnitude)
     assert all(a.dtype == jnp.float64 for a in (*ours, *theirs))
-    for what, a, b in zip(("y", "running mean", "running var"), ours, theirs):
+    for what, a, b in zip(("y", "running mean", "running var"), ours, theirs, strict=True):
         assert relative_error(a, b) <= FLAX_TOLERANCE, what
 
 
@@ -406,7 +406,7 @@ def test_batch_norm_under_jit():
     x = _x((3, 5, 7, 4), jnp.float64)
     running = _running(4, jnp.float64)
     jitted = jax.jit(batch_norm, static_argnames=("train", "momentum", "epsilon"))
-    for got, expected in zip(jitted(x, None, None, *running), batch_norm(x, None, None, *running)):
+    for got, expected in zip(jitted(x, None, None, *running), batch_norm(x, None, None, *running), strict=True):
         assert relative_error(got, expected) <= 1e-14
 
 

@@ -148,7 +148,7 @@ def _torch_arguments(case):
     _, h, w, c, f, kernel = case[:6]
     stride, dilation, pads, _ = conv_transpose_geometry((1, h, w, c), (*kernel, c, f), **_options(case))
     padding, output_padding = [], []
-    for k, s, d, (lo, hi) in zip(kernel, stride, dilation, pads):
+    for k, s, d, (lo, hi) in zip(kernel, stride, dilation, pads, strict=True):
         p, extra = (k - 1) * d - lo, hi - lo
         if p < 0 or not 0 <= extra < max(s, d):
             return None
@@ -222,7 +222,7 @@ def test_conv_transpose2d_string_padding_output_sizes(stride, dilation, kernel):
     same = conv_transpose2d(x, w, stride=stride, padding="SAME", dilation=dilation)
     assert same.shape == (1, 5 * strides[0], 4 * strides[1], 3)
     valid = conv_transpose2d(x, w, stride=stride, padding="valid", dilation=dilation)
-    assert valid.shape == (1, *(n * s + max(k - s, 0) for n, s, k in zip((5, 4), strides, effective)), 3)
+    assert valid.shape == (1, *(n * s + max(k - s, 0) for n, s, k in zip((5, 4), strides, effective, strict=True)), 3)
 
 
 def test_conv_transpose2d_is_the_adjoint_of_conv2d():
@@ -238,7 +238,7 @@ def test_conv_transpose2d_is_the_adjoint_of_conv2d():
     # ((K - 1) * d - p_lo, H - 1 - (OH - 1) * s + p_lo): exactly conv_transpose2d with that explicit padding
     t_pad = [
         ((k - 1) * d - p[0], n - 1 - (o - 1) * s + p[0])
-        for k, d, p, n, o, s in zip(w.shape[:2], dilation, pad, x.shape[1:3], y.shape[1:3], stride)
+        for k, d, p, n, o, s in zip(w.shape[:2], dilation, pad, x.shape[1:3], y.shape[1:3], stride, strict=True)
     ]
     xt = conv_transpose2d(u, w[::-1, ::-1].transpose(0, 1, 3, 2), stride=stride, padding=t_pad, dilation=dilation)
     assert xt.shape == x.shape

@@ -263,7 +263,7 @@ def test_perturbed_points_are_seeded_and_move_every_parameter():
     from jaxcnn.gradcheck.numerics import add_noise, perturbation
 
     moved = add_noise(params, perturbation(params, (0, 1)))
-    for before, after in zip(jax.tree.leaves(params), jax.tree.leaves(moved)):
+    for before, after in zip(jax.tree.leaves(params), jax.tree.leaves(moved), strict=True):
         assert np.all(np.asarray(before) != np.asarray(after))  # the zero bias too
 
 

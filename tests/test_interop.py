@@ -23,14 +23,14 @@ def random_variables(model, input_shape, seed=0, dtype=jnp.float32):
 
 def assert_close(actual, expected, what=""):
     assert jax.tree.structure(actual) == jax.tree.structure(expected), what
-    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(actual)[0], jax.tree.leaves(expected)):
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(actual)[0], jax.tree.leaves(expected), strict=True):
         error = relative_error(a, b)
         assert error <= TOLERANCE, f"{what}{jax.tree_util.keystr(path)}: relative error {error:.2e}"
 
 
 def assert_identical(actual, expected):
     assert jax.tree.structure(actual) == jax.tree.structure(expected)
-    for a, b in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
+    for a, b in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
         assert a.dtype == b.dtype
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 

@@ -124,7 +124,7 @@ def test_same_key_same_bits():
     a, _ = model.init(jax.random.key(7), (28, 28, 1))
     b, _ = model.init(jax.random.key(7), (28, 28, 1))
     c, _ = model.init(jax.random.key(8), (28, 28, 1))
-    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
     assert not np.array_equal(a["Conv_0"]["kernel"], c["Conv_0"]["kernel"])
 
 

@@ -2,6 +2,7 @@
 the one CPU device; over 4 simulated devices and 2 processes in subprocesses)."""
 
 import json
+import operator
 import os
 import socket
 import subprocess
@@ -108,7 +109,7 @@ def test_per_example_grads_equal_single_example_grads_and_average_to_the_batch_g
     reference = jax.jit(lambda p, xi, yi, k: single_example_grad(model, F.softmax_cross_entropy, p, state, xi, yi, k))
     for i in range(n):
         expected = reference(params, x[i], y[i], keys[i] if uses_key else None)
-        assert_close(jax.tree.map(lambda g: g[i], grads), expected, 1e-10, f"example {i}")
+        assert_close(jax.tree.map(operator.itemgetter(i), grads), expected, 1e-10, f"example {i}")
     if not uses_key:  # with dropout the batch gradient draws other masks
         mean = jax.tree.map(lambda g: jnp.mean(g, axis=0), grads)
         assert_close(mean, batch_grad(model, F.softmax_cross_entropy, params, state, x, y), 1e-10, "mean")
@@ -139,7 +140,7 @@ def test_per_example_grads_with_mean_squared_error_targets():
     grads = parallel.per_example_grads(model, F.mean_squared_error, params, state, x, y, gradients="manual")
     for i in range(6):
         expected = single_example_grad(model, F.mean_squared_error, params, state, x[i], y[i], None)
-        assert_close(jax.tree.map(lambda g: g[i], grads), expected, 1e-10, f"example {i}")
+        assert_close(jax.tree.map(operator.itemgetter(i), grads), expected, 1e-10, f"example {i}")
 
 
 def test_per_example_grads_reject_bad_batches_and_modes():
@@ -236,7 +237,7 @@ def test_dp_train_step_clips_updates_and_refuses_batchnorm():
         moved = np.sqrt(
             sum(
                 np.sum((np.asarray(a) - np.asarray(b)) ** 2)
-                for a, b in zip(*map(jax.tree.leaves, (new.params, before)))
+                for a, b in zip(*map(jax.tree.leaves, (new.params, before)), strict=True)
             )
         )
         assert moved <= clip * (1 + 1e-5)  # the mean of gradients each clipped to `clip` is no longer than `clip`
@@ -268,11 +269,11 @@ def test_an_ensemble_of_k_equals_k_separate_runs_with_the_same_seeds():
             state = create_train_state(model, optimizer, jax.random.key(seed), (6, 6, 2))
             for t in range(2):
                 state, _ = single(state, xs[t, k], ys[t, k])
-            assert_close(jax.tree.map(lambda leaf: leaf[k], states.params), state.params, 1e-6, f"member {k}")
+            assert_close(jax.tree.map(operator.itemgetter(k), states.params), state.params, 1e-6, f"member {k}")
         # the ensemble predicts with the mean of its members' probabilities
         members, mean = parallel.ensemble_predictions(model, states.params, states.model_state, xs[0, 0])
         for k in range(2):
-            member = jax.tree.map(lambda leaf: leaf[k], (states.params, states.model_state))
+            member = jax.tree.map(operator.itemgetter(k), (states.params, states.model_state))
             logits = model.apply(*member, xs[0, 0])[0]
             np.testing.assert_allclose(members[k], jax.nn.softmax(logits), rtol=1e-5, atol=1e-7)
         np.testing.assert_allclose(mean, np.mean(np.asarray(members), axis=0), rtol=1e-6)
@@ -294,7 +295,7 @@ def test_an_ensemble_with_a_learning_rate_per_member_matches_runs_with_those_rat
             single = make_train_step(model, optimizer)
             for _ in range(3):
                 state, _ = single(state, x, y)
-            assert_close(jax.tree.map(lambda leaf: leaf[k], states.params), state.params, 1e-5, f"rate {rate}")
+            assert_close(jax.tree.map(operator.itemgetter(k), states.params), state.params, 1e-5, f"rate {rate}")
         with pytest.raises(ValueError, match="lr_scales"):
             parallel.make_ensemble_train_step(model, optax.adam(1.0), lr_scales=[0.1, -1.0])
         wrong = parallel.make_ensemble_train_step(model, optax.adam(1.0), lr_scales=[1.0, 1.0, 1.0], shared_batch=True)
@@ -525,7 +526,7 @@ def test_two_processes_on_one_machine_match_one_process(tmp_path):
         for rank in (0, 1)
     ]
     outputs = [process.communicate(timeout=300) for process in processes]
-    for process, (stdout, stderr) in zip(processes, outputs):
+    for process, (stdout, stderr) in zip(processes, outputs, strict=True):
         assert process.returncode == 0, stderr[-3000:]
         assert "[Gloo]" not in stdout + stderr  # gloo's "Rank 0 is connected to 1 peer ranks" lines
     assert "data parallel over 2 devices in 2 processes" in outputs[0][0]

@@ -3,6 +3,7 @@
 
 import csv
 import json
+import operator
 
 import numpy as np
 import pytest
@@ -148,7 +149,7 @@ def test_predict_files_agree_with_the_model_on_every_format(run, tmp_path):
     model, params, state, preprocess = train.load_model(run["workdir"])
     logits, _ = model.apply(params, state, preprocess(pixels), train=False)
     on_pixels = np.asarray(jax_softmax(logits))
-    for row, i in zip(rows[6:10] + rows[11:14], [0, 1, 2, 3, 0, 1, 2]):
+    for row, i in zip(rows[6:10] + rows[11:14], [0, 1, 2, 3, 0, 1, 2], strict=True):
         assert row["class"] == on_pixels[i].argmax()
         assert row["probability"] == pytest.approx(on_pixels[i].max(), rel=1e-5)
         assert [t["class"] for t in row["top"]] == list(np.argsort(-on_pixels[i])[:3])
@@ -338,7 +339,7 @@ def test_an_ensembles_prediction_is_its_members_mean():
     ensemble = parallel.create_ensemble_state(model, train.make_optimizer(train.Config(), 1)[0], [0, 1], (2, 2, 1))
     x = np.random.default_rng(0).normal(size=(5, 2, 2, 1)).astype(np.float32)
     members = [
-        jax.nn.softmax(model.apply(jax.tree.map(lambda a: a[k], ensemble.params), {}, x, train=False)[0])
+        jax.nn.softmax(model.apply(jax.tree.map(operator.itemgetter(k), ensemble.params), {}, x, train=False)[0])
         for k in range(2)
     ]
     got = predict.predict(model, ensemble.params, ensemble.model_state, x, ensemble=True, batch_size=2)

@@ -143,7 +143,7 @@ def test_create_train_state_fields_and_keys():
     assert state.step.dtype == jnp.int32 and int(state.step) == 0
     assert jax.dtypes.issubdtype(state.key.dtype, jax.dtypes.prng_key)
     legacy = train.create_train_state(model, optimizer, jax.random.PRNGKey(0), shape)
-    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(legacy.params)):
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(legacy.params), strict=True):
         np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match="must be a JAX random key"):
         train.create_train_state(model, optimizer, 0, shape)
@@ -164,7 +164,9 @@ def test_three_gradient_modes_reach_the_same_parameters(name):
         finals[gradients] = state
         assert set(metrics) == {"loss", "accuracy", "count"}
     for gradients in ("manual", "engine"):
-        for a, b in zip(jax.tree.leaves(finals[gradients].params), jax.tree.leaves(finals["autodiff"].params)):
+        for a, b in zip(
+            jax.tree.leaves(finals[gradients].params), jax.tree.leaves(finals["autodiff"].params), strict=True
+        ):
             scale = float(jnp.max(jnp.abs(b)))
             assert float(jnp.max(jnp.abs(a - b))) <= 1e-12 * scale, gradients
 

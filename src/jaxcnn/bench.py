@@ -14,6 +14,7 @@ writes both to a directory.
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import resource
@@ -167,8 +168,8 @@ def torch_module(model: nn.Layer, input_shape: tuple[int, ...]):
         if padding == "VALID":
             return 0
         if padding == "SAME":
-            if all(((k - 1) * d) % 2 == 0 for k, d in zip(kernel, dilation)):
-                return tuple((k - 1) * d // 2 for k, d in zip(kernel, dilation))
+            if all(((k - 1) * d) % 2 == 0 for k, d in zip(kernel, dilation, strict=True)):
+                return tuple((k - 1) * d // 2 for k, d in zip(kernel, dilation, strict=True))
             return "same"
         if isinstance(padding, int):
             return padding
@@ -370,13 +371,14 @@ def run(
         model = models.get(name)
         input_shape = models.input_shape(name)
         x, y = _batch(input_shape, batch_size, model.output_shape(input_shape)[-1])
+        case = (model, input_shape, x, y)  # bound now: the builders run within this iteration
         builders: dict[str, Callable[[], Runner]] = {
-            "jaxcnn-manual": lambda: _jaxcnn_runner(model, input_shape, x, y, "manual", options),
-            "jaxcnn-autodiff": lambda: _jaxcnn_runner(model, input_shape, x, y, "autodiff", options),
-            "jaxcnn-engine": lambda: _jaxcnn_runner(model, input_shape, x, y, "engine", options._replace(remat=False)),
-            "flax": lambda: _flax_runner(model, input_shape, x, y, options),
-            "torch-eager": lambda: _torch_runner(model, input_shape, x, y, False, options),
-            "torch-compile": lambda: _torch_runner(model, input_shape, x, y, True, options),
+            "jaxcnn-manual": functools.partial(_jaxcnn_runner, *case, "manual", options),
+            "jaxcnn-autodiff": functools.partial(_jaxcnn_runner, *case, "autodiff", options),
+            "jaxcnn-engine": functools.partial(_jaxcnn_runner, *case, "engine", options._replace(remat=False)),
+            "flax": functools.partial(_flax_runner, *case, options),
+            "torch-eager": functools.partial(_torch_runner, *case, False, options),
+            "torch-compile": functools.partial(_torch_runner, *case, True, options),
         }
         runners: dict[str, Runner] = {}
         compile_seconds: dict[str, float] = {}

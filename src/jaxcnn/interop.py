@@ -56,9 +56,9 @@ def _functional(layer: nn.Layer):
         nn.Softplus: lambda layer: fnn.softplus,
         nn.MaxPool2D: lambda layer: lambda x: fnn.max_pool(x, **pool_options(layer)),
         # Flax divides by counts built in the default dtype (float64 under jax_enable_x64): keep x's dtype
-        nn.AvgPool2D: lambda layer: lambda x: fnn.avg_pool(
-            x, **pool_options(layer), count_include_pad=False
-        ).astype(x.dtype),
+        nn.AvgPool2D: lambda layer: (
+            lambda x: fnn.avg_pool(x, **pool_options(layer), count_include_pad=False).astype(x.dtype)
+        ),
         nn.GlobalAvgPool2D: lambda layer: lambda x: jnp.mean(x, axis=(1, 2)),
         nn.Flatten: lambda layer: lambda x: x.reshape(x.shape[0], -1),
         nn.Upsample2D: lambda layer: lambda x: jnp.repeat(jnp.repeat(x, layer.scale[0], 1), layer.scale[1], 2),

@@ -103,7 +103,7 @@ def _stages(widths, depths, in_features: int, make_block, expansion: int = 1) ->
     """Stages of ``depths[i]`` blocks of ``widths[i]``; every stage but the first halves the resolution in its
     first block. A block outputs ``expansion * width`` channels."""
     layers: list[nn.Layer] = []
-    for stage, (width, depth) in enumerate(zip(widths, depths)):
+    for stage, (width, depth) in enumerate(zip(widths, depths, strict=True)):
         for index in range(depth):
             stride = 2 if stage > 0 and index == 0 else 1
             layers.extend(make_block(width, stride, in_features))

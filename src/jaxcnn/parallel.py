@@ -470,7 +470,7 @@ def evaluate_ensemble(
     count = int(totals["count"])
     members = [
         {"loss": float(loss) / count, "accuracy": float(correct) / count}
-        for loss, correct in zip(totals["member_loss_sum"], totals["member_correct"])
+        for loss, correct in zip(totals["member_loss_sum"], totals["member_correct"], strict=True)
     ]
     return {
         "loss": float(totals["loss_sum"]) / count,

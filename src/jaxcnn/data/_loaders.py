@@ -104,7 +104,7 @@ def _stratified_test_indices(labels: np.ndarray, test_size: int, seed: int) -> n
     take = np.floor(quotas).astype(int)
     by_remainder = np.argsort(-(quotas - take), kind="stable")
     take[by_remainder[: test_size - take.sum()]] += 1
-    chosen = [rng.permutation(np.flatnonzero(labels == c))[:k] for c, k in zip(classes, take)]
+    chosen = [rng.permutation(np.flatnonzero(labels == c))[:k] for c, k in zip(classes, take, strict=True)]
     return np.sort(np.concatenate(chosen))
 
 

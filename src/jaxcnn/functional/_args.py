@@ -67,7 +67,7 @@ def explicit_padding(
             return ((0, 0), (0, 0))
         if mode == "SAME":
             pads = []
-            for n, k, s, d in zip(in_size, window, stride, dilation):
+            for n, k, s, d in zip(in_size, window, stride, dilation, strict=True):
                 effective = (k - 1) * d + 1
                 out = -(-n // s)
                 total = max((out - 1) * s + effective - n, 0)
@@ -106,7 +106,7 @@ def check_window_fits(
     op: str, in_size: Pair, window: Pair, dilation: Pair, pads: ExplicitPadding, *, what: str = "kernel"
 ) -> None:
     """Raise ``ValueError`` if the (dilated) window is larger than the padded input."""
-    for axis, n, k, d, p in zip(("height", "width"), in_size, window, dilation, pads):
+    for axis, n, k, d, p in zip(("height", "width"), in_size, window, dilation, pads, strict=True):
         effective = (k - 1) * d + 1
         padded = n + p[0] + p[1]
         if effective > padded:

@@ -83,7 +83,9 @@ def conv_geometry(
     in_size = (x_shape[1], x_shape[2])
     pads = explicit_padding(padding, in_size, (kh, kw), stride, dilation)
     check_window_fits(op, in_size, (kh, kw), dilation, pads)
-    out = tuple(output_size(n, k, s, d, p) for n, k, s, d, p in zip(in_size, (kh, kw), stride, dilation, pads))
+    out = tuple(
+        output_size(n, k, s, d, p) for n, k, s, d, p in zip(in_size, (kh, kw), stride, dilation, pads, strict=True)
+    )
     return stride, dilation, pads, out
 
 
@@ -185,7 +187,7 @@ def conv2d_vjp(
     )
     dx_pads = [
         ((k - 1) * d - p[0], size - 1 - (o - 1) * s + p[0])
-        for k, d, p, size, o, s in zip((kh, kw), dilation, pads, (height, width), out, stride)
+        for k, d, p, size, o, s in zip((kh, kw), dilation, pads, (height, width), out, stride, strict=True)
     ]
     dx = lax.conv_general_dilated(
         dy,
@@ -238,7 +240,7 @@ def _dw_as_conv(x, dy, kernel, stride, dilation, pads, groups) -> jax.Array:
     _, oh, ow, _ = dy.shape
     trimmed = [
         (p[0], (o - 1) * s + (k - 1) * d + 1 - size - p[0])
-        for p, o, s, k, d, size in zip(pads, (oh, ow), stride, kernel, dilation, (height, width))
+        for p, o, s, k, d, size in zip(pads, (oh, ow), stride, kernel, dilation, (height, width), strict=True)
     ]
     return lax.conv_general_dilated(
         x.transpose(3, 1, 2, 0),  # (C, H, W, N): channels as the batch, the batch as the features

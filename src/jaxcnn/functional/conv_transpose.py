@@ -80,13 +80,13 @@ def conv_transpose_geometry(
             mode = padding.upper()
             if mode not in ("SAME", "VALID"):
                 raise ValueError(f"`padding` must be 'SAME', 'VALID', an int or explicit pairs, got {padding!r}")
-            pads = tuple(_string_pads(mode, k, s, d) for k, s, d in zip((kh, kw), stride, dilation))
+            pads = tuple(_string_pads(mode, k, s, d) for k, s, d in zip((kh, kw), stride, dilation, strict=True))
         else:
             pads = explicit_padding(padding, (x_shape[1], x_shape[2]), (kh, kw), stride, dilation)
     except ValueError as error:
         raise ValueError(f"{op}: {error}") from None
     out = []
-    for axis, n, k, s, d, p in zip(("height", "width"), x_shape[1:3], (kh, kw), stride, dilation, pads):
+    for axis, n, k, s, d, p in zip(("height", "width"), x_shape[1:3], (kh, kw), stride, dilation, pads, strict=True):
         size = (n - 1) * s + 1 + p[0] + p[1] - (k - 1) * d
         if size < 1:
             raise ValueError(
@@ -179,7 +179,7 @@ def conv_transpose2d_vjp(
     #   dx[i]         = sum_j' dy_pad[i * s + j' * d] . w[K - 1 - j']^T  (a plain strided, dilated correlation
     #                   of dy with the flipped, in/out-swapped kernel: window stride s, exactly H outputs)
     #   dw[K - 1 - j'] = sum_i x[i] (x) dy_pad[i * s + j' * d]          (one GEMM per tap over (n, h, w))
-    dy_pads = [((k - 1) * d - p[0], (k - 1) * d - p[1]) for k, d, p in zip((kh, kw), dilation, pads)]
+    dy_pads = [((k - 1) * d - p[0], (k - 1) * d - p[1]) for k, d, p in zip((kh, kw), dilation, pads, strict=True)]
     w_flipped = w[::-1, ::-1].transpose(0, 1, 3, 2)
     dx = lax.conv_general_dilated(dy, w_flipped, stride, dy_pads, rhs_dilation=dilation, dimension_numbers=_DIMENSIONS)
 

@@ -422,7 +422,7 @@ def _affine_vjp_adapter(vjp):
     def adapter(args, dy, **options):
         x, scale, bias = (list(args) + [None, None])[:3]
         cotangents = vjp(x, scale, bias, dy, **options)
-        return tuple(c for c, p in zip(cotangents, (x, scale, bias)) if p is not None)
+        return tuple(c for c, p in zip(cotangents, (x, scale, bias), strict=True) if p is not None)
 
     return adapter
 

@@ -43,11 +43,11 @@ def pool_geometry(
     stride = window if stride is None else pair(stride, "stride")
     in_size = (x_shape[1], x_shape[2])
     pads = explicit_padding(padding, in_size, window, stride)
-    for p, k in zip(pads, window):
+    for p, k in zip(pads, window, strict=True):
         if max(p) >= k:
             raise ValueError(f"{op}: padding {pads} must be smaller than the window {window} on every side")
     check_window_fits(op, in_size, window, (1, 1), pads, what="window")
-    out = tuple(output_size(n, k, s, 1, p) for n, k, s, p in zip(in_size, window, stride, pads))
+    out = tuple(output_size(n, k, s, 1, p) for n, k, s, p in zip(in_size, window, stride, pads, strict=True))
     return window, stride, pads, out
 
 
@@ -143,7 +143,7 @@ def max_pool2d_vjp(
     zero = jnp.zeros((), dy.dtype)
     taken = jnp.zeros(y.shape, bool)
     dx_pad = jnp.zeros(x_pad.shape, dy.dtype)
-    for (i, j), values in zip(taps, seen):
+    for (i, j), values in zip(taps, seen, strict=True):
         wins = (values == y) & ~taken
         taken = taken | wins
         dx_pad = dx_pad + _untap(jnp.where(wins, dy, zero), i, j, stride, padded)
@@ -153,7 +153,7 @@ def max_pool2d_vjp(
 def _real_cells(in_size: Pair, window: Pair, stride: Pair, pads: ExplicitPadding, out: Pair) -> np.ndarray:
     """How many real (unpadded) input cells each output window covers: ``(1, OH, OW, 1)``, a constant."""
     counts = []
-    for n, k, s, p, o in zip(in_size, window, stride, pads, out):
+    for n, k, s, p, o in zip(in_size, window, stride, pads, out, strict=True):
         start = np.arange(o) * s - p[0]
         counts.append(np.minimum(start + k, n) - np.maximum(start, 0))
     return (counts[0][:, None] * counts[1][None, :])[None, :, :, None]

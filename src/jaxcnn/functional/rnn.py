@@ -100,7 +100,7 @@ def elman_rnn_vjp(
     dw_x = jnp.einsum("ntd,tnh->dh", x, das)  # the sum over time (and examples)
     dw_h = jnp.einsum("tni,tnh->ih", h_prev, das)
     db = jnp.sum(das, axis=(0, 1))
-    dx, dh0, dw_x, dw_h = (g.astype(t) for g, t in zip((dx, dh0, dw_x, dw_h), dtypes))
+    dx, dh0, dw_x, dw_h = (g.astype(t) for g, t in zip((dx, dh0, dw_x, dw_h), dtypes, strict=True))
     return dx, dh0, dw_x, dw_h, db
 
 

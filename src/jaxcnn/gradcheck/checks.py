@@ -122,7 +122,7 @@ def check_layers(
 def _layer_rows(model, state, points, train, key, seed, tolerance, finite_differences, dtype, rows: _Rows) -> None:
     traces = [model.trace(p, state, x, train=train, key=key)[2] for _, (p, x) in points]
     labels = [label for label, _ in points]
-    for number, calls in enumerate(zip(*traces)):
+    for number, calls in enumerate(zip(*traces, strict=True)):
         _check_call(calls, labels, train, (seed, number), tolerance, finite_differences, dtype, rows)
 
 
@@ -160,7 +160,7 @@ def _check_call(
     y_shape = jax.eval_shape(forward, first.params, first.state, first.x)
     # the finite differences' forward, in float64, compiled once for every point
     output = jax.jit(lambda p, state, x_in: forward(p, state, x_in))
-    for index, (call, point) in enumerate(zip(calls, labels)):
+    for index, (call, point) in enumerate(zip(calls, labels, strict=True)):
         at = _point_seed(seed, index)
         dy = jnp.asarray(normal((*at, 0), y_shape.shape), y_shape.dtype)
         dx_hand, dparams_hand = hand(call.params, call.state, call.x, dy)
@@ -168,7 +168,9 @@ def _check_call(
         scale = largest(dparams_auto, dx_auto if has_input else ())
         if has_input:
             rows.add(array_check("layer", path, "input", "hand vs autodiff", dx_hand, dx_auto, tolerance, scale, point))
-        for hand_leaf, (_, quantity, auto) in zip(jax.tree.leaves(dparams_hand), leaves_with_names(dparams_auto)):
+        for hand_leaf, (_, quantity, auto) in zip(
+            jax.tree.leaves(dparams_hand), leaves_with_names(dparams_auto), strict=True
+        ):
             rows.add(array_check("layer", path, quantity, "hand vs autodiff", hand_leaf, auto, tolerance, scale, point))
         if finite_differences:
             _layer_fd_rows(call, point, at, hand, output, y_shape, has_input, tolerance, dtype, rows)
@@ -193,7 +195,9 @@ def _layer_fd_rows(call, point, seed, hand, output, y_shape, has_input, toleranc
             lambda xv: output(params64, state64, xv), x64_, dx_d, (*seed, 3), tolerance, cotangent=dy64
         )
         rows.add(fd_row("layer", call.path, "input", method, result, bound, point))
-    for index, ((_, quantity, leaf), grad) in enumerate(zip(leaves_with_names(params64), jax.tree.leaves(dparams_d))):
+    for index, ((_, quantity, leaf), grad) in enumerate(
+        zip(leaves_with_names(params64), jax.tree.leaves(dparams_d), strict=True)
+    ):
         result = finite_difference_check(
             lambda value, index=index: output(replace_leaf(params64, index, value), state64, x64_),
             leaf,
@@ -294,7 +298,7 @@ def check_model(
                         f"{method.split()[0]} gradients have structure {jax.tree.structure(grads)}, "
                         f"expected that of params {jax.tree.structure(grads_auto)}"
                     )
-                for (layer, quantity, auto), grad in zip(auto_named, jax.tree.leaves(grads)):
+                for (layer, quantity, auto), grad in zip(auto_named, jax.tree.leaves(grads), strict=True):
                     rows.add(
                         array_check("model", layer, quantity, method, grad, auto, tolerance, largest(grads_auto), point)
                     )
@@ -306,10 +310,10 @@ def check_model(
                 params64 = jitter(params64, _point_seed((seed, 1_000_002), index))
                 _, grads_engine = engine(cast(params64, dtype), state, x_at, y, key=key)
                 for leaf_index, ((layer, quantity, leaf), grad) in enumerate(
-                    zip(leaves_with_names(params64), jax.tree.leaves(grads_engine))
+                    zip(leaves_with_names(params64), jax.tree.leaves(grads_engine), strict=True)
                 ):
                     result = finite_difference_check(
-                        lambda value, i=leaf_index: loss64(replace_leaf(params64, i, value), x64_),
+                        lambda value, i=leaf_index, at=params64, x_in=x64_: loss64(replace_leaf(at, i, value), x_in),
                         leaf,
                         grad,
                         _point_seed((seed, 1_000_003, leaf_index), index),
@@ -375,7 +379,7 @@ def check_op(
             positions = tuple(argnums) if argnums is not None else rule.present(args)
 
             def hand(dy, at):
-                cotangents = dict(zip(rule.present(at), rule.vjp(at, dy, **options)))
+                cotangents = dict(zip(rule.present(at), rule.vjp(at, dy, **options), strict=True))
                 return tuple(cotangents[i] for i in positions)
         else:
             positions = (
@@ -392,7 +396,7 @@ def check_op(
 
         def call(*diff, at=args):
             full = list(at)
-            for i, value in zip(positions, diff):
+            for i, value in zip(positions, diff, strict=True):
                 full[i] = value
             return _first_output(forward(*full, **options))
 
@@ -400,12 +404,12 @@ def check_op(
         def hand_and_autodiff(diff_args, dy):
             _, pullback = jax.vjp(call, *diff_args)
             at = list(args)
-            for i, value in zip(positions, diff_args):
+            for i, value in zip(positions, diff_args, strict=True):
                 at[i] = value
             got = hand(dy, tuple(at))
             if len(got) != len(positions):
                 raise ValueError(f"{op_name}: the hand VJP returned {len(got)} cotangents for arguments {positions}")
-            for i, g, a in zip(positions, got, diff_args):
+            for i, g, a in zip(positions, got, diff_args, strict=True):
                 if tuple(np.shape(g)) != tuple(np.shape(a)):
                     raise ValueError(
                         f"{op_name}: the hand VJP returned a cotangent of shape {tuple(np.shape(g))} for argument "
@@ -418,7 +422,7 @@ def check_op(
         @functools.partial(jax.jit, static_argnums=2)
         def output(diff64, value, i):
             full = list(args64)
-            for j, other in zip(positions, diff64):
+            for j, other in zip(positions, diff64, strict=True):
                 full[j] = other
             full[i] = value
             return _first_output(forward(*full, **options))
@@ -431,7 +435,7 @@ def check_op(
             at = _point_seed((seed,), index)
             dy = jnp.asarray(normal((*at, 0), y.shape), y.dtype)
             got, auto = hand_and_autodiff(at_args, dy)
-            for i, g, a in zip(positions, got, auto):
+            for i, g, a in zip(positions, got, auto, strict=True):
                 check = array_check(
                     "op", op_name, f"arg {i}", "hand vs autodiff", g, a, tolerance, largest(auto), point
                 )
@@ -441,7 +445,7 @@ def check_op(
                 dy64 = np.asarray(dy, np.float64)
                 for n, i in enumerate(positions):
                     result = finite_difference_check(
-                        lambda value, i=i: output(diff64, value, i),
+                        lambda value, i=i, at=diff64: output(at, value, i),
                         diff64[n],
                         got[n],
                         (*at, n + 1),

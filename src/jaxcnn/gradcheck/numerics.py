@@ -222,7 +222,7 @@ def add_noise(tree: Any, noise: tuple[Any, list[Any]], factor: float = 1.0) -> A
     leaves = jax.tree.leaves(tree)
     out = [
         leaf if part is None else jnp.asarray(np.asarray(leaf, np.float64) + factor * part, jnp.result_type(leaf))
-        for leaf, part in zip(leaves, parts)
+        for leaf, part in zip(leaves, parts, strict=True)
     ]
     return jax.tree.unflatten(treedef, out)
 

@@ -79,7 +79,7 @@ def _cells(check: Check) -> tuple[str, ...]:
 
 
 def _line(cells: tuple[str, ...], widths: tuple[int, ...]) -> str:
-    return "  ".join(str(cell).ljust(width) for cell, width in zip(cells, widths)).rstrip()
+    return "  ".join(str(cell).ljust(width) for cell, width in zip(cells, widths, strict=True)).rstrip()
 
 
 def header_lines(widths: tuple[int, ...] = STREAM_WIDTHS) -> str:

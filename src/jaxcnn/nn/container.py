@@ -99,9 +99,7 @@ class Container(Layer):
 
         return self.wire(run, x), extras, new_state
 
-    def init_children(
-        self, key: jax.Array, shapes: dict[str, Shape], dtype: Any
-    ) -> tuple[Params, State]:
+    def init_children(self, key: jax.Array, shapes: dict[str, Shape], dtype: Any) -> tuple[Params, State]:
         """Initialise every child on its input shape; dicts with entries only for children with leaves."""
         params, state = {}, {}
         for index, (name, layer) in enumerate(self.named_children()):

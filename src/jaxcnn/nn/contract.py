@@ -69,7 +69,7 @@ def _check_tree(where: str, path: str, got: Any, expected: Any) -> None:
                 f"{where} returned parameter gradients {_describe(got)} for {path or 'params'}, expected "
                 f"{_describe(expected)} (shaped like params)"
             )
-        for index, (g, e) in enumerate(zip(got, expected)):
+        for index, (g, e) in enumerate(zip(got, expected, strict=True)):
             _check_tree(where, f"{path}/{index}" if path else str(index), g, e)
         return
     if got is None or (not hasattr(got, "shape") and not isinstance(got, (int, float, complex, np.number))):

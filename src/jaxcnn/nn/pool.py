@@ -31,7 +31,7 @@ class _Pool2D(Layer):
         object.__setattr__(self, "padding", freeze_padding(self.padding))
         if not isinstance(self.padding, str):
             pads = explicit_padding(self.padding, (1, 1), self.window, (1, 1))
-            if any(max(p) >= k for p, k in zip(pads, self.window)):
+            if any(max(p) >= k for p, k in zip(pads, self.window, strict=True)):
                 raise ValueError(
                     f"padding {self.padding!r} must be smaller than the window {self.window} on every side"
                 )

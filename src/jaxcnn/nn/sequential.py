@@ -56,7 +56,7 @@ class Sequential(Container):
 
     def named_layers(self) -> tuple[tuple[str, Layer], ...]:
         """``(name, layer)`` pairs in order."""
-        return tuple(zip(self.names, self.layers))
+        return tuple(zip(self.names, self.layers, strict=True))
 
     def named_children(self) -> tuple[tuple[str, Layer], ...]:
         return self.named_layers()

@@ -236,7 +236,7 @@ class Checkpointer:
         except Exception as error:
             raise CheckpointError(f"checkpoint {where} is corrupt or unreadable: {_first_line(error)}") from None
         leaves = []
-        for index, (want, digest) in enumerate(zip(expected, meta["sha256"])):
+        for index, (want, digest) in enumerate(zip(expected, meta["sha256"], strict=True)):
             leaf = np.asarray(payload.get(_name(index)) if isinstance(payload, dict) else None)
             if leaf.shape != want.shape or leaf.dtype != want.dtype:
                 raise CheckpointError(

@@ -446,13 +446,16 @@ def _train(
                 else:
                     bar.advance()
                 _stop_if_interrupted(
-                    lambda: f"at epoch {epoch}, step {losses.step + losses.pending}; {_kept(checkpointer)}",
+                    lambda epoch=epoch, losses=losses: (
+                        f"at epoch {epoch}, step {losses.step + losses.pending}; {_kept(checkpointer)}"
+                    ),
                     collective=losses.pending == 0,
                 )
             train = losses.finish()
             bar.stop()
             _stop_if_interrupted(
-                lambda: f"at epoch {epoch}, step {losses.step}; {_kept(checkpointer)}", collective=True
+                lambda epoch=epoch, losses=losses: f"at epoch {epoch}, step {losses.step}; {_kept(checkpointer)}",
+                collective=True,
             )  # a signal from here on lets the epoch finish: it is evaluated and checkpointed, then the run stops
             if not all_finite((state.params, state.model_state, state.opt_state)):
                 losses.fail(f"the parameters or optimizer state turned non-finite in epoch {epoch}", step_number(state))
@@ -502,7 +505,7 @@ def _train(
                     + ")"
                 )
                 break
-            _stop_if_interrupted(lambda: f"after epoch {epoch}; {_kept(checkpointer)}", collective=True)
+            _stop_if_interrupted(lambda epoch=epoch: f"after epoch {epoch}; {_kept(checkpointer)}", collective=True)
     finally:
         bar.stop()
     return state

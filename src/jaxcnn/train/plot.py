@@ -86,6 +86,7 @@ def plot_grad_norms(workdir: str | os.PathLike, output: str | os.PathLike | None
         figure.subplots(1, 2),
         ("grad_norms", "update_ratios"),
         ("gradient norm", "update norm / weight norm"),
+        strict=True,
     ):
         for index, record in enumerate(records):
             values = [record.get(kind, {}).get(layer) for layer in layers]

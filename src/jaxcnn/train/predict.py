@@ -208,7 +208,7 @@ def predict_files(
         )
     rows = []
     ids = [(name, i if indexed else None) for name, images, indexed in entries for i in range(len(images))]
-    for (name, index), p in zip(ids, probabilities):
+    for (name, index), p in zip(ids, probabilities, strict=True):
         order = np.argsort(-p, kind="stable")[:top]
         best = [{"class": int(c), "probability": float(p[c])} for c in order]
         rows.append({"input": name, "index": index, **best[0], "top": best})
@@ -233,7 +233,7 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     width = max([len("input"), *map(len, names)])
     more = any(len(row["top"]) > 1 for row in rows)
     lines = [f"{'input':<{width}}  class  probability" + ("  next" if more else "")]
-    for name, row in zip(names, rows):
+    for name, row in zip(names, rows, strict=True):
         rest = "  ".join(f"{t['class']} ({t['probability']:.4f})" for t in row["top"][1:])
         lines.append(f"{name:<{width}}  {row['class']:>5}  {row['probability']:>11.4f}" + (f"  {rest}" if rest else ""))
     return "\n".join(lines) + "\n"
