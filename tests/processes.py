@@ -1,8 +1,8 @@
 """Helpers for tests that run `python -m jaxcnn` in real processes (signals, locks, resource limits).
 
-Every process of a test session shares one JAX persistent compilation cache, so only the first run of a given
-step compiles it (about 10 s on a small CPU); the others load it in well under a second. The cache holds the
-same executables a compile would give, so results stay bit for bit the same.
+Every process of a test run shares the run's JAX persistent compilation cache (set up in conftest.py), so only
+the first run of a given step compiles it (about 10 s on a small CPU); the others load it in well under a second.
+The cache holds the same executables a compile would give, so results stay bit for bit the same.
 """
 
 import os
@@ -15,16 +15,9 @@ import pytest
 
 
 @pytest.fixture(scope="session")
-def compile_cache(tmp_path_factory):
-    """The environment for `python -m jaxcnn` processes: unbuffered output and a shared compilation cache."""
-    cache = tmp_path_factory.mktemp("jax-compilation-cache")
-    return dict(
-        os.environ,
-        PYTHONUNBUFFERED="1",
-        JAX_COMPILATION_CACHE_DIR=str(cache),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-    )
+def compile_cache():
+    """The environment for `python -m jaxcnn` processes: unbuffered output (and the run's compilation cache)."""
+    return dict(os.environ, PYTHONUNBUFFERED="1")
 
 
 def start(env, *args, **kwargs):
