@@ -151,7 +151,9 @@ def test_create_train_state_fields_and_keys():
         train.create_train_state(model, optimizer, jax.random.key(0), "28x28")
 
 
-@pytest.mark.parametrize("name", [*(pytest.param(n, marks=pytest.mark.slow) for n in ("unseen", "every_layer")), "nested"])
+@pytest.mark.parametrize(
+    "name", [*(pytest.param(n, marks=pytest.mark.slow) for n in ("unseen", "every_layer")), "nested"]
+)
 def test_three_gradient_modes_reach_the_same_parameters(name):
     model, shape, x, y = small_problem(name)
     optimizer = optax.sgd(0.05, momentum=0.9)
