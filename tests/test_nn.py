@@ -105,6 +105,7 @@ def test_default_initialisers_are_flax_lecun_normal_and_zero_bias():
     assert nn.Conv2D(4, 3, use_bias=False).init(jax.random.key(0), (5, 5, 1))[0].keys() == {"kernel"}
 
 
+@pytest.mark.slow  # bfloat16 through every gradient mode runs by default in test_speed_options.py
 def test_init_dtype_and_bfloat16_runs():
     model = jc.models.get("mnist_cnn")
     params, state = model.init(jax.random.key(0), (8, 8, 1), dtype=jnp.float64)
