@@ -79,6 +79,24 @@ CANDIDATES: dict[str, dict[str, Any]] = {
         "epochs": 120,
         "decay_rate": 0.95,
     },
+    "digits-cnn": {
+        "model": "digits_cnn",
+        "augment_translate": 1,
+        "batch_size": 16,
+        "learning_rate": 0.05,
+        "epochs": 80,
+        "decay_rate": 0.95,
+    },
+    "digits-cnn-affine": {
+        "model": "digits_cnn",
+        "augment_translate": 1,
+        "augment_rotate": 6.0,
+        "augment_scale": 0.05,
+        "batch_size": 16,
+        "learning_rate": 0.05,
+        "epochs": 80,
+        "decay_rate": 0.95,
+    },
 }
 
 

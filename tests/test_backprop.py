@@ -34,12 +34,12 @@ def three_paths(model, params, state, x, y, loss_fn=F.softmax_cross_entropy):
     return autodiff, bridge, (engine_loss, engine_grads)
 
 
-# every model in float64; in float32 the largest one only with the slow cases
+# every model in float64; in float32 the largest one and digits_cnn only with the slow cases
 @pytest.mark.parametrize(
     "name,dtype",
     [(name, jnp.float64) for name in sorted(MODELS)]
     + [
-        pytest.param(name, jnp.float32, marks=[pytest.mark.slow] if name == "every_layer" else [])
+        pytest.param(name, jnp.float32, marks=[pytest.mark.slow] if name in ("every_layer", "digits_cnn") else [])
         for name in sorted(MODELS)
     ],
     ids=[f"{name}-float64" for name in sorted(MODELS)] + [f"{name}-float32" for name in sorted(MODELS)],
