@@ -207,7 +207,7 @@ def test_functional_errors():
 
 
 def test_models_get_unknown_lists_known():
-    with pytest.raises(ValueError, match=r"unknown model 'resnet9000'; known models: conv_autoencoder, lenet5, "):
+    with pytest.raises(ValueError, match=r"unknown model 'resnet9000'; known models: conv_autoencoder, digits_cnn, "):
         jc.models.get("resnet9000")
 
 
