@@ -88,6 +88,7 @@ MODELS = {
     "nested": (nested_model, (6, 7, 2), 3),
     "mnist_cnn": (lambda: jc.models.get("mnist_cnn"), (28, 28, 1), 10),
     "lenet5": (lambda: jc.models.get("lenet5"), (28, 28, 1), 10),
+    "digits_cnn": (lambda: jc.models.get("digits_cnn"), (8, 8, 1), 10),
     "every_layer": (every_layer_model, (12, 11, 3), 4),
     "unseen": (unseen_model, (9, 10, 2), 3),
 }

@@ -148,7 +148,7 @@ BAD_INPUT = {
     "lr inf": (lambda t: ["--learning-rate", "inf"], "--learning-rate must be a finite positive number, got inf"),
     "lr negative": (lambda t: ["--learning-rate", "-0.1"], "--learning-rate must be a finite positive number"),
     "lr zero": (lambda t: ["--learning-rate", "0"], "--learning-rate must be a finite positive number, got 0.0"),
-    "model": (lambda t: ["--model", "vgg"], "unknown --model 'vgg'; known: conv_autoencoder, lenet5, mnist_cnn"),
+    "model": (lambda t: ["--model", "vgg"], "unknown --model 'vgg'; known: conv_autoencoder, digits_cnn, lenet5"),
     "dataset": (lambda t: ["--dataset", "svhn"], "unknown --dataset 'svhn'; known: cifar10, digits, fashion_mnist"),
     "optimizer": (lambda t: ["--optimizer", "sgdx"], "unknown --optimizer 'sgdx'; known: adam, adamw, momentum"),
     "schedule": (lambda t: ["--schedule", "linear"], "unknown --schedule 'linear'; known: constant, cosine"),

@@ -66,6 +66,17 @@ def test_mnist_cnn_parameter_count():
     assert count(jc.models.get("lenet5").init(jax.random.key(0), (28, 28, 1))[0]) == 61_706
 
 
+def test_digits_cnn_layers_and_parameter_count():
+    """digits_cnn (issue 13, defect 11): the layers and 330,154 parameters its docstring gives, on 8x8x1 inputs."""
+    model = jc.models.get("digits_cnn")
+    params, state = model.init(jax.random.key(0), jc.models.input_shape("digits_cnn"))
+    assert count(params) == 330_154 and count(state) == 2 * (32 + 32 + 64 + 64)  # BatchNorm's running statistics
+    assert [name.rsplit("_", 1)[0] for name in model.names if not name.startswith(("ReLU", "BatchNorm"))] == [
+        *["Upsample", "Conv", "Conv", "AvgPool2D", "Conv", "Conv", "AvgPool2D", "Flatten", "Dense", "Dense"]
+    ]
+    assert model.output_shape((8, 8, 1)) == (10,)
+
+
 class FlaxMnistCNN(linen.Module):
     """The Flax MNIST example's CNN, written independently in flax.linen."""
 
@@ -197,7 +208,7 @@ def test_functional_errors():
 
 
 def test_models_get_unknown_lists_known():
-    with pytest.raises(ValueError, match=r"unknown model 'resnet9000'; known models: conv_autoencoder, lenet5, "):
+    with pytest.raises(ValueError, match=r"unknown model 'resnet9000'; known models: conv_autoencoder, digits_cnn, "):
         jc.models.get("resnet9000")
 
 

@@ -29,7 +29,7 @@ BAD_CONFIGS = [
     ({"momentum": 1.0}, "momentum must be a number in [0, 1)"),
     ({"weight_decay": -1.0}, "weight_decay must be a finite number >= 0"),
     ({"decay_rate": 0.0}, "decay_rate must be a number in (0, 1]"),
-    ({"model": "resnet9000"}, "unknown model 'resnet9000'; known: conv_autoencoder, lenet5, mnist_cnn, resnet18_cifar"),
+    ({"model": "resnet9000"}, "unknown model 'resnet9000'; known: conv_autoencoder, digits_cnn, lenet5, mnist_cnn"),
     ({"model": "conv_autoencoder"}, "model 'conv_autoencoder' reconstructs its input (mean squared error)"),
     ({"dataset": "imagenet"}, "unknown dataset 'imagenet'; known: cifar10, digits, fashion_mnist, mnist, npz"),
     ({"optimizer": "lbfgs"}, "unknown optimizer 'lbfgs'; known: adam, adamw, momentum, nesterov, rmsprop, sgd"),
