@@ -79,6 +79,7 @@ def test_backprop_is_the_exact_gradient_and_options_are_checked():
         alternatives.evaluations_per_step("adjoint")
 
 
+@pytest.mark.sample(2)
 @pytest.mark.parametrize("method", ["es", "forward", "spsa", "backprop"])
 def test_the_estimator_step_lowers_the_loss(method):
     with jax.enable_x64(False):

@@ -23,7 +23,7 @@ def _conv_inputs(case, dtype, seed=0):
     return x, kern, b, options
 
 
-@pytest.mark.sample(4)
+@pytest.mark.sample(6)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float64", "float32"])
 @pytest.mark.parametrize("case", CONV_CASES, ids=[f"conv{i}" for i in range(len(CONV_CASES))])
 def test_conv2d_vjp_matches_autodiff(case, dtype):

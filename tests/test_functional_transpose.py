@@ -184,7 +184,7 @@ def test_conv_transpose2d_forward_matches_torch(case):
     assert relative_error(y, expected.numpy().transpose(0, 2, 3, 1)) < 1e-12
 
 
-@pytest.mark.sample(4)
+@pytest.mark.sample(6)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float64", "float32"])
 @pytest.mark.parametrize("case", CT_CASES, ids=CT_IDS)
 def test_conv_transpose2d_vjp_matches_autodiff(case, dtype):

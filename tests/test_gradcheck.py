@@ -73,6 +73,7 @@ def test_check_model_passes_on_correct_rules(name):
     assert expected == params_checked
 
 
+@pytest.mark.slow  # float32 check_model at perturbed points runs by default in test_gradcheck_points.py
 def test_check_model_float32():
     model, params, state, x, y = data("unseen")
     report = jc.gradcheck.check_model(model, params, state, x, y, dtype=jnp.float32)

@@ -110,6 +110,8 @@ def test_to_flax_keeps_float32_with_avg_pool():
     assert module.apply(variables, x).dtype == jnp.float32
 
 
+# two ResNets (about 8 s); train mode runs by default on the mixed model below
+@pytest.mark.slow
 @pytest.mark.parametrize("name,input_shape", [("resnet20_cifar", (8, 8, 3)), ("resnet18_cifar", (32, 32, 3))])
 def test_to_flax_matches_in_train_mode(name, input_shape):
     model = jc.models.get(name)

@@ -155,7 +155,7 @@ def test_a_signal_mid_epoch_keeps_the_last_checkpoint_and_the_run_resumes_exactl
     assert same_bits(train.restore(workdir), uninterrupted)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("signum", [pytest.param(signal.SIGINT, marks=pytest.mark.slow), signal.SIGTERM])
 def test_a_signal_mid_checkpoint_finishes_that_checkpoint(signum, compile_cache, tmp_path):
     """(orbax once printed a 45-line "cannot schedule new futures after shutdown" traceback here.)"""
     workdir = tmp_path / "run"
