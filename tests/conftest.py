@@ -110,3 +110,16 @@ def same_bits(a, b) -> bool:
         jax.tree.leaves((s.params, s.model_state, s.opt_state, s.step, jax.random.key_data(s.key))) for s in (a, b)
     ]
     return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(*leaves, strict=True))
+
+
+def corrupt_latest(workdir):
+    """Flip one byte in the middle of an array file of the workdir's latest checkpoint; return its directory."""
+    from jaxcnn import train
+
+    with train.Checkpointer(workdir / "checkpoints") as checkpointer:
+        latest = checkpointer.path(checkpointer.latest_step())
+    files = sorted(p for p in (latest / "state").rglob("*") if p.is_file() and p.parent.name == "d")
+    data = bytearray(files[0].read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    files[0].write_bytes(bytes(data))
+    return latest

@@ -1,6 +1,7 @@
 """Small models shared by the tests."""
 
 import math
+from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
@@ -92,3 +93,12 @@ MODELS = {
     "every_layer": (every_layer_model, (12, 11, 3), 4),
     "unseen": (unseen_model, (9, 10, 2), 3),
 }
+
+
+@dataclass(frozen=True)
+class WrongDense(nn.Dense):
+    """A Dense whose weight gradient is planted wrong (transposed roles of the bias and kernel scale)."""
+
+    def backward(self, params, residuals, dy):
+        dx, grads = super().backward(params, residuals, dy)
+        return dx, {**grads, "kernel": grads["kernel"] * 1.001}

@@ -30,6 +30,7 @@ def run(*args):
     return subprocess.run([sys.executable, "-m", "jaxcnn.cli", *args], capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.sample(3)  # each case starts a process; test_cli_train.py runs every bad input in process
 @pytest.mark.parametrize(
     "args,message",
     [
@@ -51,7 +52,7 @@ def test_bad_arguments_exit_2_with_one_line(args, message):
 
 def test_gradcheck_command_exits_1_on_a_mismatch(monkeypatch, capsys):
     from jaxcnn import models, nn
-    from test_gradcheck import WrongDense
+    from models_for_tests import WrongDense
 
     wrong = lambda: nn.Sequential([nn.Conv2D(2, 3), nn.ReLU(), nn.Flatten(), WrongDense(4), nn.Dense(10)])
     monkeypatch.setitem(models.MODELS, "lenet5", wrong)

@@ -220,7 +220,7 @@ def test_bad_input_in_a_real_process_has_no_traceback(tmp_path):
 def test_corrupt_checkpoint_is_named_and_kept(straight, tmp_path, capsys):
     workdir = tmp_path / "run"
     shutil.copytree(straight[0], workdir)
-    from test_train import corrupt_latest
+    from conftest import corrupt_latest
 
     latest = corrupt_latest(workdir)
     before = sorted(p.relative_to(workdir) for p in workdir.rglob("*"))

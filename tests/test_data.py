@@ -162,6 +162,27 @@ def test_digits_shapes_and_values(digits_raw):
     assert counts.min() >= 34 and counts.max() <= 38
 
 
+def test_digits_are_scikit_learns_without_importing_it():
+    """The file is read directly (scikit-learn takes a second to import): the same numbers as load_digits, and
+    the fallback through load_digits gives them too."""
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+
+    from jaxcnn.data import _loaders
+
+    pixels, labels = _loaders._digits_arrays()
+    bunch = load_digits()
+    assert np.array_equal(pixels, bunch.data) and np.array_equal(labels, bunch.target)
+    code = "import sys; from jaxcnn.data import _loaders; _loaders._digits_arrays(); print('sklearn' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_loaders.importlib.util, "find_spec", lambda name: None)
+        fallback = _loaders._digits_arrays()
+    assert np.array_equal(fallback[0], bunch.data) and np.array_equal(fallback[1], bunch.target)
+
+
 def test_digits_split_is_fixed_and_disjoint(digits_raw):
     again = load("digits", normalize=False, seed=123)
     np.testing.assert_array_equal(again.x_test, digits_raw.x_test)

@@ -13,7 +13,7 @@ import jaxcnn as jc
 import jaxcnn.functional as F
 from conftest import normal
 from jaxcnn import nn
-from models_for_tests import MODELS
+from models_for_tests import MODELS, WrongDense
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -80,15 +80,6 @@ def test_check_model_float32():
     assert report.ok, report.table()
     assert report.dtype == "float32"
     assert "float32" in report.table().splitlines()[-1]
-
-
-@dataclass(frozen=True)
-class WrongDense(nn.Dense):
-    """A Dense whose weight gradient is planted wrong (transposed roles of the bias and kernel scale)."""
-
-    def backward(self, params, residuals, dy):
-        dx, grads = super().backward(params, residuals, dy)
-        return dx, {**grads, "kernel": grads["kernel"] * 1.001}
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ import optax
 import pytest
 
 import jaxcnn as jc
+from conftest import corrupt_latest
 from jaxcnn import train
 from jaxcnn.train.config import make_schedule
 from models_for_tests import MODELS
@@ -306,16 +307,6 @@ def test_resume_refuses_another_model_or_data_set(straight_run):
         train.fit(SHORT.replace(model="lenet5"), workdir, log=None)
     with pytest.raises(ValueError, match="dataset: 'digits' -> 'synthetic'"):
         train.fit(SHORT.replace(dataset="synthetic"), workdir, log=None)
-
-
-def corrupt_latest(workdir):
-    with train.Checkpointer(workdir / "checkpoints") as checkpointer:
-        latest = checkpointer.path(checkpointer.latest_step())
-    files = sorted(p for p in (latest / "state").rglob("*") if p.is_file() and p.parent.name == "d")
-    data = bytearray(files[0].read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    files[0].write_bytes(bytes(data))
-    return latest
 
 
 # after orbax fails to read, its storage threads may hit its closed event loop; the command filters that noise

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import math
 import os
 from pathlib import Path
@@ -108,12 +109,29 @@ def _stratified_test_indices(labels: np.ndarray, test_size: int, seed: int) -> n
     return np.sort(np.concatenate(chosen))
 
 
-def _load_digits() -> Dataset:
-    from sklearn.datasets import load_digits  # slow to import: only when asked for
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 1,797 digits: pixels ``(1797, 64)`` float64 in 0..16 and labels ``(1797,)`` int.
+
+    Read straight from the file scikit-learn ships (what ``load_digits`` reads), without importing scikit-learn,
+    which takes about a second; through ``load_digits`` where the file is not where it used to be.
+    """
+    spec = importlib.util.find_spec("sklearn")
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for location in locations:
+        path = os.path.join(location, "datasets", "data", "digits.csv.gz")
+        if os.path.isfile(path):
+            table = np.loadtxt(path, delimiter=",")
+            return table[:, :-1], table[:, -1].astype(int)
+    from sklearn.datasets import load_digits
 
     bunch = load_digits()
-    images = bunch.images.reshape(-1, 8, 8, 1) / 16.0
-    labels = np.asarray(bunch.target)
+    return bunch.data, bunch.target
+
+
+def _load_digits() -> Dataset:
+    pixels, labels = _digits_arrays()
+    images = pixels.reshape(-1, 8, 8, 1) / 16.0
+    labels = np.asarray(labels)
     test = _stratified_test_indices(labels, DIGITS_TEST_SIZE, seed=0)
     train = np.setdiff1d(np.arange(len(labels)), test)
     dataset = _validate("digits", "digits", images[train], labels[train], images[test], labels[test], 10)
