@@ -145,7 +145,7 @@ def _figure(grid, curves, runs, path):
     FigureCanvasAgg(figure)
     panels = figure.subplots(2, 4).reshape(-1)
     x = np.asarray(grid)
-    for axes, (name, (value, hand, auto)) in zip(panels, curves.items(), strict=True):
+    for axes, (name, (value, hand, auto)) in zip(panels[: len(curves)], curves.items(), strict=True):
         axes.plot(x, value, color="C0", label="f")
         axes.plot(x, hand, color="C1", linewidth=3, alpha=0.6, label="f' hand")
         axes.plot(x, auto, "k:", label="f' autodiff")

@@ -37,7 +37,7 @@ def test_example_quick_run_writes_its_figures_and_results(name, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert str(tmp_path) in result.stdout  # the output directory is printed
     lines = result.stdout.splitlines()
-    assert lines[0].endswith("..."), lines[0]  # what it does first, before doing it
+    assert "..." in lines[0], lines[0]  # what it does first, said before doing it (the result follows on the line)
     # a line per run or phase, numbered (k/n) with k = 1..n, all before the results table
     numbered = [(i, re.search(r"\((\d+)/(\d+)\)", line)) for i, line in enumerate(lines)]
     numbered = [(i, int(m[1]), int(m[2])) for i, m in numbered if m]

@@ -235,6 +235,21 @@ def test_mse_step_has_loss_but_no_accuracy():
     assert set(metrics) == {"loss", "count"}
 
 
+def test_evaluate_with_a_reconstruction_eval_step_takes_image_targets():
+    """examples/autoencoder.py's call: an eval step made for mean squared error, image targets, no loss_fn given
+    (the label check of the default loss once refused the images as labels)."""
+    model = jc.nn.Sequential([jc.nn.Flatten(), jc.nn.Dense(4)])
+    params, model_state = model.init(jax.random.key(0), (2, 2, 1))
+    x = np.random.default_rng(0).normal(size=(5, 2, 2, 1)).astype(np.float32)
+    target = x.reshape(5, 4)  # the image itself, flattened
+    step = train.make_eval_step(model, loss_fn=jc.functional.mean_squared_error)
+    result = train.evaluate(model, params, model_state, x, target, eval_step=step)
+    expected = float(jc.functional.mean_squared_error(model.apply(params, model_state, x)[0], target))
+    assert result["count"] == 5 and result["loss"] == pytest.approx(expected, rel=1e-6) and "accuracy" not in result
+    with pytest.raises(ValueError, match="labels must be integer class indices"):
+        train.evaluate(model, params, model_state, x, target)  # the default loss: class labels are checked
+
+
 def test_unknown_gradients_mode_is_an_error():
     model, _, _, _ = small_problem()
     with pytest.raises(ValueError, match="unknown gradients 'fast'"):

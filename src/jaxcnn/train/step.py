@@ -369,7 +369,8 @@ def evaluate(
 
     step = eval_step or make_eval_step(model, loss_fn=loss_fn)
     x, y = np.asarray(x), np.asarray(y)
-    if loss_fn is softmax_cross_entropy or (np.issubdtype(y.dtype, np.integer) and y.ndim == 1):
+    # class labels: integer targets, or any targets of the default loss (unless a given eval_step brings its own)
+    if np.issubdtype(y.dtype, np.integer) or (loss_fn is softmax_cross_entropy and eval_step is None):
         check_class_labels(model, params, model_state, x, y)
     if mesh is None:
         batched = batches(x, y, batch_size)
