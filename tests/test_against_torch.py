@@ -16,6 +16,7 @@ from op_cases import CONV_CASES, POOL_CASES
 
 torch = pytest.importorskip("torch")
 TF = torch.nn.functional
+# float64, but PyTorch is another library: its convolutions and pools sum the taps in another order
 TOLERANCE = 1e-9
 
 

@@ -13,6 +13,7 @@ from jaxcnn import nn
 from jaxcnn.interop import from_flax, to_flax
 from models_for_tests import random_variables as shared_random_variables
 
+# Flax's modules are another code path: their convolutions, pools and BatchNorm round in other orders
 TOLERANCE = 1e-5  # float32
 
 

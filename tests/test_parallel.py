@@ -213,6 +213,7 @@ def test_dp_optimizer_is_the_mean_of_clipped_gradients_plus_noise_of_the_stated_
     opt_state = noisy.init({"w": jnp.zeros(20000)})
     first, opt_state = noisy.update(zeros, opt_state)
     second, _ = noisy.update(zeros, opt_state)
+    # 20,000 draws: the sample standard deviation is good to about 1/sqrt(2n) = 0.5%
     assert np.std(np.asarray(first["w"])) == pytest.approx(2.0 * 1.5 / 4, rel=0.02)
     assert not np.array_equal(first["w"], second["w"])
     with pytest.raises(ValueError, match="noise_multiplier"):
@@ -240,6 +241,7 @@ def test_dp_train_step_clips_updates_and_refuses_batchnorm():
                 for a, b in zip(*map(jax.tree.leaves, (new.params, before)), strict=True)
             )
         )
+        # float32: the clipped mean and the distance moved each round by a few 1e-7
         assert moved <= clip * (1 + 1e-5)  # the mean of gradients each clipped to `clip` is no longer than `clip`
         bn = batchnorm_cnn()
         bn_state = create_train_state(bn, optimizer, jax.random.key(1), (5, 5, 2))
@@ -269,12 +271,15 @@ def test_an_ensemble_of_k_equals_k_separate_runs_with_the_same_seeds():
             state = create_train_state(model, optimizer, jax.random.key(seed), (6, 6, 2))
             for t in range(2):
                 state, _ = single(state, xs[t, k], ys[t, k])
+            # float32, two momentum steps: the vmapped ensemble step is another compiled program, which may round
+            # otherwise
             assert_close(jax.tree.map(operator.itemgetter(k), states.params), state.params, 1e-6, f"member {k}")
         # the ensemble predicts with the mean of its members' probabilities
         members, mean = parallel.ensemble_predictions(model, states.params, states.model_state, xs[0, 0])
         for k in range(2):
             member = jax.tree.map(operator.itemgetter(k), (states.params, states.model_state))
             logits = model.apply(*member, xs[0, 0])[0]
+            # float32: the members' probabilities come from a vmapped forward, compiled otherwise than this one
             np.testing.assert_allclose(members[k], jax.nn.softmax(logits), rtol=1e-5, atol=1e-7)
         np.testing.assert_allclose(mean, np.mean(np.asarray(members), axis=0), rtol=1e-6)
 
@@ -328,6 +333,8 @@ def test_fit_ensemble_members_equal_separate_runs(ensemble_run):
     assert state.step.shape == (2,)
     separate, separate_history = train.fit(ENSEMBLE.replace(ensemble=1, seed=1), None, log=None)
     member = jax.tree.map(operator.itemgetter(1), state.params)
+    # float32 after two epochs: the vmapped member and the lone run are other compiled programs, which may round
+    # otherwise
     assert_close(member, separate.params, 1e-6, "member 1 against the run with seed 1")
     record = history[-1]
     assert len(record["members"]) == 2
@@ -400,6 +407,8 @@ def test_one_device_mesh_step_equals_the_plain_step():
         for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(plain), strict=True):
             if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
                 a, b = jax.random.key_data(a), jax.random.key_data(b)
+            # float32, one momentum step through BatchNorm: the mesh step is another compiled program, which may round
+            # otherwise
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
 
 
@@ -485,6 +494,7 @@ def four_devices(tmp_path_factory):
 def test_four_simulated_devices_reach_the_one_device_parameters(tmp_path_factory):
     four_devices = four_devices_script(tmp_path_factory, whole_loop=True)
     assert four_devices["devices"] == 4
+    # float32 over two epochs: four devices add their shares of each batch's gradient in another order than one
     assert four_devices["fit"] <= 1e-5
     one, four = four_devices["test_loss"]
     assert four == pytest.approx(one, rel=1e-5)
@@ -494,6 +504,8 @@ def test_four_simulated_devices_reach_the_one_device_parameters(tmp_path_factory
 def test_batchnorm_statistics_cover_the_whole_batch_across_devices(four_devices):
     assert four_devices["devices"] == 4
     assert four_devices["sharding"] == ["data"]
+    # float32, three steps through BatchNorm's division by the batch spread: the devices' partial sums of the
+    # moments and the gradients add in another order
     assert four_devices["batchnorm_params"] <= 1e-5
     assert four_devices["batchnorm_state"] <= 1e-5
 
@@ -553,6 +565,7 @@ def test_two_processes_on_one_machine_match_one_process(tmp_path):
     assert train.read_config(tmp_path / "one") == train.read_config(tmp_path / "two")
     one, one_history = train.restore(tmp_path / "one"), train.read_metrics(tmp_path / "one")
     two = train.restore(tmp_path / "two")
+    # float32 over three epochs: the two processes add their halves of each batch's gradient in another order
     assert_close(two.params, one.params, 1e-5, "2 processes against 1")
     two_history = train.read_metrics(tmp_path / "two")
     assert len(two_history) == len(one_history) and two_history[-1]["test_loss"] == pytest.approx(

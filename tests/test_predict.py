@@ -57,6 +57,7 @@ def test_standardizing_twice_records_the_composition(tmp_path):
     raw, once = raw_and_loaded("npz-uint8", tmp_path)
     twice = jc.data.standardize(once)
     assert twice.mean != once.mean
+    # float32: the composed statistics round otherwise than two standardizations, each stored as float32
     np.testing.assert_allclose(Preprocess.of_dataset(twice)(raw), twice.x_test, atol=1e-5)
 
 
@@ -151,6 +152,7 @@ def test_predict_files_agree_with_the_model_on_every_format(run, tmp_path):
     on_pixels = np.asarray(jax_softmax(logits))
     for row, i in zip(rows[6:10] + rows[11:14], [0, 1, 2, 3, 0, 1, 2], strict=True):
         assert row["class"] == on_pixels[i].argmax()
+        # float32: predict_files runs the model jitted, in batches of its own, which rounds otherwise than this call
         assert row["probability"] == pytest.approx(on_pixels[i].max(), rel=1e-5)
         assert [t["class"] for t in row["top"]] == list(np.argsort(-on_pixels[i])[:3])
     assert rows[10]["class"] == on_pixels[4].argmax()
@@ -166,6 +168,7 @@ def test_predict_command_prints_and_writes_csv_and_json(run, tmp_path, capsys):
     assert lines[1].split() == ["input", "class", "probability"] and len(lines) == 2 + 7
     first = lines[2].split()
     assert first[0] == f"{paths['npy']}[0]" and int(first[1]) == run["probabilities"][0].argmax()
+    # the table prints 4 decimals
     assert float(first[2]) == pytest.approx(run["probabilities"][0].max(), abs=5e-5)
 
     out = tmp_path / "out.csv"
