@@ -2,7 +2,9 @@
 compilation cache for the whole test run (every worker and every `python -m jaxcnn` process it starts)."""
 
 import hashlib
+import importlib.util
 import os
+import pathlib
 import shutil
 import tempfile
 
@@ -123,3 +125,13 @@ def corrupt_latest(workdir):
     data[len(data) // 2] ^= 0xFF
     files[0].write_bytes(bytes(data))
     return latest
+
+
+def load_file(relative: str):
+    """A Python file of the repository that is not a package module (an example, a benchmark), as a module:
+    ``load_file("examples/custom_layer.py")``."""
+    path = pathlib.Path(__file__).resolve().parents[1] / relative
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

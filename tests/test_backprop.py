@@ -12,7 +12,7 @@ import pytest
 
 import jaxcnn as jc
 import jaxcnn.functional as F
-from conftest import assert_trees_close, normal
+from conftest import assert_trees_close, load_file, normal
 from models_for_tests import MODELS
 
 
@@ -189,13 +189,7 @@ def test_mixed_dtypes_promote_and_gradients_keep_parameter_dtypes():
 
 def test_manual_bridge_returns_cotangents_in_parameter_dtypes():
     """A rule that computes in a promoted dtype still hands JAX cotangents in each primal's dtype."""
-    import importlib.util
-    import pathlib
-
-    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "custom_layer.py"
-    spec = importlib.util.spec_from_file_location("custom_layer", path)
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+    example = load_file("examples/custom_layer.py")
     model = jc.nn.Sequential([jc.nn.Flatten(), example.Swish(), jc.nn.Dense(2)])
     params, state = model.init(jax.random.key(0), (3, 3, 1))  # float32 parameters
     x = normal(0, (2, 3, 3, 1))  # float64 input: Swish computes in float64

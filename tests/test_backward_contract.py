@@ -2,8 +2,6 @@
 gradient checker, the explicit reverse pass (backprop.value_and_grad, training with gradients="engine") and the
 custom_vjp bridge (jax.grad with gradients="manual", training with gradients="manual")."""
 
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 import optax
@@ -11,28 +9,10 @@ import pytest
 
 import jaxcnn as jc
 import jaxcnn.functional as F
+from conftest import load_file
 from jaxcnn import nn
 
-
-class SwishResiduals(NamedTuple):
-    x: jax.Array
-    s: jax.Array
-
-
-class Swish(nn.Layer):
-    """The README's Swish, right."""
-
-    def init(self, key, input_shape, *, dtype=jnp.float32):
-        return {"beta": jnp.ones((), dtype)}, {}
-
-    def forward(self, params, x):
-        s = jax.nn.sigmoid(params["beta"] * x)
-        return x * s, SwishResiduals(x, s)
-
-    def backward(self, params, residuals, dy):
-        x, s = residuals
-        dx = dy * (s + params["beta"] * x * s * (1 - s))
-        return dx, {"beta": jnp.sum(dy * x * x * s * (1 - s))}
+Swish = load_file("examples/custom_layer.py").Swish  # the README's Swish, right
 
 
 class HalfDx(Swish):

@@ -1,6 +1,5 @@
 """The checker: passes correct rules, catches wrong ones and names the layer and parameter."""
 
-import importlib.util
 import pathlib
 from dataclasses import dataclass
 
@@ -11,18 +10,11 @@ import pytest
 
 import jaxcnn as jc
 import jaxcnn.functional as F
-from conftest import normal
+from conftest import load_file, normal
 from jaxcnn import nn
 from models_for_tests import MODELS, WrongDense
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def load_example(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def data(name, batch=3, seed=0):
@@ -118,7 +110,7 @@ def test_planted_wrong_activation_is_caught_upstream_too():
 
 
 def test_custom_layer_example_passes():
-    example = load_example("custom_layer")
+    example = load_file("examples/custom_layer.py")
     report = example.main()
     assert report.ok
     assert {"Swish_0", "Swish_1"} <= {c.layer for c in report.checks}
@@ -126,7 +118,7 @@ def test_custom_layer_example_passes():
 
 
 def test_custom_layer_with_wrong_backward_fails():
-    example = load_example("custom_layer")
+    example = load_file("examples/custom_layer.py")
 
     class BadSwish(example.Swish):
         def backward(self, params, residuals, dy):

@@ -1,7 +1,6 @@
 """Small data (issue 13, defect 11): the README's small-data recipe is the one benchmarks/small_data.py measured,
 its table is that benchmark's figures, and the recipe beats SVC(gamma=0.001) on the digits at every fraction."""
 
-import importlib.util
 import json
 import pathlib
 import re
@@ -11,6 +10,7 @@ import statistics
 import numpy as np
 import pytest
 
+from conftest import load_file
 from jaxcnn import cli
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -19,10 +19,7 @@ RESULTS = json.loads((ROOT / "benchmarks" / "small_data.json").read_text())
 
 
 def _benchmark():
-    spec = importlib.util.spec_from_file_location("small_data", ROOT / "benchmarks" / "small_data.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_file("benchmarks/small_data.py")
 
 
 def _section() -> str:
