@@ -44,7 +44,7 @@ def train_one(method, data, steps, batch_size, eval_every, seed):
     model = small_cnn()
     optimizer = optax.adam(rate)
     state = jc.train.create_train_state(model, optimizer, jax.random.key(seed), data.input_shape)
-    step = alternatives.make_estimator_train_step(model, optimizer, method, **options)
+    step = alternatives.make_estimator_train_step(model, method, **options)
     evaluate = jc.train.make_eval_step(model)
     x_train, y_train = data.train
     x_test, y_test = data.test

@@ -89,7 +89,7 @@ def test_the_estimator_step_lowers_the_loss(method):
         x = jax.random.normal(jax.random.key(1), (32, 5, 5, 1))
         y = (x.sum(axis=(1, 2, 3)) > 0).astype(jnp.int32)
         options = {"es": {"population": 32}, "forward": {"directions": 8}, "spsa": {"samples": 16}}.get(method, {})
-        step = alternatives.make_estimator_train_step(model, optimizer, method, **options)
+        step = alternatives.make_estimator_train_step(model, method, **options)
         losses = []
         for _ in range(40):
             state, metrics = step(state, x, y)
@@ -97,4 +97,4 @@ def test_the_estimator_step_lowers_the_loss(method):
         assert int(metrics["evaluations"]) == alternatives.evaluations_per_step(method, **options)
         assert np.mean(losses[-5:]) < 0.9 * losses[0], losses
     with pytest.raises(ValueError, match="takes options"):
-        alternatives.make_estimator_train_step(model, optimizer, "forward", population=3)
+        alternatives.make_estimator_train_step(model, "forward", population=3)

@@ -24,14 +24,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 from jax.flatten_util import ravel_pytree
 
 from jaxcnn.functional import softmax_cross_entropy
 from jaxcnn.functional._args import is_int
 from jaxcnn.nn.layer import Layer, Params
 from jaxcnn.train.state import TrainState, as_typed_key
-from jaxcnn.train.step import LossFn, Metrics, _accuracy_of
+from jaxcnn.train.step import LossFn, Metrics, accuracy_of
 
 Objective = Callable[[Params], jax.Array]
 
@@ -140,14 +139,14 @@ def evaluations_per_step(method: str, **options: Any) -> int:
 
 def make_estimator_train_step(
     model: Layer,
-    optimizer: optax.GradientTransformation,
     method: str,
     *,
     loss_fn: LossFn = softmax_cross_entropy,
     **options: Any,
 ) -> Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, Metrics]]:
-    """A jit-compiled ``step(state, x, y) -> (state, metrics)`` that updates the parameters with ``optimizer``
-    from the gradient estimate of ``method`` (``"es"``, ``"forward"``, ``"spsa"`` or ``"backprop"``).
+    """A jit-compiled ``step(state, x, y) -> (state, metrics)`` that updates the parameters with the state's
+    optimizer (``state.tx``) from the gradient estimate of ``method`` (``"es"``, ``"forward"``, ``"spsa"`` or
+    ``"backprop"``).
 
     ``options`` go to the estimator (``population``/``sigma``, ``directions``, ``samples``/``c``). Step ``s``
     draws its perturbations from ``fold_in(state.key, s)``; every evaluation of one step shares the batch and
@@ -176,17 +175,15 @@ def make_estimator_train_step(
             return loss_fn(predictions, y)
 
         grads = estimator(f, state.params, noise_key, **options)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
         predictions, _ = model.apply(state.params, state.model_state, x, train=False)
         metrics = {
             "loss": loss_fn(predictions, y),
             "count": jnp.asarray(x.shape[0], jnp.int32),
             "evaluations": jnp.asarray(evaluations, jnp.int32),
         }
-        accuracy = _accuracy_of(predictions, y)
+        accuracy = accuracy_of(predictions, y)
         if accuracy is not None:
             metrics["accuracy"] = accuracy
-        return state.replace(params=params, opt_state=opt_state, step=state.step + 1), metrics
+        return state.apply_gradients(grads=grads), metrics
 
     return jax.jit(step, donate_argnums=0)

@@ -9,6 +9,15 @@ compiles it like any other.
 :func:`manual_loss` is the loss-side half of the ``gradients="manual"`` bridge: the loss wrapped in
 ``jax.custom_vjp`` with its hand-derived VJP, so ``jax.grad`` of ``manual_loss(model.apply(...))`` uses hand
 rules from the loss down to the first layer.
+
+:func:`loss_and_grads` is the one place that turns a gradient mode into a loss and gradients: the train steps,
+per-example gradients, DP-SGD and the gradient checker all call it. The modes, one vocabulary everywhere
+(:data:`GRADIENTS`):
+
+* ``"autodiff"``: ``jax.value_and_grad`` through the plain forward;
+* ``"manual"``: the same call, but every layer and the loss run through ``jax.custom_vjp`` with their
+  hand-derived rules (the *bridge*: jit, vmap, grad and sharding still compose);
+* ``"engine"``: :func:`reverse_pass`, the explicit reverse pass, with no JAX differentiation at all.
 """
 
 from __future__ import annotations
@@ -25,6 +34,15 @@ from jaxcnn.nn.layer import Layer, Params, State
 
 LossFn = Callable[[jax.Array, jax.Array], jax.Array]
 LossVJP = Callable[[jax.Array, jax.Array, Any], jax.Array]
+
+GRADIENTS = ("autodiff", "manual", "engine")  # the gradient modes, see the module docstring
+
+
+def check_gradients(gradients: Any) -> str:
+    """``gradients`` if it names a gradient mode (:data:`GRADIENTS`); ValueError listing the modes otherwise."""
+    if not isinstance(gradients, str) or gradients not in GRADIENTS:
+        raise ValueError(f"unknown gradients {gradients!r}; known: {', '.join(GRADIENTS)}")
+    return gradients
 
 
 def loss_vjp_of(loss_fn: LossFn, loss_vjp: LossVJP | None = None) -> LossVJP:
@@ -129,3 +147,57 @@ def value_and_grad(
         return (result.loss, result.state), result.grads
 
     return loss_and_grads
+
+
+def loss_and_grads(
+    model: Layer,
+    loss_fn: LossFn,
+    *,
+    gradients: str = "autodiff",
+    loss_vjp: LossVJP | None = None,
+    train: bool = True,
+    remat: bool = False,
+) -> Callable[..., ReversePass]:
+    """The loss of ``loss_fn(model(x), y)`` and its gradients in one of the three gradient modes.
+
+    Args:
+      model: any :class:`jaxcnn.nn.Layer`.
+      loss_fn: ``loss_fn(predictions, targets) -> scalar``; ``"manual"`` and ``"engine"`` need its hand-derived
+        VJP: ``loss_vjp``, or the rule registered for it in :mod:`jaxcnn.functional`.
+      gradients: ``"autodiff"``, ``"manual"`` or ``"engine"`` (see the module docstring).
+      loss_vjp: ``(predictions, targets, dloss) -> dpredictions``, the hand rule of ``loss_fn`` (``"manual"``
+        and ``"engine"``; ``"autodiff"`` differentiates ``loss_fn`` itself).
+      train: the mode the forward runs in.
+      remat: run each child of the model (a :class:`jaxcnn.nn.Container`) under ``jax.checkpoint``, recomputing
+        its activations in the backward pass; ``"autodiff"`` and ``"manual"`` only (the engine keeps every
+        residual by design).
+
+    Returns:
+      ``f(params, state, x, y, *, key=None) -> ReversePass(loss, predictions, state, grads)``: ``x`` is
+      ``(N, *input_shape)``, ``predictions`` the model's output ``(N, ...)``, ``state`` the model's new state and
+      ``grads`` shaped like ``params``. The same function in every mode, so callers never branch on it.
+    """
+    check_gradients(gradients)
+    if remat:
+        from jaxcnn.nn.container import Container
+
+        if gradients == "engine":
+            raise ValueError("remat works with gradients='autodiff' or 'manual' (the engine keeps every residual)")
+        if not isinstance(model, Container):
+            raise ValueError(f"remat checkpoints a container's children; {type(model).__name__} has none")
+    if gradients == "engine":
+        return reverse_pass(model, loss_fn, loss_vjp=loss_vjp, train=train)
+    loss_of = manual_loss(loss_fn, loss_vjp) if gradients == "manual" else loss_fn
+    options = {"remat": True} if remat else {}
+
+    def objective(params, state, x, y, key):
+        predictions, new_state = model.apply(params, state, x, train=train, key=key, gradients=gradients, **options)
+        return loss_of(predictions, y), (predictions, new_state)
+
+    value_and_grad_fn = jax.value_and_grad(objective, has_aux=True)
+
+    def run(params: Params, state: State, x: jax.Array, y: jax.Array, *, key: jax.Array | None = None) -> ReversePass:
+        (loss, (predictions, new_state)), grads = value_and_grad_fn(params, state, x, y, key)
+        return ReversePass(loss, predictions, new_state, grads)
+
+    return run

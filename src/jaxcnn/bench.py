@@ -96,7 +96,6 @@ def _jaxcnn_runner(model: nn.Layer, input_shape, x, y, gradients: str, options: 
     state = train.create_train_state(model, optimizer, jax.random.key(0), input_shape)
     step = train.make_train_step(
         model,
-        optimizer,
         gradients=gradients,
         dtype=None if options.dtype == "float32" else options.dtype,
         remat=options.remat,

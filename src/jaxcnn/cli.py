@@ -150,10 +150,12 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _train_run(args: argparse.Namespace) -> int:
-    from jaxcnn import _train_flags, parallel
+    from jaxcnn import _train_flags
 
     # before anything touches a JAX backend: a multi-process run must join its peers first
-    distributed = parallel.initialize(args.coordinator, args.num_processes, args.process_id)
+    from jaxcnn.distributed import initialize
+
+    distributed = initialize(args.coordinator, args.num_processes, args.process_id)
     if args.devices is not None and args.devices < 1:
         raise ValueError(f"--devices must be >= 1, got {args.devices}")
     import jax

@@ -1,8 +1,19 @@
-"""Named architectures: ``jaxcnn.models.get(name)``."""
+"""Named architectures: ``jaxcnn.models.get(name)``, and the registry behind it.
+
+Every model has one :class:`ModelSpec` (builder, input shape, task). :func:`register` adds your own, so
+``jaxcnn train --model NAME`` and ``jaxcnn gradcheck --model NAME`` find it; ``--model package.module:factory``
+imports a factory without registering it (:func:`build`). ``jaxcnn.train.fit(config, workdir, model=...)``
+trains any :class:`jaxcnn.nn.Layer` object directly.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+import importlib
+import inspect
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from jaxcnn import nn
 
@@ -203,49 +214,165 @@ def conv_autoencoder(channels: int = 1) -> nn.Sequential:
     )
 
 
-MODELS: dict[str, Callable[..., nn.Sequential]] = {
-    "mnist_cnn": mnist_cnn,
-    "lenet5": lenet5,
-    "digits_cnn": digits_cnn,
-    "resnet18_cifar": resnet18_cifar,
-    "resnet20_cifar": resnet20_cifar,
-    "resnet50": resnet50,
-    "conv_autoencoder": conv_autoencoder,
-}
-INPUT_SHAPES: dict[str, tuple[int, ...]] = {
-    "mnist_cnn": (28, 28, 1),
-    "lenet5": (28, 28, 1),
-    "digits_cnn": (8, 8, 1),
-    "resnet18_cifar": (32, 32, 3),
-    "resnet20_cifar": (32, 32, 3),
-    "resnet50": (224, 224, 3),
-    "conv_autoencoder": (28, 28, 1),
-}
-# Models trained to reconstruct their input (mean squared error) rather than to classify.
-RECONSTRUCTION = frozenset({"conv_autoencoder"})
+# -- the registry: one spec per model ----------------------------------------------------------------------
+
+TASKS = ("classification", "reconstruction")
 
 
-def get(name: str, **kwargs) -> nn.Sequential:
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """What the library knows of a named model.
+
+    Attributes:
+      name: the name :func:`get` and ``jaxcnn train --model`` take.
+      builder: ``builder(**kwargs) -> jaxcnn.nn.Layer``; a classifier's builder takes ``num_classes``.
+      input_shape: the input shape (batch axis excluded) it is designed for, e.g. ``(28, 28, 1)``; None if any.
+      task: ``"classification"`` (logits, cross-entropy; what ``jaxcnn train`` trains) or ``"reconstruction"``
+        (outputs shaped like the input, mean squared error).
+    """
+
+    name: str
+    builder: Callable[..., nn.Layer]
+    input_shape: tuple[int, ...] | None = None
+    task: str = "classification"
+
+
+_SPECS: dict[str, ModelSpec] = {}
+
+
+def register(
+    name: str,
+    builder: Callable[..., nn.Layer],
+    *,
+    input_shape: Sequence[int] | None = None,
+    task: str = "classification",
+    replace: bool = False,
+) -> ModelSpec:
+    """Make ``builder`` known as ``name`` to :func:`get`, ``jaxcnn train --model NAME`` and ``jaxcnn gradcheck``.
+
+    Args:
+      name: a new name (letters, digits, ``_``, ``-`` and ``.``).
+      builder: ``builder(**kwargs) -> jaxcnn.nn.Layer``; classifiers take ``num_classes``.
+      input_shape: the input shape it is designed for (batch axis excluded), or None.
+      task: ``"classification"`` or ``"reconstruction"``.
+      replace: allow replacing a registered name (otherwise a ValueError).
+
+    Returns:
+      The :class:`ModelSpec` registered.
+    """
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise ValueError(f"a model name is letters, digits, '_', '-' and '.', got {name!r}")
+    if not callable(builder):
+        raise ValueError(f"builder of model {name!r} must be callable, got {builder!r}")
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+    if input_shape is not None:
+        input_shape = tuple(input_shape)
+        if not input_shape or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in input_shape):
+            raise ValueError(f"input_shape of model {name!r} must be positive ints, got {input_shape!r}")
+    if name in _SPECS and not replace:
+        raise ValueError(f"model {name!r} is already registered (pass replace=True to replace it)")
+    _SPECS[name] = ModelSpec(name, builder, input_shape, task)
+    return _SPECS[name]
+
+
+def unregister(name: str) -> None:
+    """Forget a registered model (KeyError-free: an unknown name is a ValueError listing the known ones)."""
+    spec(name)
+    del _SPECS[name]
+
+
+def spec(name: str) -> ModelSpec:
+    """The :class:`ModelSpec` of a registered name; ValueError listing the known names otherwise."""
+    if not isinstance(name, str) or name not in _SPECS:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(names())}")
+    return _SPECS[name]
+
+
+def get(name: str, **kwargs: Any) -> nn.Layer:
     """Build the named architecture (keyword arguments such as ``num_classes`` go to its builder).
 
     Raises ValueError listing the known names for an unknown one.
     """
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}")
-    return MODELS[name](**kwargs)
+    return spec(name).builder(**kwargs)
 
 
-def input_shape(name: str) -> tuple[int, ...]:
+def input_shape(name: str) -> tuple[int, ...] | None:
     """The input shape (batch axis excluded) an architecture is designed for, e.g. ``(28, 28, 1)``."""
-    get(name)  # validates the name
-    return INPUT_SHAPES[name]
+    return spec(name).input_shape
 
 
 def names() -> list[str]:
-    """The known architecture names."""
-    return sorted(MODELS)
+    """The registered architecture names."""
+    return sorted(_SPECS)
 
 
 def classifiers() -> list[str]:
     """The names of the architectures that classify (the ones ``jaxcnn train`` trains)."""
-    return sorted(set(MODELS) - RECONSTRUCTION)
+    return sorted(name for name, s in _SPECS.items() if s.task == "classification")
+
+
+# -- a user's model factory: "package.module:factory" ----------------------------------------------------------
+
+FACTORY_PATTERN = re.compile(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*")
+
+
+def is_factory_path(model: str) -> bool:
+    """Whether ``model`` has the form ``package.module:factory`` (a user's model factory, not a registered name)."""
+    return isinstance(model, str) and FACTORY_PATTERN.fullmatch(model) is not None
+
+
+def import_factory(path: str) -> Callable[..., nn.Layer]:
+    """The callable ``path`` (``"package.module:factory"``) names, imported; ValueError (one line) naming what
+    is missing: the module, the attribute, or a callable."""
+    if not is_factory_path(path):
+        raise ValueError(f"a model factory is given as package.module:factory, got {path!r}")
+    module_name, _, attribute = path.partition(":")
+    try:
+        target: Any = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ValueError(f"model factory {path!r}: cannot import module {module_name!r} ({error})") from None
+    except Exception as error:  # the user's module failed while importing
+        raise ValueError(f"model factory {path!r}: importing {module_name!r} failed: {error!r}") from None
+    for part in attribute.split("."):
+        if not hasattr(target, part):
+            raise ValueError(f"model factory {path!r}: {module_name!r} has no attribute {attribute!r}")
+        target = getattr(target, part)
+    if not callable(target):
+        raise ValueError(f"model factory {path!r} is not callable (it is a {type(target).__name__})")
+    return target
+
+
+def build(model: str, num_classes: int | None = None) -> nn.Layer:
+    """The model a ``--model`` value names: a registered name, or ``package.module:factory``.
+
+    A factory is called with ``num_classes=`` when its signature takes it (or ``**kwargs``), else with no
+    arguments; it must return a :class:`jaxcnn.nn.Layer`.
+    """
+    builder = import_factory(model) if is_factory_path(model) else spec(model).builder
+    kwargs = {} if num_classes is None or not _takes(builder, "num_classes") else {"num_classes": num_classes}
+    built = builder(**kwargs)
+    if not isinstance(built, nn.Layer):
+        raise ValueError(f"model {model!r} gave a {type(built).__name__}, not a jaxcnn.nn.Layer")
+    return built
+
+
+def _takes(builder: Callable[..., Any], name: str) -> bool:
+    try:
+        parameters = inspect.signature(builder).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature: call it plainly
+        return False
+    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+
+
+for _name, _builder, _shape in (
+    ("mnist_cnn", mnist_cnn, (28, 28, 1)),
+    ("lenet5", lenet5, (28, 28, 1)),
+    ("digits_cnn", digits_cnn, (8, 8, 1)),
+    ("resnet18_cifar", resnet18_cifar, (32, 32, 3)),
+    ("resnet20_cifar", resnet20_cifar, (32, 32, 3)),
+    ("resnet50", resnet50, (224, 224, 3)),
+):
+    register(_name, _builder, input_shape=_shape)
+register("conv_autoencoder", conv_autoencoder, input_shape=(28, 28, 1), task="reconstruction")
+del _name, _builder, _shape

@@ -31,8 +31,8 @@ with a one-line message naming the problem and the file or directory.
 :func:`epoch_order` (a permutation from a PRNG key), the last partial batch included (:func:`num_batches`).
 """
 
-from jaxcnn.data._batching import batches, epoch_order, num_batches
-from jaxcnn.data._dataset import DataError, Dataset, check_labels, standardize
+from jaxcnn.data._batching import ahead, batches, epoch_order, num_batches
+from jaxcnn.data._dataset import DataError, Dataset, channel_stats, check_labels, standardize, standardize_with
 from jaxcnn.data._loaders import DATASETS, load
 from jaxcnn.data.augment import augment
 
@@ -40,11 +40,14 @@ __all__ = [
     "DATASETS",
     "DataError",
     "Dataset",
+    "ahead",
     "augment",
     "batches",
+    "channel_stats",
     "check_labels",
     "epoch_order",
     "load",
     "num_batches",
     "standardize",
+    "standardize_with",
 ]

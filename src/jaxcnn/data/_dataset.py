@@ -193,7 +193,7 @@ def _validate(
     )
 
 
-def _channel_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def channel_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and standard deviation of ``x`` ``(N, H, W, C)``, accumulated in float64.
 
     A constant channel gets its value as the mean (exactly) and a standard deviation of 1, so that it
@@ -222,7 +222,7 @@ def _channel_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean, std
 
 
-def _apply(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+def standardize_with(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
     """``(x - mean) / std`` per channel, in float64, stored as float32; ``x`` ``(N, H, W, C)``."""
     out = np.empty(x.shape, np.float32)
     for start in range(0, len(x), _CHUNK):
@@ -246,15 +246,15 @@ def standardize(dataset: Dataset) -> Dataset:
     Returns:
         A new :class:`Dataset` with float32 images of the same shapes.
     """
-    mean, std = _channel_stats(dataset.x_train)
+    mean, std = channel_stats(dataset.x_train)
     total_mean, total_std = mean, std
     if dataset.mean is not None and dataset.std is not None:  # ((x - m1) / s1 - m2) / s2 = (x - m1 - s1 m2) / (s1 s2)
         first_mean, first_std = np.asarray(dataset.mean, np.float64), np.asarray(dataset.std, np.float64)
         total_mean, total_std = first_mean + first_std * mean, first_std * std
     return dataclasses.replace(
         dataset,
-        x_train=_apply(dataset.x_train, mean, std),
-        x_test=_apply(dataset.x_test, mean, std),
+        x_train=standardize_with(dataset.x_train, mean, std),
+        x_test=standardize_with(dataset.x_test, mean, std),
         mean=tuple(float(value) for value in total_mean),
         std=tuple(float(value) for value in total_std),
     )

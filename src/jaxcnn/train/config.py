@@ -18,11 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxcnn.backprop import GRADIENTS
 from jaxcnn.functional._args import is_int
 
 OPTIMIZERS = ("adam", "adamw", "momentum", "nesterov", "rmsprop", "sgd")
 SCHEDULES = ("constant", "cosine", "exponential", "warmup_cosine")
-GRADIENTS = ("autodiff", "manual", "engine")
 DTYPES = ("float32", "bfloat16")
 DATASETS = ("cifar10", "digits", "fashion_mnist", "mnist", "npz", "synthetic")
 
@@ -81,7 +81,9 @@ class Config:
     schedule with no horizon: extending a finished run continues it exactly as a longer run would have gone.
 
     Attributes:
-      model: a name from :func:`jaxcnn.models.names` (its class count follows the data set).
+      model: a classifier's name from :func:`jaxcnn.models.names` (its class count follows the data set), or a
+        user's factory as ``"package.module:factory"`` (imported on creation; called with ``num_classes=`` when
+        it takes it; see :func:`jaxcnn.models.build`). ``fit(config, model=...)`` trains a model object instead.
       dataset: ``"digits"``, ``"mnist"``, ``"fashion_mnist"``, ``"cifar10"``, ``"npz"`` or ``"synthetic"``.
       data_dir: the directory holding the MNIST / Fashion-MNIST IDX files or the CIFAR-10 ``.bin`` batches.
       data_path: the ``.npz`` file of the ``"npz"`` data set.
@@ -159,7 +161,6 @@ class Config:
     normalize: bool = True
 
     def __post_init__(self) -> None:
-        from jaxcnn import models
 
         # numpy scalars (np.int64(3)) are accepted and stored as Python numbers, so the config stays JSON-able
         for field in dataclasses.fields(self):
@@ -171,13 +172,7 @@ class Config:
             elif isinstance(value, np.bool_):
                 object.__setattr__(self, field.name, bool(value))
 
-        _choice("model", self.model, models.names())
-        if self.model in models.RECONSTRUCTION:
-            raise ConfigError(
-                f"model {self.model!r} reconstructs its input (mean squared error); jaxcnn train trains "
-                f"classifiers: {', '.join(models.classifiers())}",
-                "model",
-            )
+        _check_model(self.model)
         _choice("dataset", self.dataset, DATASETS)
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("schedule", self.schedule, SCHEDULES)
@@ -270,6 +265,29 @@ class Config:
             for name in RESUME_FIXED
             if getattr(saved, name) != getattr(self, name)
         ]
+
+
+def _check_model(model: Any) -> None:
+    """A registered classifier's name, or an importable ``package.module:factory``; ConfigError otherwise."""
+    from jaxcnn import models
+
+    if isinstance(model, str) and models.is_factory_path(model):
+        try:
+            models.import_factory(model)
+        except ValueError as error:
+            raise ConfigError(str(error), "model") from None
+        return
+    if not isinstance(model, str) or model not in models.names():
+        raise ConfigError(
+            f"unknown model {model!r}; known: {', '.join(models.names())}, or package.module:factory for your own",
+            "model",
+        )
+    if models.spec(model).task != "classification":
+        raise ConfigError(
+            f"model {model!r} reconstructs its input (mean squared error); jaxcnn train trains "
+            f"classifiers: {', '.join(models.classifiers())}",
+            "model",
+        )
 
 
 def _choice(name: str, value: Any, known: Any) -> None:

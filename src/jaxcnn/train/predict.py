@@ -160,9 +160,9 @@ def predict(
 def _forward(model: Any, ensemble: bool) -> Any:
     """The jitted probabilities of ``model`` (kept per model: a second call compiles nothing)."""
     if ensemble:
-        from jaxcnn import parallel
+        from jaxcnn.train.ensemble import ensemble_predictions
 
-        return jax.jit(lambda p, s, batch: parallel.ensemble_predictions(model, p, s, batch)[1])
+        return jax.jit(lambda p, s, batch: ensemble_predictions(model, p, s, batch)[1])
     return jax.jit(lambda p, s, batch: jax.nn.softmax(model.apply(p, s, batch, train=False)[0], axis=-1))
 
 

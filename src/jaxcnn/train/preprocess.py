@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxcnn.data._dataset import Dataset, _apply
+from jaxcnn.data import Dataset, standardize_with
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +84,7 @@ class Preprocess:
         x = np.asarray(images, np.float32)
         if self.mean is None or self.std is None:
             return x
-        return _apply(x, np.asarray(self.mean, np.float64), np.asarray(self.std, np.float64))
+        return standardize_with(x, np.asarray(self.mean, np.float64), np.asarray(self.std, np.float64))
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able record (saved in the checkpoint metadata under ``"preprocess"``)."""

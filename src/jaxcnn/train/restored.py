@@ -5,8 +5,9 @@ the latest one of any other run; ``step="best"``, ``step="latest"`` or a step nu
 result says which it read (:func:`describe`: "checkpoint of epoch 6 (best test loss), step 90").
 
 The model and optimizer are rebuilt from the config and data shape saved with the checkpoint, so restoring does
-not read the data set; the preprocessing (raw scale and per-channel standardisation) is saved there too and
-comes back as a :class:`~jaxcnn.train.preprocess.Preprocess`.
+not read the data set (a run trained with a model object, ``fit(config, workdir, model=m)``, is read back with
+``model=m``: its structure is checked against the checkpoint's); the preprocessing (raw scale and per-channel
+standardisation) is saved there too and comes back as a :class:`~jaxcnn.train.preprocess.Preprocess`.
 """
 
 from __future__ import annotations
@@ -19,36 +20,43 @@ import jax
 import numpy as np
 
 from jaxcnn import data as data_lib
-from jaxcnn import parallel
-from jaxcnn.data._dataset import _channel_stats
+from jaxcnn.data import channel_stats
+from jaxcnn.nn.layer import Layer
 from jaxcnn.train.checkpoint import Checkpointer, CheckpointError, step_number
 from jaxcnn.train.config import Config, make_optimizer
-from jaxcnn.train.loop import CHECKPOINT_DIR, _check_labels, build_model, initial_state, read_config
+from jaxcnn.train.evaluate import evaluate
 from jaxcnn.train.preprocess import Preprocess
+from jaxcnn.train.run import USER_MODEL, build_model, check_labels, check_signature, initial_state
 from jaxcnn.train.state import TrainState
-from jaxcnn.train.step import evaluate
+from jaxcnn.train.workdir import CHECKPOINT_DIR, read_config
 
 BEST_METRIC = "test_loss"  # the metric an early-stopped run's checkpoints are ranked by
 # data sets read from a directory (--data-dir), and the one read from a file (--data-path)
 DIRECTORY_DATASETS = ("mnist", "fashion_mnist", "cifar10")
 
 
-def restore(workdir: str | os.PathLike, *, step: int | str | None = None) -> TrainState:
+def restore(workdir: str | os.PathLike, *, model: Layer | None = None, step: int | str | None = None) -> TrainState:
     """The :class:`TrainState` of one of ``workdir``'s checkpoints.
 
     Args:
       workdir: a training workdir.
+      model: the model the run was trained with, when it was given to ``fit`` as an object (needed then; its
+        parameter structure must match the checkpoint's); None rebuilds the model the run's config names.
       step: None for the default checkpoint (the best by test loss for a run trained with early stopping, else
         the latest), ``"best"``, ``"latest"``, or a step number.
 
     Raises:
-      FileNotFoundError: ``workdir`` holds no run; CheckpointError: no such checkpoint, or a corrupt one.
+      FileNotFoundError: ``workdir`` holds no run; CheckpointError: no such checkpoint, or a corrupt one;
+      ValueError: a user model's run without ``model``, or a ``model`` of another structure.
     """
-    return restore_run(workdir, step=step)[1]
+    return restore_run(workdir, model=model, step=step)[1]
 
 
-def restore_run(workdir: str | os.PathLike, *, step: int | str | None = None) -> tuple[Config, TrainState, Any, dict]:
-    """``(config, state, model, meta)`` of one of ``workdir``'s checkpoints (``step`` as in :func:`restore`).
+def restore_run(
+    workdir: str | os.PathLike, *, model: Layer | None = None, step: int | str | None = None
+) -> tuple[Config, TrainState, Any, dict]:
+    """``(config, state, model, meta)`` of one of ``workdir``'s checkpoints (``model`` and ``step`` as in
+    :func:`restore`).
 
     ``config`` is the config the checkpoint was trained with, ``model`` the :mod:`jaxcnn.nn` model rebuilt from
     it, ``meta`` the JSON record saved with the checkpoint (``epoch``, ``step``, ``input_shape``,
@@ -57,26 +65,29 @@ def restore_run(workdir: str | os.PathLike, *, step: int | str | None = None) ->
     For the model ready for use (with the preprocessing of new images) see :func:`load_model`.
     """
     with jax.enable_x64(False):
-        return _restore_run(Path(workdir), step)
+        return _restore_run(Path(workdir), model, step)
 
 
-def load_model(workdir: str | os.PathLike, *, step: int | str | None = None) -> tuple[Any, Any, Any, Preprocess]:
+def load_model(
+    workdir: str | os.PathLike, *, model: Layer | None = None, step: int | str | None = None
+) -> tuple[Any, Any, Any, Preprocess]:
     """A trained model ready for use: ``(model, params, model_state, preprocess)``.
 
     ``model.apply(params, model_state, preprocess(images), train=False)[0]`` gives the logits ``(N, classes)``
     of raw ``images`` ``(N, H, W, C)``: uint8 pixels (0..255), or numbers on the training data's raw scale
     (``preprocess.raw_scale``: 0..16 for the digits). For an ensemble run (``--ensemble K``) ``params`` and
-    ``model_state`` carry a leading member axis: use :func:`jaxcnn.parallel.ensemble_predictions`, or
+    ``model_state`` carry a leading member axis: use :func:`jaxcnn.train.ensemble.ensemble_predictions`, or
     :func:`jaxcnn.train.predict.predict`, which handles both.
 
     Args:
       workdir: a training workdir.
+      model: the model object the run was trained with, as in :func:`restore` (None: the config's).
       step: which checkpoint, as in :func:`restore` (default: the best of an early-stopped run, else the latest).
 
     Raises:
       FileNotFoundError: ``workdir`` holds no run; CheckpointError: no such checkpoint, or a corrupt one.
     """
-    config, state, model, meta = restore_run(workdir, step=step)
+    config, state, model, meta = restore_run(workdir, model=model, step=step)
     return model, state.params, state.model_state, preprocess_of(config, meta)
 
 
@@ -112,7 +123,7 @@ def choose_step(checkpointer: Checkpointer, config: Config, step: int | str | No
     return int(step), None
 
 
-def _restore_run(directory: Path, step: int | str | None) -> tuple[Config, TrainState, Any, dict]:
+def _restore_run(directory: Path, model: Layer | None, step: int | str | None) -> tuple[Config, TrainState, Any, dict]:
     if not directory.exists():
         raise FileNotFoundError(f"workdir {directory} does not exist")
     config = read_config(directory)
@@ -129,7 +140,7 @@ def _restore_run(directory: Path, step: int | str | None) -> tuple[Config, Train
             except ValueError as error:
                 where = checkpointer.path(step)
                 raise CheckpointError(f"checkpoint {where} holds an invalid config: {error}") from None
-        model = build_model(config, input_shape, num_classes)
+        model = _model_of(config, meta, input_shape, num_classes, model, checkpointer.path(step))
         optimizer, _ = make_optimizer(config, int(meta.get("steps_per_epoch", 1)))
         template = initial_state(config, model, optimizer, input_shape)
         state, meta = checkpointer.restore(template, step)
@@ -141,6 +152,20 @@ def _restore_run(directory: Path, step: int | str | None) -> tuple[Config, Train
     return config, state, model, dict(meta, chosen=chosen)
 
 
+def _model_of(
+    config: Config, meta: dict[str, Any], input_shape: tuple[int, ...], classes: int, model: Layer | None, where: Any
+) -> Layer:
+    """The checkpoint's model: ``model`` (checked against the saved parameter structure), or the config's."""
+    if model is None and str(meta.get("model", "")).endswith(f"({USER_MODEL})"):
+        raise ValueError(
+            f"checkpoint {where} was trained with a model object ({meta['model']}); pass it: "
+            "restore(workdir, model=...) or load_model(workdir, model=...)"
+        )
+    built = build_model(config, input_shape, classes, model)
+    check_signature(meta.get("params"), built, input_shape, f"checkpoint {where}")
+    return built
+
+
 def preprocess_of(config: Config, meta: dict[str, Any]) -> Preprocess:
     """The :class:`Preprocess` saved with a checkpoint; for a checkpoint of jaxcnn 0.1 (which saved none), the
     one its config implies, recomputed from the training data."""
@@ -149,7 +174,7 @@ def preprocess_of(config: Config, meta: dict[str, Any]) -> Preprocess:
     dataset = _load(config.dataset, config.data_dir, config.data_path, config.seed)
     mean = std = None
     if config.normalize:
-        mean, std = (tuple(float(v) for v in stats) for stats in _channel_stats(dataset.x_train))
+        mean, std = (tuple(float(v) for v in stats) for stats in channel_stats(dataset.x_train))
     return Preprocess(tuple(dataset.input_shape), float(dataset.raw_scale), mean, std)
 
 
@@ -204,11 +229,13 @@ def evaluate_workdir(
                 f"the {name} images have shape {tuple(other.input_shape)}, "
                 f"the checkpoint was trained on {tuple(meta['input_shape'])}"
             )
-        _check_labels(other, model.output_shape(tuple(other.input_shape))[-1])
+        check_labels(other, model.output_shape(tuple(other.input_shape))[-1])
         x, y = other.test if split == "test" else other.train
         x = preprocess.standardize(x)
         if config.ensemble > 1:
-            result = parallel.evaluate_ensemble(model, state.params, state.model_state, x, y, batch_size=batch_size)
+            from jaxcnn.train.ensemble import evaluate_ensemble
+
+            result = evaluate_ensemble(model, state.params, state.model_state, x, y, batch_size=batch_size)
         else:
             result = evaluate(model, state.params, state.model_state, x, np.asarray(y), batch_size=batch_size)
     return dict(result, epoch=meta["epoch"], step=step_number(state), split=split, chosen=meta["chosen"], dataset=name)

@@ -1,33 +1,27 @@
-"""The jit-compiled train and eval steps: forward, loss, backward, update, in one XLA program each."""
+"""The jit-compiled train step: forward, loss, backward, update, in one XLA program; its options as one value."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-import optax
 
 from jaxcnn import backprop
 from jaxcnn.functional import softmax_cross_entropy
 from jaxcnn.functional._args import is_int
-from jaxcnn.nn.layer import Layer, Params, State
-from jaxcnn.train.config import GRADIENTS
+from jaxcnn.nn.layer import Layer, Params
 from jaxcnn.train.state import TrainState
 
 LossFn = Callable[[jax.Array, jax.Array], jax.Array]
 Metrics = dict[str, jax.Array]
 
 
-def _check_gradients(gradients: str) -> None:
-    if gradients not in GRADIENTS:
-        raise ValueError(f"unknown gradients {gradients!r}; known: {', '.join(GRADIENTS)}")
-
-
-def _accuracy_of(predictions: jax.Array, y: jax.Array) -> jax.Array | None:
-    """The fraction of argmax predictions equal to integer labels; None for other targets (e.g. MSE)."""
+def accuracy_of(predictions: jax.Array, y: jax.Array) -> jax.Array | None:
+    """The fraction of argmax predictions ``(N, C)`` equal to integer labels ``(N,)``; None for other targets
+    (e.g. an autoencoder's images under MSE)."""
     if not jnp.issubdtype(y.dtype, jnp.integer) or predictions.ndim != y.ndim + 1:
         return None
     return jnp.mean(jnp.argmax(predictions, axis=-1) == y, dtype=jnp.float32)
@@ -55,6 +49,90 @@ def cast_floating(tree: Any, dtype: Any) -> Any:
     return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(jnp.result_type(a), jnp.floating) else a, tree)
 
 
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+    """How a train step computes its update, as one value (validated on creation).
+
+    Every train step (:func:`make_train_step`, the ensemble and data-parallel steps, ``jaxcnn train``) takes
+    one of these; the keyword arguments of :func:`make_train_step` are its fields.
+
+    Attributes:
+      loss_fn: ``loss_fn(predictions, targets) -> scalar``; ``"manual"`` and ``"engine"`` need its hand-derived
+        VJP registered in :mod:`jaxcnn.functional` (the built-in losses have one).
+      gradients: ``"autodiff"``, ``"manual"`` or ``"engine"`` (see :mod:`jaxcnn.backprop`).
+      dtype: the compute dtype for mixed precision (``"bfloat16"``: bf16 forward and backward, float32 master
+        weights, loss and optimizer); None computes in the parameters' dtype. See :func:`loss_and_grads_fn`.
+      remat: recompute each block's activations in the backward pass (``jax.checkpoint`` per child of the
+        model) to save memory; "autodiff" and "manual" only.
+      log_grad_norms: add ``"grad_norms"`` and ``"update_ratios"`` to the metrics: per layer (a dict by name,
+        see :func:`layer_norms`), the gradient's norm and the norm of the optimizer's update over the weights'.
+      augmentation: options of :func:`jaxcnn.data.augment.augment` (``translate``, ``flip``, ``noise``,
+        ``rotate``, ``scale``) applied to every batch on the device, from the step's key; ``{}`` trains on the
+        batches as given.
+    """
+
+    loss_fn: LossFn = softmax_cross_entropy
+    gradients: str = "autodiff"
+    dtype: Any = None
+    remat: bool = False
+    log_grad_norms: bool = False
+    augmentation: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not callable(self.loss_fn):
+            raise ValueError(f"loss_fn must be callable, got {self.loss_fn!r}")
+        backprop.check_gradients(self.gradients)
+        object.__setattr__(self, "dtype", compute_dtype(self.dtype))
+        for name in ("remat", "log_grad_norms"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.remat and self.gradients == "engine":
+            raise ValueError("remat works with gradients='autodiff' or 'manual' (the engine keeps every residual)")
+        augmentation = dict(self.augmentation or {})
+        if augmentation:
+            from jaxcnn.data.augment import check_augmentation
+
+            check_augmentation(**augmentation)
+        object.__setattr__(self, "augmentation", augmentation)
+
+    @classmethod
+    def of(cls, options: StepOptions | None = None, **fields: Any) -> StepOptions:
+        """``options`` (default: all defaults) with ``fields`` replaced: the one place where keyword arguments
+        of a step factory become a :class:`StepOptions`."""
+        options = cls() if options is None else options
+        if not isinstance(options, StepOptions):
+            raise TypeError(f"options must be a StepOptions, got {type(options).__name__}")
+        return dataclasses.replace(options, **fields) if fields else options
+
+
+def loss_and_grads_fn(
+    model: Layer, loss_fn: LossFn, gradients: str, *, dtype: Any = None, remat: bool = False
+) -> Callable[..., backprop.ReversePass]:
+    """``f(params, state, x, y, key) -> ReversePass(loss, predictions, new_state, grads)``: the training-mode
+    :func:`jaxcnn.backprop.loss_and_grads` in the given gradient mode, in the compute ``dtype``.
+
+    Mixed precision (``dtype``, e.g. ``"bfloat16"``): the parameters (the master weights, float32) and ``x`` are
+    cast to ``dtype`` for the forward and backward passes; the loss is taken in float32 on the predictions cast
+    up; the gradients come back cast to each parameter's own dtype. The model state (BatchNorm's running
+    statistics) stays in its own dtype, and the norms compute their statistics in at least float32.
+    """
+    backprop.check_gradients(gradients)
+    dtype = compute_dtype(dtype)
+    loss_vjp = None
+    if dtype is not None:
+        loss_fn, loss_vjp = _float32_loss(loss_fn, hand_vjp=gradients != "autodiff")
+    inner = backprop.loss_and_grads(model, loss_fn, gradients=gradients, loss_vjp=loss_vjp, remat=remat)
+    if dtype is None:
+        return lambda params, state, x, y, key: inner(params, state, x, y, key=key)
+
+    def mixed(params, state, x, y, key):
+        result = inner(cast_floating(params, dtype), state, x.astype(dtype), y, key=key)
+        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), result.grads, params)
+        return result._replace(grads=grads)
+
+    return mixed
+
+
 def _float32_loss(loss_fn: LossFn, hand_vjp: bool) -> tuple[LossFn, backprop.LossVJP | None]:
     """``loss_fn`` (and, with ``hand_vjp``, its hand VJP) evaluated on float32 predictions: the loss of a
     half-precision forward is taken in float32, and its cotangent is handed back in the predictions' dtype."""
@@ -72,124 +150,51 @@ def _float32_loss(loss_fn: LossFn, hand_vjp: bool) -> tuple[LossFn, backprop.Los
     return loss32, loss32_vjp
 
 
-def loss_and_grads_fn(
-    model: Layer, loss_fn: LossFn, gradients: str, *, dtype: Any = None, remat: bool = False
-) -> Callable[..., tuple[jax.Array, jax.Array, State, Params]]:
-    """``f(params, state, x, y, key) -> (loss, predictions, new_state, grads)`` in one of the three gradient modes.
-
-    ``"autodiff"``: ``jax.value_and_grad`` through the forward. ``"manual"``: the same, but every layer and the
-    loss run through ``jax.custom_vjp`` with their hand-derived rules. ``"engine"``: the explicit reverse pass of
-    :func:`jaxcnn.backprop.reverse_pass`, which uses no JAX differentiation at all.
-
-    Mixed precision (``dtype``, e.g. ``"bfloat16"``): the parameters (the master weights, float32) and ``x`` are
-    cast to ``dtype`` for the forward and backward passes; the loss is taken in float32 on the predictions cast
-    up; the gradients come back cast to each parameter's own dtype. The model state (BatchNorm's running
-    statistics) stays in its own dtype, and the norms compute their statistics in at least float32.
-
-    ``remat``: run each child of the model (a :class:`jaxcnn.nn.Container`, e.g. each block of a ``Sequential``)
-    under ``jax.checkpoint``, so its activations are recomputed in the backward pass instead of stored
-    ("autodiff" and "manual" only: the engine's reverse pass keeps every residual by design).
-    """
-    _check_gradients(gradients)
-    dtype = compute_dtype(dtype)
-    if remat:
-        from jaxcnn.nn.container import Container
-
-        if gradients == "engine":
-            raise ValueError("remat works with gradients='autodiff' or 'manual' (the engine keeps every residual)")
-        if not isinstance(model, Container):
-            raise ValueError(f"remat checkpoints a container's children; {type(model).__name__} has none")
-    loss_vjp = None
-    if dtype is not None:
-        loss_fn, loss_vjp = _float32_loss(loss_fn, hand_vjp=gradients != "autodiff")
-    inner = _loss_and_grads(model, loss_fn, gradients, loss_vjp, remat)
-    if dtype is None:
-        return inner
-
-    def mixed(params, state, x, y, key):
-        low = cast_floating(params, dtype)
-        loss, predictions, new_state, grads = inner(low, state, x.astype(dtype), y, key)
-        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
-        return loss, predictions, new_state, grads
-
-    return mixed
-
-
-def _loss_and_grads(model, loss_fn, gradients, loss_vjp, remat):
-    if gradients == "engine":
-        run = backprop.reverse_pass(model, loss_fn, loss_vjp=loss_vjp, train=True)
-
-        def engine(params, state, x, y, key):
-            result = run(params, state, x, y, key=key)
-            return result.loss, result.predictions, result.state, result.grads
-
-        return engine
-
-    mode = "manual" if gradients == "manual" else "autodiff"
-    loss_of = backprop.manual_loss(loss_fn, loss_vjp) if mode == "manual" else loss_fn
-    options = {"remat": True} if remat else {}
-
-    def objective(params, state, x, y, key):
-        predictions, new_state = model.apply(params, state, x, train=True, key=key, gradients=mode, **options)
-        return loss_of(predictions, y), (predictions, new_state)
-
-    value_and_grad = jax.value_and_grad(objective, has_aux=True)
-
-    def autodiff(params, state, x, y, key):
-        (loss, (predictions, new_state)), grads = value_and_grad(params, state, x, y, key)
-        return loss, predictions, new_state, grads
-
-    return autodiff
-
-
 def train_step_function(
-    model: Layer,
-    optimizer: optax.GradientTransformation,
-    *,
-    loss_fn: LossFn = softmax_cross_entropy,
-    gradients: str = "autodiff",
-    dtype: Any = None,
-    remat: bool = False,
-    log_grad_norms: bool = False,
-    augmentation: dict[str, Any] | None = None,
+    model: Layer, options: StepOptions | None = None
 ) -> Callable[..., tuple[TrainState, Metrics]]:
     """The train step of :func:`make_train_step` as a plain (not jit-compiled) function, to transform further:
-    ``jax.vmap`` it over an ensemble, ``jax.jit`` it with shardings over a mesh (see :mod:`jaxcnn.parallel`).
+    ``jax.vmap`` it over an ensemble, ``jax.jit`` it with shardings over a mesh (see :mod:`jaxcnn.distributed`).
 
     ``step(state, x, y, scale=None)``: a scalar ``scale`` multiplies the optimizer's updates, which sets an
     ensemble member's learning rate relative to the optimizer's (exactly so for the optax optimizers whose
     learning rate multiplies their final update: sgd, momentum, nesterov, adam, adamw, rmsprop).
     """
-    loss_and_grads = loss_and_grads_fn(model, loss_fn, gradients, dtype=dtype, remat=remat)
+    options = StepOptions.of(options)
+    loss_and_grads = loss_and_grads_fn(
+        model, options.loss_fn, options.gradients, dtype=options.dtype, remat=options.remat
+    )
+    augmentation = options.augmentation
     if augmentation:
-        from jaxcnn.data.augment import augment, check_augmentation
-
-        check_augmentation(**augmentation)
+        from jaxcnn.data.augment import augment
 
     def step(state: TrainState, x: jax.Array, y: jax.Array, scale: Any = None) -> tuple[TrainState, Metrics]:
         key = jax.random.fold_in(state.key, state.step)
         if augmentation:  # its own stream: the model's (dropout) key stays that of an unaugmented run
             x = augment(jax.random.fold_in(key, 1), x, **augmentation)
-        loss, predictions, model_state, grads = loss_and_grads(state.params, state.model_state, x, y, key)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        result = loss_and_grads(state.params, state.model_state, x, y, key)
+        updates, opt_state = state.optimizer_update(result.grads)
         if scale is not None:
             updates = jax.tree.map(lambda u: (u * scale).astype(u.dtype), updates)
-        params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "count": jnp.asarray(x.shape[0], jnp.int32)}
-        accuracy = _accuracy_of(predictions, y)
+        metrics = {"loss": result.loss, "count": jnp.asarray(x.shape[0], jnp.int32)}
+        accuracy = accuracy_of(result.predictions, y)
         if accuracy is not None:
             metrics["accuracy"] = accuracy
-        if log_grad_norms:
-            weights = layer_norms(state.params)
-            metrics["grad_norms"] = layer_norms(grads)
-            metrics["update_ratios"] = {
-                name: norm / jnp.maximum(weights[name], jnp.finfo(jnp.float32).tiny)
-                for name, norm in layer_norms(updates).items()
-            }
-        new_state = state.replace(params=params, model_state=model_state, opt_state=opt_state, step=state.step + 1)
-        return new_state, metrics
+        if options.log_grad_norms:
+            metrics.update(_norm_metrics(state.params, result.grads, updates))
+        return state.apply_updates(updates, opt_state, model_state=result.state), metrics
 
     return step
+
+
+def _norm_metrics(params: Params, grads: Params, updates: Params) -> Metrics:
+    """Per layer: the gradient's norm, and the update's norm over the weights' (see :func:`layer_norms`)."""
+    weights = layer_norms(params)
+    ratios = {
+        name: norm / jnp.maximum(weights[name], jnp.finfo(jnp.float32).tiny)
+        for name, norm in layer_norms(updates).items()
+    }
+    return {"grad_norms": layer_norms(grads), "update_ratios": ratios}
 
 
 def layer_norms(tree: Params) -> dict[str, jax.Array]:
@@ -222,22 +227,17 @@ def layer_order(model: Layer) -> list[str]:
 
 def make_train_step(
     model: Layer,
-    optimizer: optax.GradientTransformation,
+    options: StepOptions | None = None,
     *,
-    loss_fn: LossFn = softmax_cross_entropy,
-    gradients: str = "autodiff",
-    dtype: Any = None,
-    remat: bool = False,
     steps_per_call: int = 1,
-    log_grad_norms: bool = False,
-    augmentation: dict[str, Any] | None = None,
+    **fields: Any,
 ) -> Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, Metrics]]:
     """A jit-compiled ``step(state, x, y) -> (new_state, metrics)``.
 
     The four steps of backpropagation in one XLA program: forward, loss, backward (as ``gradients`` says), and
-    the optax update. The incoming state's buffers are donated (do not reuse ``state`` after the call). Step
-    ``s`` draws its randomness (dropout) from ``fold_in(state.key, s)``. Calls with the same shapes never
-    recompile.
+    the update by the optimizer the state carries (``state.tx``, see :func:`create_train_state`). The incoming
+    state's buffers are donated (do not reuse ``state`` after the call). Step ``s`` draws its randomness
+    (dropout) from ``fold_in(state.key, s)``. Calls with the same shapes never recompile.
 
     ``steps_per_call=K > 1`` compiles K consecutive steps into one program with ``lax.scan``: ``x`` is then
     ``(K, N, *input_shape)``, ``y`` ``(K, N, ...)``, and every metric has a leading axis of K. It gives the same
@@ -246,20 +246,11 @@ def make_train_step(
 
     Args:
       model: any :class:`jaxcnn.nn.Layer`.
-      optimizer: the optax transform the state was created with.
-      loss_fn: ``loss_fn(predictions, targets) -> scalar``; for ``gradients="manual"`` or ``"engine"`` it needs a
-        hand-derived VJP registered in :mod:`jaxcnn.functional` (the built-in losses have one).
-      gradients: ``"autodiff"``, ``"manual"`` or ``"engine"``.
-      dtype: the compute dtype for mixed precision (``"bfloat16"``: bf16 forward and backward, float32 master
-        weights, loss and optimizer); None computes in the parameters' dtype. See :func:`loss_and_grads_fn`.
-      remat: recompute each block's activations in the backward pass (``jax.checkpoint`` per child of the
-        model) to save memory; "autodiff" and "manual" only.
+      options: a :class:`StepOptions`; its fields may also be given (or overridden) as keywords:
+        ``make_train_step(model, gradients="manual", dtype="bfloat16")``. ``loss_fn`` (default
+        softmax cross-entropy), ``gradients`` (``"autodiff"``, ``"manual"`` or ``"engine"``), ``dtype``,
+        ``remat``, ``log_grad_norms`` and ``augmentation``: see :class:`StepOptions`.
       steps_per_call: train steps per call (>= 1), scanned (see above).
-      log_grad_norms: add ``"grad_norms"`` and ``"update_ratios"`` to the metrics: per layer (a dict by name,
-        see :func:`layer_norms`), the gradient's norm and the norm of the optimizer's update over the weights'.
-      augmentation: options of :func:`jaxcnn.data.augment.augment` (``translate``, ``flip``, ``noise``,
-        ``rotate``, ``scale``) applied to every batch on the device, from the step's key; None or ``{}`` trains
-        on the batches as given.
 
     Returns:
       ``step(state, x, y)`` with ``x`` of shape ``(N, *input_shape)`` and ``y`` the targets (``(N,)`` integer
@@ -269,18 +260,14 @@ def make_train_step(
       ``metrics`` stays on device: ``"loss"`` (the batch mean), ``"accuracy"`` (integer labels only) and
       ``"count"`` (N), each a scalar.
     """
+    if not isinstance(options, (StepOptions, type(None))):
+        raise TypeError(
+            f"make_train_step takes the model and StepOptions; got {type(options).__name__} (the optimizer now "
+            "lives in the state: create_train_state(model, optimizer, key, input_shape))"
+        )
     if not is_int(steps_per_call) or steps_per_call < 1:
         raise ValueError(f"steps_per_call must be an int >= 1, got {steps_per_call!r}")
-    step = train_step_function(
-        model,
-        optimizer,
-        loss_fn=loss_fn,
-        gradients=gradients,
-        dtype=dtype,
-        remat=remat,
-        log_grad_norms=log_grad_norms,
-        augmentation=augmentation,
-    )
+    step = train_step_function(model, StepOptions.of(options, **fields))
     if steps_per_call == 1:
         return jax.jit(step, donate_argnums=0)
 
@@ -293,103 +280,3 @@ def make_train_step(
         return jax.lax.scan(lambda carry, batch: step(carry, *batch), state, (xs, ys))
 
     return jax.jit(steps, donate_argnums=0)
-
-
-def make_eval_step(
-    model: Layer, *, loss_fn: LossFn = softmax_cross_entropy
-) -> Callable[[Params, State, jax.Array, jax.Array], Metrics]:
-    """A jit-compiled ``eval_step(params, model_state, x, y) -> metrics`` in inference mode (``train=False``).
-
-    ``metrics`` holds sums, so batches of any size add up exactly: ``"loss_sum"`` (the batch-mean loss times N),
-    ``"correct"`` (integer labels only) and ``"count"`` (N).
-    """
-    return jax.jit(eval_step_function(model, loss_fn=loss_fn))
-
-
-def eval_step_function(
-    model: Layer, *, loss_fn: LossFn = softmax_cross_entropy
-) -> Callable[[Params, State, jax.Array, jax.Array], Metrics]:
-    """The eval step of :func:`make_eval_step` as a plain (not jit-compiled) function."""
-
-    def eval_step(params: Params, model_state: State, x: jax.Array, y: jax.Array) -> Metrics:
-        predictions, _ = model.apply(params, model_state, x, train=False)
-        count = x.shape[0]
-        metrics = {"loss_sum": loss_fn(predictions, y) * count, "count": jnp.asarray(count, jnp.int32)}
-        accuracy = _accuracy_of(predictions, y)
-        if accuracy is not None:
-            metrics["correct"] = jnp.sum(jnp.argmax(predictions, axis=-1) == y, dtype=jnp.int32)
-        return metrics
-
-    return eval_step
-
-
-def sum_metrics(eval_step: Callable[..., Metrics], params: Params, model_state: State, batched: Any) -> dict:
-    """The sums ``eval_step(params, model_state, x, y)`` returns, added over ``batched`` ``(x, y)`` pairs on the
-    device and read back once. Raises ValueError on an empty set."""
-    totals: dict[str, Any] = {}
-    for x_batch, y_batch in batched:
-        for name, value in eval_step(params, model_state, x_batch, y_batch).items():
-            totals[name] = totals[name] + value if name in totals else value
-    if not totals:
-        raise ValueError("cannot evaluate on an empty set")
-    return jax.device_get(totals)
-
-
-def evaluate(
-    model: Layer,
-    params: Params,
-    model_state: State,
-    x: Any,
-    y: Any,
-    *,
-    batch_size: int = 256,
-    loss_fn: LossFn = softmax_cross_entropy,
-    eval_step: Callable[..., Metrics] | None = None,
-    mesh: Any = None,
-) -> dict[str, float]:
-    """Mean loss (and accuracy, for integer labels) of the model over ``(x, y)`` in inference mode.
-
-    Args:
-      model, params, model_state: the model and its variables.
-      x: inputs ``(N, *input_shape)``; y: targets ``(N, ...)``: for cross-entropy (and any ``(N,)`` integer
-        targets), class labels in ``[0, C)`` for the model's C outputs, checked on the host before the first batch.
-      batch_size: examples per compiled call (the last batch holds the remainder).
-      loss_fn: the loss (the mean over a batch).
-      eval_step: a step from :func:`make_eval_step` to reuse (avoids a compile per call).
-      mesh: a ``jax.sharding.Mesh`` from :func:`jaxcnn.parallel.data_mesh`: every batch is sharded across its
-        devices (``params`` and ``model_state`` replicated on it); None runs on the default device.
-
-    Returns:
-      ``{"loss": float, "accuracy": float, "count": int}`` (no ``"accuracy"`` for non-integer targets).
-
-    Raises:
-      ValueError: class labels that are not integers or lie outside ``[0, C)``, naming the first bad one.
-    """
-    from jaxcnn.data import batches
-
-    step = eval_step or make_eval_step(model, loss_fn=loss_fn)
-    x, y = np.asarray(x), np.asarray(y)
-    # class labels: integer targets, or any targets of the default loss (unless a given eval_step brings its own)
-    if np.issubdtype(y.dtype, np.integer) or (loss_fn is softmax_cross_entropy and eval_step is None):
-        check_class_labels(model, params, model_state, x, y)
-    if mesh is None:
-        batched = batches(x, y, batch_size)
-    else:
-        from jaxcnn.parallel import sharded_batches
-
-        batched = sharded_batches(x, y, batch_size, mesh)
-    totals = sum_metrics(step, params, model_state, batched)
-    count = int(totals["count"])
-    result: dict[str, Any] = {"loss": float(totals["loss_sum"]) / count, "count": count}
-    if "correct" in totals:
-        result["accuracy"] = float(totals["correct"]) / count
-    return result
-
-
-def check_class_labels(model: Layer, params: Params, model_state: State, x: np.ndarray, y: np.ndarray) -> None:
-    """Raise ValueError unless ``y`` ``(N,)`` holds integer labels in ``[0, C)`` for the model's C outputs,
-    C found from the shape of the output for ``x[:1]`` (traced abstractly, nothing runs)."""
-    from jaxcnn.data import check_labels
-
-    logits = jax.eval_shape(lambda p, s, xb: model.apply(p, s, xb, train=False)[0], params, model_state, x[:1])
-    check_labels(y, int(logits.shape[-1]))
