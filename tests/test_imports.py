@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-JAX_ONLY = ("jaxcnn", "jaxcnn.functional", "jaxcnn.nn", "jaxcnn.backprop")
+JAX_ONLY = ("jaxcnn", "jaxcnn.functional", "jaxcnn.nn", "jaxcnn.backprop", "jaxcnn.models", "jaxcnn.distributed")
 
 # one fresh process: each module in turn, then jaxcnn.train (which does load optax: the check can fail)
 SCRIPT = """

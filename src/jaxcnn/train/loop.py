@@ -207,9 +207,7 @@ class _Ensemble:
         x, y = self.run.data.test
         from jaxcnn.train.ensemble import evaluate_ensemble
 
-        return evaluate_ensemble(
-            self.run.model, state.params, state.model_state, x, y, eval_step=self.eval_step
-        )
+        return evaluate_ensemble(self.run.model, state.params, state.model_state, x, y, eval_step=self.eval_step)
 
 
 def _train(

@@ -39,9 +39,7 @@ def load_data(config: Config) -> data_lib.Dataset:
     )
 
 
-def build_model(
-    config: Config, input_shape: tuple[int, ...], num_classes: int, model: Layer | None = None
-) -> Layer:
+def build_model(config: Config, input_shape: tuple[int, ...], num_classes: int, model: Layer | None = None) -> Layer:
     """The run's model, checked against ``input_shape``: ``model`` when given (a user's object), else the one
     ``config.model`` names (a registered name or ``package.module:factory``) with ``num_classes`` outputs; with
     ``config.dropout`` a Dropout layer goes before the last layer of a Sequential."""
@@ -74,10 +72,12 @@ def param_signature(model: Layer, input_shape: tuple[int, ...]) -> list[str]:
     ``jax.eval_shape``), saved with every checkpoint so that a resumed or restored run can name the first
     difference when another model is given."""
     shapes = jax.eval_shape(lambda key: model.init(key, tuple(input_shape)), jax.random.key(0))
-    return [
-        f"{jax.tree_util.keystr(path)} {tuple(leaf.shape)} {leaf.dtype}"
-        for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]
-    ]
+    lines = []
+    for part, tree in zip(("params", "state"), shapes, strict=True):
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+            name = "/".join(str(getattr(entry, "key", getattr(entry, "idx", entry))) for entry in path)
+            lines.append(f"{part}/{name} {tuple(leaf.shape)} {leaf.dtype}")
+    return lines
 
 
 def check_signature(saved: list[str] | None, model: Layer, input_shape: tuple[int, ...], where: str) -> None:
@@ -172,8 +172,6 @@ def augmentation_of(config: Config) -> dict[str, Any]:
     options = {"translate": config.augment_translate, "flip": config.augment_flip, "noise": config.augment_noise}
     options.update(rotate=config.augment_rotate, scale=config.augment_scale)
     return {name: value for name, value in options.items() if value}
-
-
 
 
 def step_options(config: Config) -> StepOptions:

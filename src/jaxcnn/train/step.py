@@ -150,9 +150,7 @@ def _float32_loss(loss_fn: LossFn, hand_vjp: bool) -> tuple[LossFn, backprop.Los
     return loss32, loss32_vjp
 
 
-def train_step_function(
-    model: Layer, options: StepOptions | None = None
-) -> Callable[..., tuple[TrainState, Metrics]]:
+def train_step_function(model: Layer, options: StepOptions | None = None) -> Callable[..., tuple[TrainState, Metrics]]:
     """The train step of :func:`make_train_step` as a plain (not jit-compiled) function, to transform further:
     ``jax.vmap`` it over an ensemble, ``jax.jit`` it with shardings over a mesh (see :mod:`jaxcnn.distributed`).
 
