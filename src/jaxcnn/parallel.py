@@ -28,24 +28,8 @@ from jaxcnn.nn.layer import Layer, Params, State
 from jaxcnn.train.state import TrainState, as_typed_key
 from jaxcnn.train.step import LossFn, Metrics, accuracy_of
 
-# names that moved (module, name); still importable from here
-_MOVED = {
-    **{name: "jaxcnn.distributed" for name in ("AXIS", "data_mesh", "initialize", "replicate", "shard_batch")},
-    "sharded_batches": "jaxcnn.distributed",
-    **{
-        name: "jaxcnn.train.ensemble"
-        for name in (
-            "create_ensemble_state",
-            "ensemble_batches",
-            "ensemble_predictions",
-            "evaluate_ensemble",
-            "make_ensemble_eval_step",
-            "make_ensemble_train_step",
-        )
-    },
-    "make_data_parallel_eval_step": "jaxcnn.train.data_parallel",
-    "make_data_parallel_train_step": "jaxcnn.train.data_parallel",
-}
+# modules whose public names (their __all__) moved out of here and are still importable from here
+_MOVED_TO = ("jaxcnn.distributed", "jaxcnn.train.ensemble", "jaxcnn.train.data_parallel")
 
 __all__ = [
     "clip_per_example",
@@ -270,6 +254,7 @@ def make_dp_train_step(
 
 
 def __getattr__(name: str) -> Any:
-    if name in _MOVED:
-        return getattr(importlib.import_module(_MOVED[name]), name)
+    for module in map(importlib.import_module, _MOVED_TO):
+        if name in module.__all__:
+            return getattr(module, name)
     raise AttributeError(f"module 'jaxcnn.parallel' has no attribute {name!r}")

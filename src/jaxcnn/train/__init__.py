@@ -10,12 +10,13 @@ from jaxcnn._signals import Interrupted, stop_on_signals
 from jaxcnn.train.checkpoint import Checkpointer, CheckpointError
 from jaxcnn.train.config import GRADIENTS, OPTIMIZERS, SCHEDULES, Config, make_optimizer, make_schedule
 from jaxcnn.train.evaluate import evaluate, make_eval_step
-from jaxcnn.train.loop import NonFiniteError, fit, read_config, read_metrics
+from jaxcnn.train.loop import fit
 from jaxcnn.train.preprocess import Preprocess
+from jaxcnn.train.progress import NonFiniteError
 from jaxcnn.train.restored import evaluate_workdir, load_model, restore, restore_run
 from jaxcnn.train.state import TrainState, create_train_state
 from jaxcnn.train.step import StepOptions, make_train_step
-from jaxcnn.train.workdir import WorkdirBusyError
+from jaxcnn.train.workdir import WorkdirBusyError, read_config, read_metrics
 
 __all__ = [
     "GRADIENTS",

@@ -161,7 +161,6 @@ class Config:
     normalize: bool = True
 
     def __post_init__(self) -> None:
-
         # numpy scalars (np.int64(3)) are accepted and stored as Python numbers, so the config stays JSON-able
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
@@ -171,7 +170,11 @@ class Config:
                 object.__setattr__(self, field.name, float(value))
             elif isinstance(value, np.bool_):
                 object.__setattr__(self, field.name, bool(value))
+        self._check_values()
+        self._check_combinations()
 
+    def _check_values(self) -> None:
+        """Each field on its own: a known choice, a number in range, a bool."""
         _check_model(self.model)
         _choice("dataset", self.dataset, DATASETS)
         _choice("optimizer", self.optimizer, OPTIMIZERS)
@@ -216,6 +219,9 @@ class Config:
         for name in ("normalize", "remat", "log_grad_norms", "augment_flip"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}", name)
+
+    def _check_combinations(self) -> None:
+        """Fields that are valid alone but not together."""
         if self.remat and self.gradients == "engine":
             raise ConfigError(
                 "remat needs gradients 'autodiff' or 'manual' (the engine keeps every residual)", "remat", "gradients"

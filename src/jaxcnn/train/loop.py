@@ -14,6 +14,7 @@ at any moment) and resumed ends with the same bits as one that never stopped, on
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 import time
@@ -30,10 +31,9 @@ from jaxcnn.nn.layer import Layer
 from jaxcnn.train.checkpoint import all_finite, step_number
 from jaxcnn.train.config import Config
 from jaxcnn.train.evaluate import evaluate
-from jaxcnn.train.progress import (  # noqa: F401  (NonFiniteError and CHECK_EVERY, importable from here as before)
+from jaxcnn.train.progress import (
     CHECK_EVERY,
     LossWatch,
-    NonFiniteError,
     ProgressBar,
     early_stopping_epoch,
     json_number,
@@ -44,19 +44,7 @@ from jaxcnn.train.run import Run, compiled_steps
 from jaxcnn.train.session import Session, check_workdir, stop_if_interrupted
 from jaxcnn.train.state import TrainState, data_key
 from jaxcnn.train.step import layer_order
-from jaxcnn.train.workdir import (  # noqa: F401  (the workdir's names, importable from here as before)
-    CHECKPOINT_DIR,
-    CONFIG_FILE,
-    LOCK_FILE,
-    METRICS_FILE,
-    WorkdirBusyError,
-    WorkdirLock,
-    append_line,
-    metrics_text,
-    read_config,
-    read_metrics,
-    write_atomically,
-)
+from jaxcnn.train.workdir import WorkdirLock
 
 METRIC_FIELDS = (
     "epoch",
@@ -318,14 +306,20 @@ def _stops_early(history: list[dict[str, Any]], patience: int | None, epoch: int
     return True
 
 
-# -- reading a run back: moved to jaxcnn.train.restored, still importable from here ---------------------------
+# -- names that moved, still importable from here -------------------------------------------------------------
 
-_MOVED = ("restore", "restore_run", "evaluate_workdir", "load_model")
+_MOVED = {
+    **dict.fromkeys(("restore", "restore_run", "evaluate_workdir", "load_model"), "jaxcnn.train.restored"),
+    **dict.fromkeys(("NonFiniteError", "CHECK_EVERY"), "jaxcnn.train.progress"),
+    **dict.fromkeys(
+        ("CHECKPOINT_DIR", "CONFIG_FILE", "LOCK_FILE", "METRICS_FILE", "WorkdirBusyError", "append_line"),
+        "jaxcnn.train.workdir",
+    ),
+    **dict.fromkeys(("metrics_text", "read_config", "read_metrics", "write_atomically"), "jaxcnn.train.workdir"),
+}
 
 
 def __getattr__(name: str) -> Any:
     if name in _MOVED:
-        from jaxcnn.train import restored
-
-        return getattr(restored, name)
+        return getattr(importlib.import_module(_MOVED[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from jaxcnn.train.loop import METRICS_FILE, read_metrics
+from jaxcnn.train.workdir import METRICS_FILE, read_metrics
 
 CURVES_FILE = "curves.png"
 GRAD_NORMS_FILE = "grad_norms.png"
