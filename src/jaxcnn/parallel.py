@@ -62,22 +62,20 @@ def _one_example_fn(model: Layer, loss_fn: LossFn, gradients: str, train: bool) 
 
 
 def per_example_loss_and_grads(
-    model: Layer,
-    loss_fn: LossFn,
-    params: Params,
-    state: State,
-    x: jax.Array,
-    y: jax.Array,
-    *,
-    gradients: str = "autodiff",
-    key: jax.Array | None = None,
-    train: bool = True,
+    model: Layer, loss_fn: LossFn, params: Params, state: State, x: jax.Array, y: jax.Array, **options: Any
 ) -> tuple[jax.Array, Params]:
     """Every example's loss and gradient: ``(losses (N,), grads)``, each grads leaf ``(N, *param.shape)``.
 
     Example ``i`` is run as a batch of one, ``loss_fn(model(x[i:i+1]), y[i:i+1])``, with ``jax.vmap`` over the
-    batch; see :func:`per_example_grads` for the arguments.
+    batch; the arguments and keyword ``options`` (``gradients``, ``key``, ``train``) are those of
+    :func:`per_example_grads`.
     """
+    return _per_example(model, loss_fn, params, state, x, y, **options)
+
+
+def _per_example(
+    model, loss_fn, params, state, x, y, *, gradients: str = "autodiff", key: Any = None, train: bool = True
+) -> tuple[jax.Array, Params]:
     x, y = _check_batch(x, y)
     one = _one_example_fn(model, loss_fn, gradients, train)
     keys = None if key is None else jax.random.split(as_typed_key(key), x.shape[0])
@@ -124,7 +122,7 @@ def per_example_grads(
     Returns:
       The gradients, each leaf ``(N, *param.shape)`` in the parameter's dtype.
     """
-    return per_example_loss_and_grads(model, loss_fn, params, state, x, y, gradients=gradients, key=key, train=train)[1]
+    return _per_example(model, loss_fn, params, state, x, y, gradients=gradients, key=key, train=train)[1]
 
 
 def per_example_norms(grads: Params) -> jax.Array:
