@@ -11,7 +11,7 @@ from conftest import normal, relative_error
 from jaxcnn import nn
 
 LAYER_CASES = [
-    (nn.Conv2D(4, 3), (7, 9, 2)),
+    (nn.Conv2D(4, 3, padding="VALID"), (7, 9, 2)),
     (nn.Conv2D(4, (2, 5), stride=2, padding="SAME"), (7, 9, 2)),
     (nn.Conv2D(6, 3, stride=(1, 3), padding=((2, 0), (1, 1)), dilation=2, groups=3), (11, 10, 3)),
     (nn.Conv2D(3, 1, padding=2, groups=3, use_bias=False), (5, 5, 3)),
@@ -146,8 +146,12 @@ def test_same_key_same_bits():
     "build,input_shape,message",
     [
         (lambda: nn.Conv2D(4, 3, groups=2), (5, 5, 3), r"input channels \(=3\) must be divisible by `groups` \(=2\)"),
-        (lambda: nn.Conv2D(4, 7), (5, 5, 1), r"kernel height \(=7.*larger than the padded input height \(=5"),
-        (lambda: nn.Conv2D(4, 3, dilation=3), (6, 9, 1), r"kernel height \(=3, 7 with dilation 3\)"),
+        (
+            lambda: nn.Conv2D(4, 7, padding="VALID"),
+            (5, 5, 1),
+            r"kernel height \(=7.*larger than the padded input height \(=5",
+        ),
+        (lambda: nn.Conv2D(4, 3, dilation=3, padding="VALID"), (6, 9, 1), r"kernel height \(=3, 7 with dilation 3\)"),
         (lambda: nn.Conv2D(4, 3), (28, 28), r"Conv2D expects inputs of shape \(H, W, C\).*got \(28, 28\)"),
         (lambda: nn.MaxPool2D(3), (2, 5, 1), r"window height \(=3.*larger than the padded input"),
         (lambda: nn.AvgPool2D(2, padding=2), (5, 5, 1), r"padding .* must be smaller than the window"),
@@ -243,7 +247,9 @@ def test_init_validates_key_and_shape(key, input_shape, message):
 
 
 def test_legacy_keys_and_numpy_integers_work():
-    model = nn.Sequential([nn.Conv2D(np.int64(4), np.int32(3), stride=np.int64(2)), nn.Flatten(), nn.Dense(2)])
+    model = nn.Sequential(
+        [nn.Conv2D(np.int64(4), np.int32(3), stride=np.int64(2), padding="VALID"), nn.Flatten(), nn.Dense(2)]
+    )
     params, state = model.init(jax.random.PRNGKey(0), (np.int64(7), 7, 1))
     y, _ = model.apply(params, state, jnp.ones((1, 7, 7, 1)), gradients="manual", key=jax.random.PRNGKey(1))
     assert y.shape == (1, 2)
