@@ -1,4 +1,4 @@
-"""Convolution layer."""
+"""Convolution layers, Conv2D and ConvTranspose2D, with the defaults of their flax.linen twins."""
 
 from __future__ import annotations
 
