@@ -16,14 +16,15 @@ def mnist_cnn(num_classes: int = 10) -> nn.Sequential:
     """The CNN of Flax's MNIST example: 824,458 parameters on 28x28x1 inputs with 10 classes
     (825,034 on 28x28x3, the figure Flax's own test pins).
 
-    conv32 3x3 SAME, relu, avgpool 2, conv64 3x3 SAME, relu, avgpool 2, flatten, dense256, relu, dense10.
+    conv32 3x3 SAME, relu, avgpool 2, conv64 3x3 SAME, relu, avgpool 2, flatten, dense256, relu, dense10; the
+    convolutions pad SAME by default, as Flax's ``nn.Conv`` in the example.
     """
     return nn.Sequential(
         [
-            nn.Conv2D(32, 3, padding="SAME"),
+            nn.Conv2D(32, 3),
             nn.ReLU(),
             nn.AvgPool2D(2),
-            nn.Conv2D(64, 3, padding="SAME"),
+            nn.Conv2D(64, 3),
             nn.ReLU(),
             nn.AvgPool2D(2),
             nn.Flatten(),
