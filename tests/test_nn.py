@@ -184,6 +184,10 @@ def test_init_errors_name_the_problem(build, input_shape, message):
         (lambda: nn.MaxPool2D(0), r"`window` \(=0\) must be >= 1"),
         (lambda: nn.MaxPool2D(2, padding=2), r"padding 2 must be smaller than the window \(2, 2\)"),
         (lambda: nn.Sequential([nn.ReLU(), "relu"]), r"layer 1 must be a jaxcnn.nn.Layer"),
+        (lambda: nn.BatchNorm(momentum=1.5), r"BatchNorm: `momentum` must be a number in \[0.0, 1.0\], got 1.5"),
+        (lambda: nn.BatchNorm(epsilon=-1e-3), r"BatchNorm: `epsilon` must be a number >= 0.0, got -0.001"),
+        (lambda: nn.GroupNorm(4, epsilon="small"), r"GroupNorm: `epsilon` must be a number >= 0.0, got 'small'"),
+        (lambda: nn.GroupNorm(0), r"`groups` must be a positive int, got 0"),
     ],
 )
 def test_constructor_errors(build, message):
