@@ -42,7 +42,7 @@ def deep_cnn(activation: str, kind: str) -> nn.Sequential:
     for _ in range(DEPTH - 1):
         block = [nn.Conv2D(WIDTH, 3, padding="SAME")]
         if kind != "plain":
-            block.append(nn.BatchNorm())
+            block.append(nn.BatchNorm(momentum=0.9))
         block.append(act())
         layers.append(nn.Residual(nn.Sequential(block)) if kind == "residual" else nn.Sequential(block))
     return nn.Sequential([*layers, nn.GlobalAvgPool2D(), nn.Dense(10)])

@@ -83,7 +83,7 @@ def test_backprop_is_the_exact_gradient_and_options_are_checked():
 @pytest.mark.parametrize("method", ["es", "forward", "spsa", "backprop"])
 def test_the_estimator_step_lowers_the_loss(method):
     with jax.enable_x64(False):
-        model = nn.Sequential([nn.Conv2D(3, 3), nn.ReLU(), nn.Flatten(), nn.Dense(2)])
+        model = nn.Sequential([nn.Conv2D(3, 3, padding="VALID"), nn.ReLU(), nn.Flatten(), nn.Dense(2)])
         optimizer = optax.adam(0.01)
         state = create_train_state(model, optimizer, jax.random.key(0), (5, 5, 1))
         x = jax.random.normal(jax.random.key(1), (32, 5, 5, 1))

@@ -54,7 +54,9 @@ def test_gradcheck_command_exits_1_on_a_mismatch(monkeypatch, capsys):
     from jaxcnn import models, nn
     from models_for_tests import WrongDense
 
-    wrong = lambda: nn.Sequential([nn.Conv2D(2, 3), nn.ReLU(), nn.Flatten(), WrongDense(4), nn.Dense(10)])
+    wrong = lambda: nn.Sequential(
+        [nn.Conv2D(2, 3, padding="VALID"), nn.ReLU(), nn.Flatten(), WrongDense(4), nn.Dense(10)]
+    )
     monkeypatch.setitem(models.MODELS, "lenet5", wrong)
     code = cli.main(["gradcheck", "--model", "lenet5", "--batch-size", "2", "--no-finite-differences"])
     out = capsys.readouterr().out

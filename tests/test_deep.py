@@ -162,14 +162,14 @@ def test_residual_params_and_state_layout():
 
 def test_residual_shape_mismatch_is_a_one_line_error_naming_both_shapes():
     with pytest.raises(ValueError) as error:
-        nn.Residual(nn.Conv2D(4, 3)).init(jax.random.key(0), (6, 6, 4))
+        nn.Residual(nn.Conv2D(4, 3, padding="VALID")).init(jax.random.key(0), (6, 6, 4))
     message = str(error.value)
     assert "\n" not in message
     assert "(4, 4, 4)" in message and "(6, 6, 4)" in message and "Residual" in message
     with pytest.raises(ValueError, match=r"\(6, 6, 5\).*\(3, 3, 4\)") as error:
         nn.Residual(nn.Conv2D(5, 1), nn.SubsampleShortcut(4, 2)).init(jax.random.key(0), (6, 6, 2))
     assert "\n" not in str(error.value)
-    model = nn.Sequential([nn.ReLU(), nn.Residual(nn.Conv2D(4, 3))])
+    model = nn.Sequential([nn.ReLU(), nn.Residual(nn.Conv2D(4, 3, padding="VALID"))])
     with pytest.raises(ValueError, match=r"^Residual_0: .*\(4, 4, 4\).*\(6, 6, 4\)") as error:
         model.init(jax.random.key(0), (6, 6, 4))
     assert "\n" not in str(error.value)
@@ -303,7 +303,7 @@ def test_batchnorm_eval_mode_uses_running_statistics_and_keeps_state():
 
 def test_batchnorm_single_value_per_channel_runs():
     """Batch 1 of dense features (N=1, C): the batch variance is 0, so y = bias and var decays by momentum."""
-    layer = nn.BatchNorm()
+    layer = nn.BatchNorm(momentum=0.9)
     params = {"scale": jnp.array([2.0, 3.0]), "bias": jnp.array([0.5, -1.0])}
     state = {"mean": jnp.array([1.0, 2.0]), "var": jnp.array([4.0, 5.0])}
     for x in (jnp.array([[3.0, -7.0]]), jnp.array([[[[3.0, -7.0]]]])):

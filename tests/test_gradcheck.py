@@ -83,7 +83,7 @@ class WrongTanh(nn.Tanh):
 
 
 def test_planted_wrong_weight_gradient_is_caught_and_named():
-    model = nn.Sequential([nn.Conv2D(3, 3), nn.ReLU(), nn.Flatten(), WrongDense(4), nn.Dense(2)])
+    model = nn.Sequential([nn.Conv2D(3, 3, padding="VALID"), nn.ReLU(), nn.Flatten(), WrongDense(4), nn.Dense(2)])
     params, state = model.init(jax.random.key(0), (6, 6, 1))
     x = jax.random.normal(jax.random.key(1), (2, 6, 6, 1))
     report = jc.gradcheck.check_model(model, params, state, x, jnp.array([0, 1]))
@@ -98,7 +98,7 @@ def test_planted_wrong_weight_gradient_is_caught_and_named():
 
 
 def test_planted_wrong_activation_is_caught_upstream_too():
-    model = nn.Sequential([nn.Conv2D(3, 3), WrongTanh(), nn.Flatten(), nn.Dense(2)])
+    model = nn.Sequential([nn.Conv2D(3, 3, padding="VALID"), WrongTanh(), nn.Flatten(), nn.Dense(2)])
     params, state = model.init(jax.random.key(0), (6, 6, 1))
     x = jax.random.normal(jax.random.key(1), (2, 6, 6, 1))
     report = jc.gradcheck.check_model(model, params, state, x, jnp.array([0, 1]))

@@ -154,7 +154,7 @@ PLANTED = ("ChannelScale_0", "Gate_0", "SquareMix_0")
 def planted_model(wrong: bool):
     """Each planted layer sees the output of the one before, so each is checked at its own (perturbed) input."""
     layers = [ChannelScale(wrong), Gate(wrong), SquareMix(wrong)]
-    return nn.Sequential([nn.Conv2D(3, 3), nn.Tanh(), *layers, nn.Flatten(), nn.Dense(3)])
+    return nn.Sequential([nn.Conv2D(3, 3, padding="VALID"), nn.Tanh(), *layers, nn.Flatten(), nn.Dense(3)])
 
 
 def planted_data(model, seed=0):

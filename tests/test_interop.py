@@ -160,7 +160,11 @@ def test_flax_initialises_the_same_layout():
 
 
 def test_to_flax_single_layer():
-    for layer, shape in [(nn.Conv2D(3, 2, stride=2), (5, 5, 2)), (nn.BatchNorm(), (4, 3)), (nn.ReLU(), (3,))]:
+    for layer, shape in [
+        (nn.Conv2D(3, 2, stride=2, padding="VALID"), (5, 5, 2)),
+        (nn.BatchNorm(), (4, 3)),
+        (nn.ReLU(), (3,)),
+    ]:
         params, state = random_variables(layer, shape, seed=9)
         module, variables = to_flax(layer, params, state)
         name = layer.prefix() + "_0"

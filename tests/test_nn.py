@@ -1,5 +1,7 @@
 """Layers: shape inference agrees with apply, Flax-compatible parameters, clear errors."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +13,7 @@ from conftest import normal, relative_error
 from jaxcnn import nn
 
 LAYER_CASES = [
-    (nn.Conv2D(4, 3), (7, 9, 2)),
+    (nn.Conv2D(4, 3, padding="VALID"), (7, 9, 2)),
     (nn.Conv2D(4, (2, 5), stride=2, padding="SAME"), (7, 9, 2)),
     (nn.Conv2D(6, 3, stride=(1, 3), padding=((2, 0), (1, 1)), dilation=2, groups=3), (11, 10, 3)),
     (nn.Conv2D(3, 1, padding=2, groups=3, use_bias=False), (5, 5, 3)),
@@ -44,32 +46,38 @@ def test_output_shape_matches_apply(layer, input_shape, gradients):
     assert new_state == state
 
 
+def init_shapes(model, input_shape):
+    """``model.init(key, input_shape)`` as shapes: traced, not run (shapes and counts need no values)."""
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), input_shape))
+
+
 def test_sequential_shapes_and_names():
     model = jc.models.get("mnist_cnn")
-    params, state = model.init(jax.random.key(0), (28, 28, 1))
+    params, state = init_shapes(model, (28, 28, 1))
     assert state == {}
     assert sorted(params) == ["Conv_0", "Conv_1", "Dense_0", "Dense_1"]
     assert model.output_shape((28, 28, 1)) == (10,)
-    y, _ = model.apply(params, state, jnp.zeros((3, 28, 28, 1), jnp.float32))
+    x = jax.ShapeDtypeStruct((3, 28, 28, 1), jnp.float32)
+    y, _ = jax.eval_shape(lambda params, x: model.apply(params, state, x), params, x)
     assert y.shape == (3, 10)
 
 
 def count(params) -> int:
-    return sum(leaf.size for leaf in jax.tree.leaves(params))
+    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params))
 
 
 def test_mnist_cnn_parameter_count():
     model = jc.models.get("mnist_cnn")
-    assert count(model.init(jax.random.key(0), (28, 28, 1))[0]) == 824_458
+    assert count(init_shapes(model, (28, 28, 1))[0]) == 824_458
     # the figure Flax's own MNIST test pins is for 3-channel inputs
-    assert count(model.init(jax.random.key(0), (28, 28, 3))[0]) == 825_034
-    assert count(jc.models.get("lenet5").init(jax.random.key(0), (28, 28, 1))[0]) == 61_706
+    assert count(init_shapes(model, (28, 28, 3))[0]) == 825_034
+    assert count(init_shapes(jc.models.get("lenet5"), (28, 28, 1))[0]) == 61_706
 
 
 def test_digits_cnn_layers_and_parameter_count():
     """digits_cnn (issue 13, defect 11): the layers and 330,154 parameters its docstring gives, on 8x8x1 inputs."""
     model = jc.models.get("digits_cnn")
-    params, state = model.init(jax.random.key(0), jc.models.input_shape("digits_cnn"))
+    params, state = init_shapes(model, jc.models.input_shape("digits_cnn"))
     assert count(params) == 330_154 and count(state) == 2 * (32 + 32 + 64 + 64)  # BatchNorm's running statistics
     assert [name.rsplit("_", 1)[0] for name in model.names if not name.startswith(("ReLU", "BatchNorm"))] == [
         *["Upsample", "Conv", "Conv", "AvgPool2D", "Conv", "Conv", "AvgPool2D", "Flatten", "Dense", "Dense"]
@@ -146,8 +154,12 @@ def test_same_key_same_bits():
     "build,input_shape,message",
     [
         (lambda: nn.Conv2D(4, 3, groups=2), (5, 5, 3), r"input channels \(=3\) must be divisible by `groups` \(=2\)"),
-        (lambda: nn.Conv2D(4, 7), (5, 5, 1), r"kernel height \(=7.*larger than the padded input height \(=5"),
-        (lambda: nn.Conv2D(4, 3, dilation=3), (6, 9, 1), r"kernel height \(=3, 7 with dilation 3\)"),
+        (
+            lambda: nn.Conv2D(4, 7, padding="VALID"),
+            (5, 5, 1),
+            r"kernel height \(=7.*larger than the padded input height \(=5",
+        ),
+        (lambda: nn.Conv2D(4, 3, dilation=3, padding="VALID"), (6, 9, 1), r"kernel height \(=3, 7 with dilation 3\)"),
         (lambda: nn.Conv2D(4, 3), (28, 28), r"Conv2D expects inputs of shape \(H, W, C\).*got \(28, 28\)"),
         (lambda: nn.MaxPool2D(3), (2, 5, 1), r"window height \(=3.*larger than the padded input"),
         (lambda: nn.AvgPool2D(2, padding=2), (5, 5, 1), r"padding .* must be smaller than the window"),
@@ -172,6 +184,10 @@ def test_init_errors_name_the_problem(build, input_shape, message):
         (lambda: nn.MaxPool2D(0), r"`window` \(=0\) must be >= 1"),
         (lambda: nn.MaxPool2D(2, padding=2), r"padding 2 must be smaller than the window \(2, 2\)"),
         (lambda: nn.Sequential([nn.ReLU(), "relu"]), r"layer 1 must be a jaxcnn.nn.Layer"),
+        (lambda: nn.BatchNorm(momentum=1.5), r"BatchNorm: `momentum` must be a number in \[0.0, 1.0\], got 1.5"),
+        (lambda: nn.BatchNorm(epsilon=-1e-3), r"BatchNorm: `epsilon` must be a number >= 0.0, got -0.001"),
+        (lambda: nn.GroupNorm(4, epsilon="small"), r"GroupNorm: `epsilon` must be a number >= 0.0, got 'small'"),
+        (lambda: nn.GroupNorm(0), r"`groups` must be a positive int, got 0"),
     ],
 )
 def test_constructor_errors(build, message):
@@ -243,7 +259,9 @@ def test_init_validates_key_and_shape(key, input_shape, message):
 
 
 def test_legacy_keys_and_numpy_integers_work():
-    model = nn.Sequential([nn.Conv2D(np.int64(4), np.int32(3), stride=np.int64(2)), nn.Flatten(), nn.Dense(2)])
+    model = nn.Sequential(
+        [nn.Conv2D(np.int64(4), np.int32(3), stride=np.int64(2), padding="VALID"), nn.Flatten(), nn.Dense(2)]
+    )
     params, state = model.init(jax.random.PRNGKey(0), (np.int64(7), 7, 1))
     y, _ = model.apply(params, state, jnp.ones((1, 7, 7, 1)), gradients="manual", key=jax.random.PRNGKey(1))
     assert y.shape == (1, 2)

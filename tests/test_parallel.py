@@ -31,7 +31,7 @@ def small_cnn():
             nn.Conv2D(4, 3, padding="SAME"),
             nn.ReLU(),
             nn.MaxPool2D(2),
-            nn.Conv2D(6, 3),
+            nn.Conv2D(6, 3, padding="VALID"),
             nn.Tanh(),
             nn.GlobalAvgPool2D(),
             nn.Flatten(),
@@ -42,12 +42,19 @@ def small_cnn():
 
 def dropout_cnn():
     return nn.Sequential(
-        [nn.Conv2D(4, 3), nn.GroupNorm(groups=2), nn.ReLU(), nn.Dropout(0.3), nn.Flatten(), nn.Dense(3)]
+        [
+            nn.Conv2D(4, 3, padding="VALID"),
+            nn.GroupNorm(groups=2),
+            nn.ReLU(),
+            nn.Dropout(0.3),
+            nn.Flatten(),
+            nn.Dense(3),
+        ]
     )
 
 
 def batchnorm_cnn():
-    return nn.Sequential([nn.Conv2D(4, 3), nn.BatchNorm(), nn.ReLU(), nn.Flatten(), nn.Dense(3)])
+    return nn.Sequential([nn.Conv2D(4, 3, padding="VALID"), nn.BatchNorm(), nn.ReLU(), nn.Flatten(), nn.Dense(3)])
 
 
 # name -> (model, input shape, classes); every model is checked in each gradient mode

@@ -10,9 +10,9 @@ from jaxcnn import cli, data, models, nn, train
 
 
 def tiny_bn_net(num_classes: int = 10) -> nn.Sequential:
-    block = nn.Sequential([nn.Conv2D(4, 3, padding=1, use_bias=False), nn.BatchNorm(), nn.ReLU()])
+    block = nn.Sequential([nn.Conv2D(4, 3, padding=1, use_bias=False), nn.BatchNorm(momentum=0.9), nn.ReLU()])
     return nn.Sequential(
-        [nn.Conv2D(4, 3, padding=1), nn.BatchNorm(), nn.ReLU(), nn.Residual(block), nn.Dropout(0.2),
+        [nn.Conv2D(4, 3, padding=1), nn.BatchNorm(momentum=0.9), nn.ReLU(), nn.Residual(block), nn.Dropout(0.2),
          nn.GlobalAvgPool2D(), nn.Dense(num_classes)]
     )  # fmt: skip
 

@@ -76,7 +76,7 @@ def test_layer_norms_and_their_order():
 
 def test_step_reports_grad_norms_and_update_ratios():
     with jax.enable_x64(False):
-        model = nn.Sequential([nn.Conv2D(3, 3), nn.ReLU(), nn.Flatten(), nn.Dense(2)])
+        model = nn.Sequential([nn.Conv2D(3, 3, padding="VALID"), nn.ReLU(), nn.Flatten(), nn.Dense(2)])
         optimizer = optax.sgd(0.1)
         state = train.create_train_state(model, optimizer, jax.random.key(0), (5, 5, 1))
         params = jax.tree.map(np.asarray, state.params)

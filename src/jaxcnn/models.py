@@ -18,18 +18,24 @@ from typing import Any
 from jaxcnn import nn
 
 
+def _batch_norm() -> nn.BatchNorm:
+    """The built-in models' BatchNorm: momentum 0.9 (PyTorch's 0.1), not Flax's default 0.99."""
+    return nn.BatchNorm(momentum=0.9)
+
+
 def mnist_cnn(num_classes: int = 10) -> nn.Sequential:
     """The CNN of Flax's MNIST example: 824,458 parameters on 28x28x1 inputs with 10 classes
     (825,034 on 28x28x3, the figure Flax's own test pins).
 
-    conv32 3x3 SAME, relu, avgpool 2, conv64 3x3 SAME, relu, avgpool 2, flatten, dense256, relu, dense10.
+    conv32 3x3 SAME, relu, avgpool 2, conv64 3x3 SAME, relu, avgpool 2, flatten, dense256, relu, dense10; the
+    convolutions pad SAME by default, as Flax's ``nn.Conv`` in the example.
     """
     return nn.Sequential(
         [
-            nn.Conv2D(32, 3, padding="SAME"),
+            nn.Conv2D(32, 3),
             nn.ReLU(),
             nn.AvgPool2D(2),
-            nn.Conv2D(64, 3, padding="SAME"),
+            nn.Conv2D(64, 3),
             nn.ReLU(),
             nn.AvgPool2D(2),
             nn.Flatten(),
@@ -51,7 +57,7 @@ def lenet5(num_classes: int = 10) -> nn.Sequential:
             nn.Conv2D(6, 5, padding="SAME"),
             nn.Tanh(),
             nn.AvgPool2D(2),
-            nn.Conv2D(16, 5),
+            nn.Conv2D(16, 5, padding="VALID"),
             nn.Tanh(),
             nn.AvgPool2D(2),
             nn.Flatten(),
@@ -74,7 +80,7 @@ def digits_cnn(num_classes: int = 10) -> nn.Sequential:
     """
 
     def conv(features: int) -> list[nn.Layer]:
-        return [nn.Conv2D(features, 3, padding="SAME", use_bias=False), nn.BatchNorm(), nn.ReLU()]
+        return [nn.Conv2D(features, 3, padding="SAME", use_bias=False), _batch_norm(), nn.ReLU()]
 
     return nn.Sequential(
         [
@@ -102,16 +108,18 @@ def _basic_block(features: int, stride: int, in_features: int, shortcut: str) ->
     block = nn.Sequential(
         [
             nn.Conv2D(features, 3, stride=stride, padding=1, use_bias=False),
-            nn.BatchNorm(),
+            _batch_norm(),
             nn.ReLU(),
             nn.Conv2D(features, 3, padding=1, use_bias=False),
-            nn.BatchNorm(),
+            _batch_norm(),
         ]
     )
     skip = None
     if stride != 1 or in_features != features:
         if shortcut == "projection":
-            skip = nn.Sequential([nn.Conv2D(features, 1, stride=stride, use_bias=False), nn.BatchNorm()])
+            skip = nn.Sequential(
+                [nn.Conv2D(features, 1, stride=stride, padding="VALID", use_bias=False), _batch_norm()]
+            )
         else:
             skip = nn.SubsampleShortcut(features, stride)
     return [nn.Residual(block, skip), nn.ReLU()]
@@ -123,19 +131,19 @@ def _bottleneck_block(width: int, stride: int, in_features: int) -> list[nn.Laye
     features = 4 * width
     block = nn.Sequential(
         [
-            nn.Conv2D(width, 1, use_bias=False),
-            nn.BatchNorm(),
+            nn.Conv2D(width, 1, padding="VALID", use_bias=False),
+            _batch_norm(),
             nn.ReLU(),
             nn.Conv2D(width, 3, stride=stride, padding=1, use_bias=False),
-            nn.BatchNorm(),
+            _batch_norm(),
             nn.ReLU(),
-            nn.Conv2D(features, 1, use_bias=False),
-            nn.BatchNorm(),
+            nn.Conv2D(features, 1, padding="VALID", use_bias=False),
+            _batch_norm(),
         ]
     )
     skip = None
     if stride != 1 or in_features != features:
-        skip = nn.Sequential([nn.Conv2D(features, 1, stride=stride, use_bias=False), nn.BatchNorm()])
+        skip = nn.Sequential([nn.Conv2D(features, 1, stride=stride, padding="VALID", use_bias=False), _batch_norm()])
     return [nn.Residual(block, skip), nn.ReLU()]
 
 
@@ -158,7 +166,7 @@ def resnet18_cifar(num_classes: int = 10) -> nn.Sequential:
     11,173,962 parameters for 10 classes (the CIFAR ResNet-18 of kuangliu/pytorch-cifar), plus BatchNorm's
     running statistics in the state.
     """
-    stem = [nn.Conv2D(64, 3, padding=1, use_bias=False), nn.BatchNorm(), nn.ReLU()]
+    stem = [nn.Conv2D(64, 3, padding=1, use_bias=False), _batch_norm(), nn.ReLU()]
     block = lambda width, stride, in_features: _basic_block(width, stride, in_features, "projection")
     body = _stages((64, 128, 256, 512), (2, 2, 2, 2), 64, block)
     return nn.Sequential([*stem, *body, nn.GlobalAvgPool2D(), nn.Dense(num_classes)])
@@ -171,7 +179,7 @@ def resnet20_cifar(num_classes: int = 10) -> nn.Sequential:
 
     269,722 parameters for 10 classes (the paper's "0.27M").
     """
-    stem = [nn.Conv2D(16, 3, padding=1, use_bias=False), nn.BatchNorm(), nn.ReLU()]
+    stem = [nn.Conv2D(16, 3, padding=1, use_bias=False), _batch_norm(), nn.ReLU()]
     block = lambda width, stride, in_features: _basic_block(width, stride, in_features, "subsample")
     body = _stages((16, 32, 64), (3, 3, 3), 16, block)
     return nn.Sequential([*stem, *body, nn.GlobalAvgPool2D(), nn.Dense(num_classes)])
@@ -186,7 +194,7 @@ def resnet50(num_classes: int = 1000) -> nn.Sequential:
     """
     stem = [
         nn.Conv2D(64, 7, stride=2, padding=3, use_bias=False),
-        nn.BatchNorm(),
+        _batch_norm(),
         nn.ReLU(),
         nn.MaxPool2D(3, 2, padding=1),
     ]

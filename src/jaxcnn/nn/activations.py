@@ -20,12 +20,25 @@ class ActivationResiduals(NamedTuple):
 class Activation(Layer):
     """An elementwise layer ``y = function(x, **options)`` whose backward is ``derivative(x, dy, **options)``.
 
-    Subclasses set ``function`` and ``derivative`` (a functional op and its hand-derived VJP); their dataclass
-    fields are passed to both as keyword options.
+    A subclass names a functional op and its hand-derived VJP in its class statement,
+    ``class Swish(Activation, function=swish, derivative=swish_vjp)`` (or sets them as class attributes);
+    its dataclass fields are passed to both as keyword options.
+
+    The built-in activations are ``flax.linen``'s functions of the same names, with the same defaults.
+    Input any shape; output the same.
     """
 
     function: ClassVar[Callable[..., jax.Array]]
     derivative: ClassVar[Callable[..., jax.Array]]
+
+    def __init_subclass__(
+        cls, *, function: Callable[..., jax.Array] | None = None, derivative: Callable[..., jax.Array] | None = None
+    ) -> None:
+        super().__init_subclass__()
+        if function is not None:
+            cls.function = staticmethod(function)
+        if derivative is not None:
+            cls.derivative = staticmethod(derivative)
 
     def _options(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -38,59 +51,41 @@ class Activation(Layer):
 
 
 @dataclass(frozen=True)
-class ReLU(Activation):
+class ReLU(Activation, function=F.relu, derivative=F.relu_vjp):
     """``max(x, 0)``."""
-
-    function = staticmethod(F.relu)
-    derivative = staticmethod(F.relu_vjp)
 
 
 @dataclass(frozen=True)
-class LeakyReLU(Activation):
+class Sigmoid(Activation, function=F.sigmoid, derivative=F.sigmoid_vjp):
+    """``1 / (1 + exp(-x))``."""
+
+
+@dataclass(frozen=True)
+class Tanh(Activation, function=F.tanh, derivative=F.tanh_vjp):
+    """Hyperbolic tangent."""
+
+
+@dataclass(frozen=True)
+class Softplus(Activation, function=F.softplus, derivative=F.softplus_vjp):
+    """``log(1 + exp(x))``."""
+
+
+@dataclass(frozen=True)
+class LeakyReLU(Activation, function=F.leaky_relu, derivative=F.leaky_relu_vjp):
     """``x`` if ``x > 0`` else ``negative_slope * x``."""
 
     negative_slope: float = 0.01
-    function = staticmethod(F.leaky_relu)
-    derivative = staticmethod(F.leaky_relu_vjp)
 
 
 @dataclass(frozen=True)
-class ELU(Activation):
+class ELU(Activation, function=F.elu, derivative=F.elu_vjp):
     """``x`` if ``x > 0`` else ``alpha * (exp(x) - 1)``."""
 
     alpha: float = 1.0
-    function = staticmethod(F.elu)
-    derivative = staticmethod(F.elu_vjp)
 
 
 @dataclass(frozen=True)
-class GELU(Activation):
+class GELU(Activation, function=F.gelu, derivative=F.gelu_vjp):
     """Gaussian error linear unit; ``approximate=True`` is the tanh form (Flax's default)."""
 
     approximate: bool = True
-    function = staticmethod(F.gelu)
-    derivative = staticmethod(F.gelu_vjp)
-
-
-@dataclass(frozen=True)
-class Sigmoid(Activation):
-    """``1 / (1 + exp(-x))``."""
-
-    function = staticmethod(F.sigmoid)
-    derivative = staticmethod(F.sigmoid_vjp)
-
-
-@dataclass(frozen=True)
-class Tanh(Activation):
-    """Hyperbolic tangent."""
-
-    function = staticmethod(F.tanh)
-    derivative = staticmethod(F.tanh_vjp)
-
-
-@dataclass(frozen=True)
-class Softplus(Activation):
-    """``log(1 + exp(x))``."""
-
-    function = staticmethod(F.softplus)
-    derivative = staticmethod(F.softplus_vjp)

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 
 from jaxcnn.nn.contract import check_backward_result
 from jaxcnn.nn.layer import (
+    Key,
     Layer,
     LayerCall,
     Params,
@@ -124,8 +125,8 @@ class Container(Layer):
 
     def apply(
         self,
-        params: Params,
-        state: State,
+        params: dict[str, Params],
+        state: dict[str, State],
         x: jax.Array,
         *,
         train: bool = False,
@@ -156,14 +157,7 @@ class Container(Layer):
         return y, new_state
 
     def trace(
-        self,
-        params: Params,
-        state: State,
-        x: jax.Array,
-        *,
-        train: bool = False,
-        key: jax.Array | None = None,
-        path: str = "",
+        self, params: Params, state: State, x: jax.Array, *, train: bool = False, key: Key = None, path: str = ""
     ) -> tuple[jax.Array, State, list[LayerCall]]:
         def visit(name, layer, p, s, inputs, k):
             y, new_state, calls = layer.trace(p, s, inputs, train=train, key=k, path=f"{path}/{name}" if path else name)

@@ -1,7 +1,8 @@
-"""Convolution layer."""
+"""Convolution layers, Conv2D and ConvTranspose2D, with the defaults of their flax.linen twins."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
@@ -39,56 +40,40 @@ class ConvResiduals(NamedTuple):
 
 
 @dataclass(frozen=True)
-class Conv2D(Layer):
-    """2-D convolution over NHWC inputs with an HWIO kernel (parameters ``kernel`` and ``bias``, as Flax's Conv).
-
-    Args:
-      features: output channels.
-      kernel_size: int or ``(kh, kw)``.
-      stride, padding, dilation, groups: as :func:`jaxcnn.functional.conv2d`.
-      use_bias: add a learned bias (zeros at init).
-
-    The kernel starts from ``lecun_normal`` (fan-in ``kh * kw * C / groups``), as in Flax.
-    Input ``(N, H, W, C)``; output ``(N, OH, OW, features)``.
-    """
+class _Conv(Layer):
+    """The fields and parts :class:`Conv2D` and :class:`ConvTranspose2D` share (defaults: Flax's). Each subclass
+    adds its own fields, ``use_bias`` last, as in Flax's order."""
 
     features: int
-    kernel_size: int | Pair = 3
+    kernel_size: int | Pair
     stride: int | Pair = 1
-    padding: Padding = "VALID"
+    padding: Padding = "SAME"
     dilation: int | Pair = 1
-    groups: int = 1
-    use_bias: bool = True
+    geometry: ClassVar[Callable[..., tuple]]  # validates the arguments, gives the output size
 
-    name_prefix: ClassVar[str] = "Conv"
-
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         object.__setattr__(self, "features", positive_int(self.features, "features"))
-        object.__setattr__(self, "kernel_size", pair(self.kernel_size, "kernel_size"))
-        object.__setattr__(self, "stride", pair(self.stride, "stride"))
-        object.__setattr__(self, "dilation", pair(self.dilation, "dilation"))
+        for name in ("kernel_size", "stride", "dilation"):
+            object.__setattr__(self, name, pair(getattr(self, name), name))
         object.__setattr__(self, "padding", freeze_padding(self.padding))
-        object.__setattr__(self, "groups", positive_int(self.groups, "groups"))
-        if self.features % self.groups:
-            raise ValueError(f"`features` (={self.features}) must be divisible by `groups` (={self.groups})")
 
     @property
     def _options(self) -> dict[str, Any]:
-        return dict(stride=self.stride, padding=self.padding, dilation=self.dilation, groups=self.groups)
+        return dict(stride=self.stride, padding=self.padding, dilation=self.dilation)
 
     def _kernel_shape(self, channels: int) -> Shape:
-        return (*self.kernel_size, channels // self.groups, self.features)
+        """The kernel's shape for inputs of ``channels`` channels."""
+        return (*self.kernel_size, channels, self.features)
+
+    def _input_channels(self, kernel: jax.Array) -> int:
+        """The input channels ``kernel`` takes."""
+        return kernel.shape[2]
 
     def output_shape(self, input_shape: Shape) -> Shape:
+        name = type(self).__name__
         if len(input_shape) != 3:
-            raise ValueError(f"Conv2D expects inputs of shape (H, W, C) (batch excluded), got {tuple(input_shape)}")
-        channels = input_shape[2]
-        _, _, _, out = conv_geometry(
-            (1, *input_shape),
-            (*self.kernel_size, max(channels // self.groups, 1), self.features),
-            op="Conv2D",
-            **self._options,
-        )
+            raise ValueError(f"{name} expects inputs of shape (H, W, C) (batch excluded), got {tuple(input_shape)}")
+        _, _, _, out = self.geometry((1, *input_shape), self._kernel_shape(input_shape[2]), op=name, **self._options)
         return (*out, self.features)
 
     def init(self, key: jax.Array, input_shape: Shape, *, dtype: Any = jnp.float32) -> tuple[Params, dict]:
@@ -98,10 +83,51 @@ class Conv2D(Layer):
         return kernel_and_bias(key, self._kernel_shape(input_shape[2]), self.use_bias, dtype), {}
 
     def _check_x(self, params: Params, x: jax.Array) -> None:
-        check_param_keys("Conv2D", params, ["kernel", "bias"] if self.use_bias else ["kernel"])
-        channels = params["kernel"].shape[2] * self.groups
+        name = type(self).__name__
+        check_param_keys(name, params, ["kernel", "bias"] if self.use_bias else ["kernel"])
+        channels = self._input_channels(params["kernel"])
         if x.ndim != 4 or x.shape[3] != channels:
-            raise ValueError(f"Conv2D expects input of shape (N, H, W, {channels}), got {tuple(x.shape)}")
+            raise ValueError(f"{name} expects input of shape (N, H, W, {channels}), got {tuple(x.shape)}")
+
+
+@dataclass(frozen=True)
+class Conv2D(_Conv):
+    """2-D convolution over NHWC inputs with an HWIO kernel (parameters ``kernel`` and ``bias``), as
+    ``flax.linen.Conv``, with its defaults: ``padding="SAME"``, stride 1, no dilation, one group, a bias.
+
+    Args:
+      features: output channels.
+      kernel_size: int or ``(kh, kw)`` (required, as in Flax).
+      stride, padding, dilation, groups: as :func:`jaxcnn.functional.conv2d` (Flax's ``strides``, ``padding``,
+        ``kernel_dilation``, ``feature_group_count``). ``"SAME"`` keeps ``H x W`` at stride 1.
+      use_bias: add a learned bias (zeros at init).
+
+    The kernel starts from ``lecun_normal`` (fan-in ``kh * kw * C / groups``), as in Flax.
+    Input ``(N, H, W, C)``; output ``(N, OH, OW, features)``.
+    """
+
+    groups: int = 1
+    use_bias: bool = True
+
+    name_prefix: ClassVar[str] = "Conv"
+    geometry = staticmethod(conv_geometry)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "groups", positive_int(self.groups, "groups"))
+        if self.features % self.groups:
+            raise ValueError(f"`features` (={self.features}) must be divisible by `groups` (={self.groups})")
+
+    @property
+    def _options(self) -> dict[str, Any]:
+        return dict(stride=self.stride, padding=self.padding, dilation=self.dilation, groups=self.groups)
+
+    def _kernel_shape(self, channels: int) -> Shape:
+        # at least one channel per group, so that too few input channels get the geometry's own error
+        return (*self.kernel_size, max(channels // self.groups, 1), self.features)
+
+    def _input_channels(self, kernel: jax.Array) -> int:
+        return kernel.shape[2] * self.groups
 
     def forward(self, params: Params, x: jax.Array) -> tuple[jax.Array, ConvResiduals]:
         self._check_x(params, x)
@@ -114,66 +140,29 @@ class Conv2D(Layer):
 
 
 @dataclass(frozen=True)
-class ConvTranspose2D(Layer):
-    """Transposed 2-D convolution (Flax linen's ``ConvTranspose``): NHWC input, HWIO kernel with ``I`` the input
-    channels; parameters ``kernel`` and ``bias``.
+class ConvTranspose2D(_Conv):
+    """Transposed 2-D convolution, as ``flax.linen.ConvTranspose`` (with ``transpose_kernel=False``) and with its
+    defaults: ``padding="SAME"`` (output ``H * stride``), stride 1, no dilation, a bias. NHWC input, HWIO kernel
+    with ``I`` the input channels; parameters ``kernel`` and ``bias``.
 
     Args:
       features: output channels.
-      kernel_size: int or ``(kh, kw)``.
-      stride, padding, dilation: as :func:`jaxcnn.functional.conv_transpose2d` (``dilation`` dilates the
-        kernel); ``stride`` s upsamples by about s.
+      kernel_size: int or ``(kh, kw)`` (required, as in Flax).
+      stride, padding, dilation: as :func:`jaxcnn.functional.conv_transpose2d` (Flax's ``strides``, ``padding``,
+        ``kernel_dilation``; ``dilation`` dilates the kernel); ``stride`` s upsamples by about s.
       use_bias: add a learned bias (zeros at init).
 
     The kernel starts from ``lecun_normal`` (fan-in ``kh * kw * C``), as in Flax.
     Input ``(N, H, W, C)``; output ``(N, OH, OW, features)``.
     """
 
-    features: int
-    kernel_size: int | Pair = 3
-    stride: int | Pair = 1
-    padding: Padding = "VALID"
-    dilation: int | Pair = 1
     use_bias: bool = True
 
     name_prefix: ClassVar[str] = "ConvTranspose"
-
-    def __post_init__(self):
-        object.__setattr__(self, "features", positive_int(self.features, "features"))
-        object.__setattr__(self, "kernel_size", pair(self.kernel_size, "kernel_size"))
-        object.__setattr__(self, "stride", pair(self.stride, "stride"))
-        object.__setattr__(self, "dilation", pair(self.dilation, "dilation"))
-        object.__setattr__(self, "padding", freeze_padding(self.padding))
-
-    @property
-    def _options(self) -> dict[str, Any]:
-        return dict(stride=self.stride, padding=self.padding, dilation=self.dilation)
-
-    def output_shape(self, input_shape: Shape) -> Shape:
-        if len(input_shape) != 3:
-            raise ValueError(
-                f"ConvTranspose2D expects inputs of shape (H, W, C) (batch excluded), got {tuple(input_shape)}"
-            )
-        _, _, _, out = conv_transpose_geometry(
-            (1, *input_shape),
-            (*self.kernel_size, input_shape[2], self.features),
-            op="ConvTranspose2D",
-            **self._options,
-        )
-        return (*out, self.features)
-
-    def init(self, key: jax.Array, input_shape: Shape, *, dtype: Any = jnp.float32) -> tuple[Params, dict]:
-        check_key(key)
-        input_shape = check_input_shape(input_shape)
-        self.output_shape(input_shape)
-        shape = (*self.kernel_size, input_shape[2], self.features)
-        return kernel_and_bias(key, shape, self.use_bias, dtype), {}
+    geometry = staticmethod(conv_transpose_geometry)
 
     def forward(self, params: Params, x: jax.Array) -> tuple[jax.Array, ConvResiduals]:
-        check_param_keys("ConvTranspose2D", params, ["kernel", "bias"] if self.use_bias else ["kernel"])
-        channels = params["kernel"].shape[2]
-        if x.ndim != 4 or x.shape[3] != channels:
-            raise ValueError(f"ConvTranspose2D expects input of shape (N, H, W, {channels}), got {tuple(x.shape)}")
+        self._check_x(params, x)
         return F.conv_transpose2d(x, params["kernel"], params.get("bias"), **self._options), ConvResiduals(x)
 
     def backward(self, params: Params, residuals: ConvResiduals, dy: jax.Array) -> tuple[jax.Array, Params]:

@@ -32,7 +32,8 @@ class DenseResiduals(NamedTuple):
 class Dense(Layer):
     """Affine layer over the last axis (parameters ``kernel`` ``(D_in, features)`` and ``bias``, as Flax's Dense).
 
-    Input ``(N, ..., D_in)``; output ``(N, ..., features)``. The kernel starts from ``lecun_normal``.
+    Input ``(N, ..., D_in)``; output ``(N, ..., features)``. The kernel starts from ``lecun_normal``; the defaults
+    are ``flax.linen.Dense``'s.
     """
 
     features: int

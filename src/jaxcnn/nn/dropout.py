@@ -23,12 +23,12 @@ class Dropout(Layer):
     the same key; the backward applies the same mask to ``dy`` (redrawn from the saved key, not stored).
 
     Args:
-      rate: the probability of dropping an element, in [0, 1].
+      rate: the probability of dropping an element, in [0, 1] (required, as in ``flax.linen.Dropout``).
 
     Input any shape; output the same. Training mode needs ``key`` (``model.apply(..., train=True, key=k)``).
     """
 
-    rate: float = 0.5
+    rate: float
 
     name_prefix: ClassVar[str] = "Dropout"
 

@@ -32,6 +32,7 @@ Params = Any  # a pytree of arrays; {} for a layer without parameters
 State = Any  # a pytree of arrays; {} for a layer without state
 Residuals = Any  # a pytree of arrays (and Static leaves) saved by forward for backward
 Shape = tuple[int, ...]
+Key = jax.Array | None  # a jax.random key, or None where a call draws no random numbers
 
 GRADIENT_MODES = ("autodiff", "manual")
 
@@ -221,14 +222,7 @@ class Layer:
         return y, new_state
 
     def trace(
-        self,
-        params: Params,
-        state: State,
-        x: jax.Array,
-        *,
-        train: bool = False,
-        key: jax.Array | None = None,
-        path: str = "",
+        self, params: Params, state: State, x: jax.Array, *, train: bool = False, key: Key = None, path: str = ""
     ) -> tuple[jax.Array, State, list[LayerCall]]:
         """Run forward and record every leaf layer's call: ``(y, new_state, calls)``. Containers recurse."""
         y, _, new_state = self.forward_with_state(params, state, x, train=train, key=key)

@@ -27,14 +27,17 @@ def _check_number(layer: str, name: str, value: Any, low: float, high: float = m
 
 class _Normalization(Layer):
     """Shared parts: optional ``scale`` (ones) and ``bias`` (zeros) over the last (feature) axis. Subclasses are
-    frozen dataclasses with the fields ``epsilon``, ``use_scale`` and ``use_bias``."""
+    frozen dataclasses with the fields ``epsilon``, ``use_scale`` and ``use_bias``; ``bounds`` gives the range of
+    each number field, checked at construction."""
 
     epsilon: float
     use_scale: bool
     use_bias: bool
+    bounds: ClassVar[dict[str, tuple[float, float]]] = {"epsilon": (0.0, math.inf)}
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "epsilon", _check_number(type(self).__name__, "epsilon", self.epsilon, 0.0))
+        for name, (low, high) in self.bounds.items():
+            object.__setattr__(self, name, _check_number(type(self).__name__, name, getattr(self, name), low, high))
 
     def _param_names(self) -> list[str]:
         return [name for name, used in (("scale", self.use_scale), ("bias", self.use_bias)) if used]
@@ -81,23 +84,20 @@ class BatchNorm(_Normalization):
     with the running statistics. Parameters ``scale``, ``bias``; state ``mean`` (zeros), ``var`` (ones).
 
     Args:
-      momentum: the running statistics' decay, in [0, 1] (Flax's default is 0.99; 0.9 here, as PyTorch's 0.1).
+      momentum: the running statistics' decay, in [0, 1]; Flax's default 0.99 (PyTorch's ``momentum=0.1`` is
+        ``momentum=0.9`` here, the value the built-in models use).
       epsilon: added to the variance (>= 0).
       use_scale, use_bias: learn a per-channel scale and bias.
 
-    Input ``(N, ..., C)``; output the same shape.
+    The defaults are ``flax.linen.BatchNorm``'s. Input ``(N, ..., C)``; output the same shape.
     """
 
-    momentum: float = 0.9
+    momentum: float = 0.99
     epsilon: float = 1e-5
     use_scale: bool = True
     use_bias: bool = True
 
-    name_prefix: ClassVar[str] = "BatchNorm"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        object.__setattr__(self, "momentum", _check_number("BatchNorm", "momentum", self.momentum, 0.0, 1.0))
+    bounds: ClassVar[dict[str, tuple[float, float]]] = {"momentum": (0.0, 1.0), "epsilon": (0.0, math.inf)}
 
     def init(self, key: jax.Array, input_shape: Shape, *, dtype: Any = jnp.float32) -> tuple[Params, State]:
         check_key(key)
@@ -153,8 +153,6 @@ class LayerNorm(_Normalization):
     use_scale: bool = True
     use_bias: bool = True
 
-    name_prefix: ClassVar[str] = "LayerNorm"
-
     def init(self, key: jax.Array, input_shape: Shape, *, dtype: Any = jnp.float32) -> tuple[Params, State]:
         check_key(key)
         return self._init_params(check_input_shape(input_shape)[-1], dtype), {}
@@ -183,8 +181,6 @@ class GroupNorm(_Normalization):
     epsilon: float = 1e-6
     use_scale: bool = True
     use_bias: bool = True
-
-    name_prefix: ClassVar[str] = "GroupNorm"
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import jax
 
@@ -20,9 +21,18 @@ class PoolResiduals(NamedTuple):
 
 @dataclass(frozen=True)
 class _Pool2D(Layer):
-    window: int | Pair = 2
+    """Shared parts of :class:`MaxPool2D` and :class:`AvgPool2D`.
+
+    The arguments mirror ``flax.linen.max_pool`` / ``avg_pool``'s ``window_shape`` (required), ``strides`` and
+    ``padding`` (``"VALID"``), with one deliberate difference: ``stride=None`` means ``stride = window``
+    (non-overlapping windows, as :func:`jaxcnn.functional.max_pool2d`, PyTorch's and Keras's pooling layers),
+    where Flax's functions take stride 1.
+    """
+
+    window: int | Pair
     stride: int | Pair | None = None
     padding: Padding = "VALID"
+    function: ClassVar[Callable[..., jax.Array]]  # the functional op
 
     def __post_init__(self):
         object.__setattr__(self, "window", pair(self.window, "window"))
@@ -43,18 +53,20 @@ class _Pool2D(Layer):
         _, _, _, out = pool_geometry((1, *input_shape), self.window, self.stride, self.padding, op=name)
         return (*out, input_shape[2])
 
-    def _check_x(self, x: jax.Array) -> None:
+    def forward(self, params: Params, x: jax.Array) -> tuple[jax.Array, PoolResiduals]:
         if x.ndim != 4:
             raise ValueError(f"{type(self).__name__} expects input of shape (N, H, W, C), got {tuple(x.shape)}")
+        return type(self).function(x, self.window, self.stride, self.padding), PoolResiduals(x)
 
 
 @dataclass(frozen=True)
 class MaxPool2D(_Pool2D):
-    """Max pooling; ``stride=None`` means ``stride = window``. Ties: see :func:`jaxcnn.functional.max_pool2d_vjp`."""
+    """Max pooling; ``stride=None`` means ``stride = window``. Ties: see :func:`jaxcnn.functional.max_pool2d_vjp`.
 
-    def forward(self, params: Params, x: jax.Array) -> tuple[jax.Array, PoolResiduals]:
-        self._check_x(x)
-        return F.max_pool2d(x, self.window, self.stride, self.padding), PoolResiduals(x)
+    Input ``(N, H, W, C)``; output ``(N, OH, OW, C)``.
+    """
+
+    function = staticmethod(F.max_pool2d)
 
     def backward(self, params: Params, residuals: PoolResiduals, dy: jax.Array) -> tuple[jax.Array, Params]:
         return F.max_pool2d_vjp(residuals.x, dy, self.window, self.stride, self.padding), {}
@@ -62,11 +74,13 @@ class MaxPool2D(_Pool2D):
 
 @dataclass(frozen=True)
 class AvgPool2D(_Pool2D):
-    """Average pooling over the real (unpadded) cells of each window; ``stride=None`` means ``stride = window``."""
+    """Average pooling over the real (unpadded) cells of each window; ``stride=None`` means ``stride = window``.
 
-    def forward(self, params: Params, x: jax.Array) -> tuple[jax.Array, PoolResiduals]:
-        self._check_x(x)
-        return F.avg_pool2d(x, self.window, self.stride, self.padding), PoolResiduals(x)
+    With padding this differs from ``flax.linen.avg_pool``, whose default ``count_include_pad=True`` counts the
+    padded zeros (to_flax passes ``count_include_pad=False``). Input ``(N, H, W, C)``; output ``(N, OH, OW, C)``.
+    """
+
+    function = staticmethod(F.avg_pool2d)
 
     def backward(self, params: Params, residuals: PoolResiduals, dy: jax.Array) -> tuple[jax.Array, Params]:
         return F.avg_pool2d_vjp(residuals.x, dy, self.window, self.stride, self.padding), {}
