@@ -1,12 +1,11 @@
 """jaxcnn bench: the harness runs every contender it can, interleaved, and reports medians and ratios."""
 
 import json
-import math
 
 import jax
 import pytest
 
-from jaxcnn import bench, cli, models
+from jaxcnn import bench, cli
 
 
 def test_bench_runs_contenders_and_reports_medians_and_ratios():
@@ -25,23 +24,6 @@ def test_bench_runs_contenders_and_reports_medians_and_ratios():
     table = bench.markdown(result)
     assert "| lenet5 | flax |" in table and "Versions: python" in table
     json.dumps(result)  # JSON-able
-
-
-@pytest.mark.parametrize("name", ["mnist_cnn", "lenet5", "resnet18_cifar"])
-def test_the_torch_model_has_the_same_parameter_count(name):
-    pytest.importorskip("torch")
-    model = models.get(name)
-    shape = models.input_shape(name)
-    params, _ = jax.eval_shape(lambda key: model.init(key, shape), jax.random.key(0))
-    ours = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params))
-    theirs = sum(p.numel() for p in bench.torch_module(model, shape).parameters())
-    assert ours == theirs
-
-
-def test_layers_without_a_torch_counterpart_are_skipped_by_name():
-    pytest.importorskip("torch")
-    with pytest.raises(ValueError, match="no PyTorch counterpart for SubsampleShortcut"):
-        bench.torch_module(models.get("resnet20_cifar"), (32, 32, 3))
 
 
 @pytest.mark.parametrize(

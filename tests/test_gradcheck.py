@@ -47,7 +47,7 @@ def test_check_model_passes_on_correct_rules(name):
         "hand vs autodiff",
         "hand vs finite diff",
         "engine vs autodiff",
-        "bridge vs autodiff",
+        "manual vs autodiff",
         "engine vs finite diff",
     }
     exact = [c for c in report.checks if "autodiff" in c.method]
@@ -91,7 +91,7 @@ def test_planted_wrong_weight_gradient_is_caught_and_named():
     failed = {(c.layer, c.quantity, c.method) for c in report.failures()}
     assert ("Dense_0", "kernel", "hand vs autodiff") in failed
     assert ("Dense_0", "kernel", "engine vs autodiff") in failed
-    assert ("Dense_0", "kernel", "bridge vs autodiff") in failed
+    assert ("Dense_0", "kernel", "manual vs autodiff") in failed
     # the gradient flowing into the layer below is untouched, so the blame stays with Dense_0/kernel
     assert {layer for layer, _, method in failed if method == "hand vs autodiff"} == {"Dense_0"}
     assert "FAIL" in report.table()
