@@ -12,6 +12,8 @@ from typing import Any
 
 
 def _gradcheck(args: argparse.Namespace) -> int:
+    """Compare the hand-derived gradients of a model (gradients "engine" and "manual") with JAX autodiff and
+    central finite differences, per layer and per parameter. Exits 1 on a mismatch."""
     from jaxcnn import gradcheck, models
 
     if args.batch_size < 1:
@@ -88,17 +90,11 @@ class _Progress:
             print("\r\033[K", end="", file=sys.stderr, flush=True)
 
 
-_GRADCHECK_TEXT = (
-    'Compare the hand-derived gradients of a model (gradients "engine" and "manual") with JAX autodiff and '
-    "central finite differences, per layer and per parameter. Exits 1 on a mismatch."
-)
-
-
 def _add_gradcheck(commands, names: list[str]) -> None:
     check = commands.add_parser(
         "gradcheck",
         help="check a model's hand-derived gradients against autodiff and finite differences",
-        description=_GRADCHECK_TEXT,
+        description=_gradcheck.__doc__,
     )
     check.add_argument("--model", default="mnist_cnn", choices=names, help="architecture (default: mnist_cnn)")
     check.add_argument("--dtype", default="float64", choices=["float64", "float32"], help="default: float64")
@@ -119,6 +115,10 @@ def _add_gradcheck(commands, names: list[str]) -> None:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    """Time one training step (SGD momentum, synthetic batch on the device) of each model for jaxcnn's three gradient
+    modes, the same model in Flax linen, and in PyTorch eager and torch.compile when torch is installed. Contenders
+    take turns for several rounds; the median img/s and ratios to PyTorch eager are printed as a Markdown table and
+    written with the raw rounds as JSON."""
     import json
 
     from jaxcnn import bench, models
@@ -140,19 +140,11 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
-_BENCH_TEXT = (
-    "Time one training step (SGD momentum, synthetic batch on the device) of each model for jaxcnn's three "
-    "gradient modes, the same model in Flax linen, and in PyTorch eager and torch.compile when torch is "
-    "installed. Contenders take turns for several rounds; the median img/s and ratios to PyTorch eager are "
-    "printed as a Markdown table and written with the raw rounds as JSON."
-)
-
-
 def _add_bench(commands) -> None:
     from jaxcnn import bench
 
     text = "time the training step against Flax and PyTorch (eager and compiled), interleaved, medians"
-    parser = commands.add_parser("bench", help=text, description=_BENCH_TEXT)
+    parser = commands.add_parser("bench", help=text, description=_bench.__doc__)
     parser.add_argument("--models", default="mnist_cnn", help="comma-separated model names (default: mnist_cnn)")
     parser.add_argument("--batch-size", type=int, default=128, help="images per step (default: 128)")
     parser.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (default: 7)")

@@ -18,8 +18,7 @@ from jaxcnn.gradcheck.numerics import (
     all_finite,
     array_check,
     cast,
-    fd_row,
-    finite_difference_check,
+    fd_check,
     jitter,
     largest,
     leaves_with_names,
@@ -154,12 +153,14 @@ def _finite_difference_rows(
     for leaf_index, ((layer, quantity, leaf), grad) in enumerate(
         zip(leaves_with_names(params64), jax.tree.leaves(grads), strict=True)
     ):
-        result = finite_difference_check(
-            lambda value, i=leaf_index: modes.loss64(replace_leaf(params64, i, value), x64_),
-            leaf,
-            grad,
-            point_seed((seed, 1_000_003, leaf_index), index),
-            tolerance,
+        settings.rows.add(
+            fd_check(
+                ("model", layer, quantity, "engine vs finite diff"),
+                lambda value, i=leaf_index: modes.loss64(replace_leaf(params64, i, value), x64_),
+                leaf,
+                grad,
+                point_seed((seed, 1_000_003, leaf_index), index),
+                tolerance,
+                point,
+            )
         )
-        where = ("model", layer, quantity, "engine vs finite diff")
-        settings.rows.add(fd_row(where, result, tolerance.finite_difference, point))

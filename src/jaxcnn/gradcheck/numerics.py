@@ -172,10 +172,20 @@ def array_check(
     return Check(*where, max_abs, max_rel, cosine, worst, tolerance.exact, ok, point)
 
 
-def fd_row(where: Where, result: tuple[float, float, bool], tolerance: float, point: str) -> Check:
-    """A finite-difference row from ``(abs error, rel error, ok)``."""
-    error, relative, ok = result
-    return Check(*where, error, relative, None, None, tolerance, ok, point)
+def fd_check(
+    where: Where,
+    f: Callable[[Any], Any],
+    point: Any,
+    gradient: Any,
+    seed: tuple[int, ...],
+    tolerance: Tolerance,
+    at: str,
+    cotangent: Any = None,
+) -> Check:
+    """The finite-difference row :func:`finite_difference_check` makes of ``f`` at ``point`` (the row's ``point``
+    is ``at``), held to ``tolerance.finite_difference``."""
+    error, relative, ok = finite_difference_check(f, point, gradient, seed, tolerance, cotangent)
+    return Check(*where, error, relative, None, None, tolerance.finite_difference, ok, at)
 
 
 # -- perturbed points -------------------------------------------------------------------------------------------

@@ -12,16 +12,7 @@ import numpy as np
 
 import jaxcnn.functional as F
 from jaxcnn.gradcheck.checks import Progress, Settings, point_seed, points
-from jaxcnn.gradcheck.numerics import (
-    all_finite,
-    array_check,
-    cast,
-    fd_row,
-    finite_difference_check,
-    largest,
-    normal,
-    x64,
-)
+from jaxcnn.gradcheck.numerics import all_finite, array_check, cast, fd_check, largest, normal, x64
 from jaxcnn.gradcheck.report import Report
 
 
@@ -160,14 +151,16 @@ def _op_fd_rows(output64, op, positions, at_args, got, dy, draws, point, setting
     """Each argument's hand cotangent against a central difference of the float64 op, projected on ``dy``."""
     diff64 = tuple(cast(list(at_args), jnp.float64))
     dy64 = np.asarray(dy, np.float64)
-    bound = settings.tolerance.finite_difference
     for n, i in enumerate(positions):
-        result = finite_difference_check(
-            lambda value, i=i: output64(diff64, value, i),
-            diff64[n],
-            got[n],
-            (*draws, n + 1),
-            settings.tolerance,
-            cotangent=dy64,
+        settings.rows.add(
+            fd_check(
+                ("op", op, f"arg {i}", "hand vs finite diff"),
+                lambda value, i=i: output64(diff64, value, i),
+                diff64[n],
+                got[n],
+                (*draws, n + 1),
+                settings.tolerance,
+                point,
+                cotangent=dy64,
+            )
         )
-        settings.rows.add(fd_row(("op", op, f"arg {i}", "hand vs finite diff"), result, bound, point))
