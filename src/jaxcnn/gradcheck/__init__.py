@@ -50,6 +50,11 @@ keys, ``dx`` alone) raises :class:`jaxcnn.nn.BackwardError` naming the layer, he
 
 ``progress`` (a callable) receives each :class:`Check` as soon as it is made; :func:`header_lines` and
 :func:`format_row` print them as a table, row by row (``jaxcnn gradcheck`` does).
+
+The parts: :mod:`~jaxcnn.gradcheck.layers`, :mod:`~jaxcnn.gradcheck.model` and :mod:`~jaxcnn.gradcheck.op`
+(the three checks), :mod:`~jaxcnn.gradcheck.checks` (what they share: settings, rows, points),
+:mod:`~jaxcnn.gradcheck.numerics` (draws, casts, comparisons, finite differences, perturbed points) and
+:mod:`~jaxcnn.gradcheck.report` (tolerances, rows, the report).
 """
 
 from jaxcnn.gradcheck.checks import Progress
