@@ -445,9 +445,9 @@ def new_states(model, params, state, x, *, key=None):
 
 # float64: as in assert_three_way_agree, round-off from other summation orders grows with the depth
 def assert_report_three_way(report, tolerance=1e-9):
-    """Every model-level row of a check_model report: engine and bridge within ``tolerance`` of autodiff."""
+    """Every model-level row of a check_model report: engine and manual within ``tolerance`` of autodiff."""
     assert report.ok, report.table()
-    rows = [c for c in report.checks if c.scope == "model" and c.method in ("engine vs autodiff", "bridge vs autodiff")]
+    rows = [c for c in report.checks if c.scope == "model" and c.method in ("engine vs autodiff", "manual vs autodiff")]
     assert rows
     for check in rows:
         assert check.max_rel <= tolerance, f"{check.method} {check.layer}/{check.quantity}: {check.max_rel:.2e}"
@@ -456,7 +456,7 @@ def assert_report_three_way(report, tolerance=1e-9):
 
 @pytest.mark.slow  # ResNet-20 (about 35 s); the mixed model below has BatchNorm, residuals and both shortcut kinds too
 def test_resnet20_three_way_agreement_and_check_model():
-    """ResNet-20 at 8x8, batch 2, float64: check_model compares the engine's and the bridge's gradients with
+    """ResNet-20 at 8x8, batch 2, float64: check_model compares the "engine" and "manual" gradients with
     autodiff (<= 1e-9 here, besides its own tolerances) and the engine's with finite differences; the three
     paths' running statistics are the same numbers. (One check_model call instead of a second set of three
     compiles: CPU time is scarce.)"""
@@ -465,7 +465,7 @@ def test_resnet20_three_way_agreement_and_check_model():
     x, y = normal(1, (2, 8, 8, 3)), labels(1, 2, 10)
     report = jc.gradcheck.check_model(model, params, state, x, y, layers=False)
     rows = assert_report_three_way(report)
-    # the loss and every parameter, engine and bridge, at the given and at the perturbed point
+    # the loss and every parameter, engine and manual, at the given and at the perturbed point
     assert len(rows) == 2 * 2 * (1 + len(jax.tree.leaves(params)))
     names = {(c.layer, c.quantity, c.method) for c in report.checks}
     for path, quantity in [
@@ -473,7 +473,7 @@ def test_resnet20_three_way_agreement_and_check_model():
         ("Residual_3/block/BatchNorm_1", "scale"),
         ("Residual_8/block/Conv_1", "kernel"),
     ]:
-        for method in ("engine vs autodiff", "bridge vs autodiff", "engine vs finite diff"):
+        for method in ("engine vs autodiff", "manual vs autodiff", "engine vs finite diff"):
             assert (path, quantity, method) in names, (path, method)
     states = new_states(model, params, state, x)
     assert len(jax.tree.leaves(states["engine"])) == 2 * 19
@@ -505,7 +505,7 @@ def test_resnet18_three_way_agreement_at_32x32():
 
 def test_mixed_model_three_way_agreement_and_check_model():
     """Every new layer, dropout active (key given): check_model's layer-by-layer and whole-model checks pass, with
-    rows for the layers inside the Residual block; engine and bridge agree with autodiff to <= 1e-9; the three
+    rows for the layers inside the Residual block; engine and manual agree with autodiff to <= 1e-9; the three
     paths' running statistics are identical."""
     model = mixed_model()
     params, state = random_variables(model, MIXED_SHAPE, seed=4)

@@ -47,7 +47,7 @@ def test_check_model_passes_on_correct_rules(name):
         "hand vs autodiff",
         "hand vs finite diff",
         "engine vs autodiff",
-        "bridge vs autodiff",
+        "manual vs autodiff",
         "engine vs finite diff",
     }
     exact = [c for c in report.checks if "autodiff" in c.method]
@@ -91,10 +91,43 @@ def test_planted_wrong_weight_gradient_is_caught_and_named():
     failed = {(c.layer, c.quantity, c.method) for c in report.failures()}
     assert ("Dense_0", "kernel", "hand vs autodiff") in failed
     assert ("Dense_0", "kernel", "engine vs autodiff") in failed
-    assert ("Dense_0", "kernel", "bridge vs autodiff") in failed
+    assert ("Dense_0", "kernel", "manual vs autodiff") in failed
     # the gradient flowing into the layer below is untouched, so the blame stays with Dense_0/kernel
     assert {layer for layer, _, method in failed if method == "hand vs autodiff"} == {"Dense_0"}
     assert "FAIL" in report.table()
+
+
+def test_model_rows_are_the_gradient_modes_of_loss_and_grads(monkeypatch):
+    """Each model row compares the mode it names, as jc.backprop.loss_and_grads computes it (the path training
+    takes), with autodiff's: spoil only the "manual" mode there and only the "manual vs autodiff" rows fail."""
+    loss_and_grads = jc.backprop.loss_and_grads
+    modes = []
+
+    def spoiled(*args, gradients, **kwargs):
+        modes.append(gradients)
+        run = loss_and_grads(*args, gradients=gradients, **kwargs)
+        if gradients != "manual":
+            return run
+
+        def doubled(*call_args, **call_kwargs):
+            result = run(*call_args, **call_kwargs)
+            return result._replace(grads=jax.tree.map(lambda g: 2 * g, result.grads))
+
+        return doubled
+
+    monkeypatch.setattr(jc.backprop, "loss_and_grads", spoiled)
+    model = nn.Sequential([nn.Flatten(), nn.Dense(3), nn.Tanh(), nn.Dense(2)])
+    params, state = model.init(jax.random.key(0), (2, 2, 1))
+    x = jax.random.normal(jax.random.key(1), (2, 2, 2, 1))
+    report = jc.gradcheck.check_model(
+        model, params, state, x, jnp.array([0, 1]), layers=False, finite_differences=False, perturbations=0
+    )
+    assert sorted(modes) == ["autodiff", "engine", "manual"]
+    rows = {(c.layer, c.quantity, c.method): c.ok for c in report.checks}
+    assert {method for _, _, method in rows} == {"engine vs autodiff", "manual vs autodiff"}
+    assert len(rows) == 2 * (1 + len(jax.tree.leaves(params)))  # the loss and every parameter, per mode
+    for (layer, quantity, method), ok in rows.items():
+        assert ok == (method == "engine vs autodiff" or quantity == "loss"), (layer, quantity, method)
 
 
 def test_planted_wrong_activation_is_caught_upstream_too():

@@ -62,7 +62,7 @@ def test_readme_wrong_swish_fails_on_its_input_rows(readme_swish_reports):
         assert ("layer", layer, "input", "hand vs finite diff", PERTURBED) in failed
     for layer, quantity in (("Conv_0", "kernel"), ("Conv_0", "bias"), ("Dense_0", "kernel"), ("Dense_0", "bias")):
         assert ("model", layer, quantity, "engine vs autodiff", PERTURBED) in failed
-        assert ("model", layer, quantity, "bridge vs autodiff", PERTURBED) in failed
+        assert ("model", layer, quantity, "manual vs autodiff", PERTURBED) in failed
     # the Swish layers' own beta rows and the layers above them are right
     assert all(c.layer != "Dense_1" for c in report.failures())
     assert all(c.quantity != "beta" or c.scope == "model" for c in report.failures())

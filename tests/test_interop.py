@@ -1,5 +1,11 @@
 """Flax interop: to_flax gives a flax.linen module computing the same function on the same variables (eval and
-train mode, running statistics included); from_flax takes Flax variables back, checked against the model."""
+train mode, running statistics included); from_flax takes Flax variables back, checked against the model.
+PyTorch interop: torch_module builds the same architecture (as many parameters), and needs torch only when called.
+"""
+
+import importlib
+import math
+import sys
 
 import flax.linen as linen
 import jax
@@ -11,6 +17,7 @@ import jaxcnn as jc
 from conftest import normal, relative_error
 from jaxcnn import nn
 from jaxcnn.interop import from_flax, to_flax
+from jaxcnn.interop.torch import torch_module
 from models_for_tests import random_variables as shared_random_variables
 
 # Flax's modules are another code path: their convolutions, pools and BatchNorm round in other orders
@@ -277,3 +284,41 @@ def test_to_flax_names_a_layer_without_flax_equivalent():
         to_flax(model, params, state)
     with pytest.raises(ValueError, match=r"to_flax: no Flax equivalent for .*\(Double\)"):
         to_flax(Double(), {}, {})
+
+
+# -- PyTorch: jaxcnn.interop.torch --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["mnist_cnn", "lenet5", "resnet18_cifar"])
+def test_the_torch_model_has_the_same_parameter_count(name):
+    pytest.importorskip("torch")
+    model = jc.models.get(name)
+    shape = jc.models.input_shape(name)
+    params, _ = jax.eval_shape(lambda key: model.init(key, shape), jax.random.key(0))
+    ours = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params))
+    theirs = sum(p.numel() for p in torch_module(model, shape).parameters())
+    assert ours == theirs
+
+
+def test_layers_without_a_torch_counterpart_are_skipped_by_name():
+    pytest.importorskip("torch")
+    with pytest.raises(ValueError, match="no PyTorch counterpart for SubsampleShortcut"):
+        torch_module(jc.models.get("resnet20_cifar"), (32, 32, 3))
+
+
+def test_the_torch_converter_and_the_benchmark_import_without_torch(monkeypatch):
+    """torch is not a dependency: jaxcnn.interop.torch (and jaxcnn.bench, which uses it) import without it, and
+    torch_module says ImportError only when called."""
+    import jaxcnn.bench
+
+    monkeypatch.setitem(sys.modules, "torch", None)  # now `import torch` raises ImportError
+    fresh = ("jaxcnn.bench", "jaxcnn.interop.torch")
+    for name in [name for name in sys.modules if name in fresh or name.startswith("jaxcnn.bench.")]:
+        monkeypatch.delitem(sys.modules, name)
+    # the fresh imports rebind these attributes of the parent packages: put the originals back afterwards
+    monkeypatch.setattr(jc.interop, "torch", jc.interop.torch)
+    monkeypatch.setattr(jc, "bench", jaxcnn.bench)
+    importlib.import_module("jaxcnn.bench")
+    converter = importlib.import_module("jaxcnn.interop.torch")
+    with pytest.raises(ImportError):
+        converter.torch_module(jc.models.get("lenet5"), (28, 28, 1))

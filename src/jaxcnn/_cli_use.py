@@ -18,6 +18,9 @@ def _number(value: float | None) -> str:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    """Evaluate a checkpoint of a workdir (by default the best of an early-stopped run, else the latest) on its own data
+    set, or on other data of the same image shape and classes; the images are preprocessed as in training (the run's
+    saved raw scale and per-channel mean and std)."""
     from jaxcnn import train
     from jaxcnn.train.restored import describe
 
@@ -75,6 +78,14 @@ def _eval_data_flags(args: argparse.Namespace) -> dict[str, str]:
 
 
 def _predict(args: argparse.Namespace) -> int:
+    """Predict the class of each image in FILES with a workdir's checkpoint and print the class and its probability per
+    image (or write them to --output). FILES are image files (PNG, JPEG and any other 8-bit image Pillow reads;
+    converted to gray or RGB as the model takes), .npy arrays and .npz archives (every array, or FILE.npz:KEY for
+    one): one image (H, W, C) or (H, W), or several (N, H, W, C) or (N, H, W), named FILE[i]. Raw values: image files
+    and uint8 arrays are 8-bit pixels (0..255, so a PNG of a digit maps onto the digits' 0..16); other arrays are on
+    the training data's raw scale (0..16 for the digits, 0..255 for MNIST and CIFAR-10, as-is for float npz data)
+    unless --max-value says otherwise. Images must look like the training ones (the digits and MNIST: bright strokes
+    on black). The run's per-channel mean and std are applied as in training."""
     from jaxcnn.train import predict
 
     if args.batch_size < 1:
@@ -125,15 +136,17 @@ _STEP_HELP = (
 
 
 def add_eval_predict_and_plot(commands) -> None:
+    """Add the ``eval``, ``predict`` and ``plot`` subcommands."""
+    _add_eval(commands)
+    _add_predict(commands)
+    _add_plot(commands)
+
+
+def _add_eval(commands) -> None:
     from jaxcnn.data import DATASETS
 
-    evaluate = commands.add_parser(
-        "eval",
-        help="evaluate a workdir's checkpoint on its data set or on other data",
-        description="Evaluate a checkpoint of a workdir (by default the best of an early-stopped run, else the "
-        "latest) on its own data set, or on other data of the same image shape and classes; the images are "
-        "preprocessed as in training (the run's saved raw scale and per-channel mean and std).",
-    )
+    text = "evaluate a workdir's checkpoint on its data set or on other data"
+    evaluate = commands.add_parser("eval", help=text, description=_eval.__doc__)
     evaluate.add_argument("--workdir", required=True, help="a training workdir")
     evaluate.add_argument("--step", default=None, metavar="N|best|latest", help=_STEP_HELP)
     evaluate.add_argument("--split", default="test", choices=["test", "train"], help="default: test")
@@ -144,19 +157,11 @@ def add_eval_predict_and_plot(commands) -> None:
     evaluate.add_argument("--data-dir", default=None, help="the directory of --dataset mnist, fashion_mnist, cifar10")
     evaluate.add_argument("--batch-size", type=int, default=256, help="default: 256")
     evaluate.set_defaults(run=_eval)
-    predict = commands.add_parser(
-        "predict",
-        help="predict the class of images (PNG, JPEG, .npy, .npz) with a trained model",
-        description="Predict the class of each image in FILES with a workdir's checkpoint and print the class and "
-        "its probability per image (or write them to --output). FILES are image files (PNG, JPEG and any other "
-        "8-bit image Pillow reads; converted to gray or RGB as the model takes), .npy arrays and .npz archives "
-        "(every array, or FILE.npz:KEY for one): one image (H, W, C) or (H, W), or several (N, H, W, C) or "
-        "(N, H, W), named FILE[i]. Raw values: image files and uint8 arrays are 8-bit pixels (0..255, so a PNG "
-        "of a digit maps onto the digits' 0..16); other arrays are on the training data's raw scale (0..16 for "
-        "the digits, 0..255 for MNIST and CIFAR-10, as-is for float npz data) unless --max-value says otherwise. "
-        "Images must look like the training ones (the digits and MNIST: bright strokes on black). The run's "
-        "per-channel mean and std are applied as in training.",
-    )
+
+
+def _add_predict(commands) -> None:
+    text = "predict the class of images (PNG, JPEG, .npy, .npz) with a trained model"
+    predict = commands.add_parser("predict", help=text, description=_predict.__doc__)
     predict.add_argument("files", nargs="+", metavar="FILES", help="image, .npy and .npz files")
     predict.add_argument("--workdir", required=True, help="a training workdir")
     predict.add_argument("--step", default=None, metavar="N|best|latest", help=_STEP_HELP)
@@ -177,11 +182,11 @@ def add_eval_predict_and_plot(commands) -> None:
     )
     predict.add_argument("--batch-size", type=int, default=256, help="images per compiled call (default: 256)")
     predict.set_defaults(run=_predict)
-    plot = commands.add_parser(
-        "plot",
-        help="draw a workdir's loss and accuracy curves as PNG",
-        description="Draw train and test loss and accuracy per epoch from a workdir's metrics.jsonl.",
-    )
+
+
+def _add_plot(commands) -> None:
+    text = "Draw train and test loss and accuracy per epoch from a workdir's metrics.jsonl."
+    plot = commands.add_parser("plot", help="draw a workdir's loss and accuracy curves as PNG", description=text)
     plot.add_argument("--workdir", required=True, help="a training workdir")
     plot.add_argument("--output", default=None, help="PNG path (default: WORKDIR/curves.png)")
     plot.set_defaults(run=_plot)

@@ -5,11 +5,12 @@
 * **per layer** -- each leaf layer's ``backward`` against ``jax.vjp`` of its own forward, at the input the layer
   actually receives inside the model, for a random output cotangent: the input cotangent and every parameter;
   plus a central finite difference of ``<forward(p, x), dy>`` along one random direction per quantity;
-* **per parameter, whole model** -- the gradient of the loss from the explicit reverse pass (``engine``,
-  :func:`jaxcnn.backprop.value_and_grad`) and from ``jax.grad`` through the ``gradients="manual"`` custom_vjp
-  bridge (``bridge``), each against ``jax.grad`` through the plain forward (``autodiff``); plus a central
-  finite difference of the loss along a random direction in each parameter, taken (with the engine's
-  gradient) at the parameters plus a little noise, off the kinks that zero biases on zero inputs sit on.
+* **per parameter, whole model** -- the loss and its gradient in the gradient modes of
+  :func:`jaxcnn.backprop.loss_and_grads`: ``"engine"`` (the explicit reverse pass) and ``"manual"`` (``jax.grad``
+  through the custom_vjp bridge of the hand rules), each against ``"autodiff"`` (``jax.grad`` through the plain
+  forward); plus a central finite difference of the loss along a random direction in each parameter, taken
+  (with the engine's gradient) at the parameters plus a little noise, off the kinks that zero biases on zero
+  inputs sit on.
 
 :func:`check_op` does the same for one functional op.
 
@@ -49,10 +50,18 @@ keys, ``dx`` alone) raises :class:`jaxcnn.nn.BackwardError` naming the layer, he
 
 ``progress`` (a callable) receives each :class:`Check` as soon as it is made; :func:`header_lines` and
 :func:`format_row` print them as a table, row by row (``jaxcnn gradcheck`` does).
+
+The parts: :mod:`~jaxcnn.gradcheck.layers`, :mod:`~jaxcnn.gradcheck.model` and :mod:`~jaxcnn.gradcheck.op`
+(the three checks), :mod:`~jaxcnn.gradcheck.checks` (what they share: settings, rows, points),
+:mod:`~jaxcnn.gradcheck.numerics` (draws, casts, comparisons, finite differences, perturbed points) and
+:mod:`~jaxcnn.gradcheck.report` (tolerances, rows, the report).
 """
 
-from jaxcnn.gradcheck.checks import Progress, check_layers, check_model, check_op
+from jaxcnn.gradcheck.checks import Progress
+from jaxcnn.gradcheck.layers import check_layers
+from jaxcnn.gradcheck.model import check_model
 from jaxcnn.gradcheck.numerics import compare
+from jaxcnn.gradcheck.op import check_op
 from jaxcnn.gradcheck.report import TOLERANCES, Check, Report, Tolerance, format_row, header_lines
 
 __all__ = [

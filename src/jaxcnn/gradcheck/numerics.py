@@ -157,16 +157,11 @@ def largest(*trees: Any) -> float:
     return max(values, default=0.0)
 
 
+Where = tuple[str, str, str, str]  # a row's scope, layer, quantity and method, as in :class:`Check`
+
+
 def array_check(
-    scope: str,
-    layer: str,
-    quantity: str,
-    method: str,
-    candidate: Any,
-    reference: Any,
-    tolerance: Tolerance,
-    group_scale: float = 0.0,
-    point: str = GIVEN,
+    where: Where, candidate: Any, reference: Any, tolerance: Tolerance, group_scale: float = 0.0, point: str = GIVEN
 ) -> Check:
     """Compare two arrays: ok when the max relative error is within ``tolerance.exact``, or when the max
     absolute error is below ``tolerance.floor * group_scale`` (round-off on a gradient that is exactly zero,
@@ -174,15 +169,23 @@ def array_check(
     max_abs, max_rel, cosine, worst = compare(candidate, reference)
     finite = bool(np.isfinite(max_rel)) and bool(np.all(np.isfinite(np.asarray(candidate, np.float64))))
     ok = finite and (max_rel <= tolerance.exact or max_abs <= tolerance.floor * group_scale)
-    return Check(scope, layer, quantity, method, max_abs, max_rel, cosine, worst, tolerance.exact, ok, point)
+    return Check(*where, max_abs, max_rel, cosine, worst, tolerance.exact, ok, point)
 
 
-def fd_row(
-    scope: str, layer: str, quantity: str, method: str, result: tuple[float, float, bool], tolerance: float, point: str
+def fd_check(
+    where: Where,
+    f: Callable[[Any], Any],
+    point: Any,
+    gradient: Any,
+    seed: tuple[int, ...],
+    tolerance: Tolerance,
+    at: str,
+    cotangent: Any = None,
 ) -> Check:
-    """A finite-difference row from ``(abs error, rel error, ok)``."""
-    error, relative, ok = result
-    return Check(scope, layer, quantity, method, error, relative, None, None, tolerance, ok, point)
+    """The finite-difference row :func:`finite_difference_check` makes of ``f`` at ``point`` (the row's ``point``
+    is ``at``), held to ``tolerance.finite_difference``."""
+    error, relative, ok = finite_difference_check(f, point, gradient, seed, tolerance, cotangent)
+    return Check(*where, error, relative, None, None, tolerance.finite_difference, ok, at)
 
 
 # -- perturbed points -------------------------------------------------------------------------------------------

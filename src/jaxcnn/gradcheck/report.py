@@ -48,7 +48,7 @@ class Check:
     scope: str  # "layer" (one layer's backward), "model" (gradient of the loss) or "op" (check_op)
     layer: str  # the layer's path in the model, or the op's name
     quantity: str  # "input", a parameter name such as "kernel", "loss", or "arg i" for an op
-    method: str  # e.g. "hand vs autodiff", "engine vs autodiff", "bridge vs autodiff", "hand vs finite diff"
+    method: str  # e.g. "hand vs autodiff", "engine vs autodiff", "manual vs autodiff", "hand vs finite diff"
     max_abs: float
     max_rel: float
     cosine: float | None

@@ -1,4 +1,4 @@
-"""Flax interop: the same model as a ``flax.linen`` module, with the same variables.
+"""Flax interop: the same model as a ``flax.linen`` module, with the same variables (``jaxcnn.interop.flax``).
 
 jaxcnn names parameters as Flax linen does (``Conv_0/kernel``, ``BatchNorm_1/scale``, BatchNorm's running
 ``mean`` and ``var``), so moving between the two is a renaming of collections, not of arrays:
@@ -74,27 +74,12 @@ def _submodule(layer: nn.Layer, name: str, train: bool) -> Any:
         return FlaxSequential(layers=tuple(layer.named_layers()), name=name)
     if isinstance(layer, nn.Residual):
         return FlaxResidual(block=layer.block, shortcut=layer.shortcut, name=name)
-    if type(layer) is nn.Conv2D:
-        return fnn.Conv(
-            layer.features,
-            layer.kernel_size,
-            strides=layer.stride,
-            padding=_padding(layer.padding),
-            kernel_dilation=layer.dilation,
-            feature_group_count=layer.groups,
-            use_bias=layer.use_bias,
-            name=name,
-        )
-    if type(layer) is nn.ConvTranspose2D:
-        return fnn.ConvTranspose(
-            layer.features,
-            layer.kernel_size,
-            strides=layer.stride,
-            padding=_padding(layer.padding),
-            kernel_dilation=layer.dilation,
-            use_bias=layer.use_bias,
-            name=name,
-        )
+    if type(layer) in (nn.Conv2D, nn.ConvTranspose2D):
+        conv = dict(strides=layer.stride, padding=_padding(layer.padding), kernel_dilation=layer.dilation)
+        conv.update(use_bias=layer.use_bias, name=name)
+        if type(layer) is nn.Conv2D:
+            return fnn.Conv(layer.features, layer.kernel_size, feature_group_count=layer.groups, **conv)
+        return fnn.ConvTranspose(layer.features, layer.kernel_size, **conv)
     if type(layer) is nn.Dense:
         return fnn.Dense(layer.features, use_bias=layer.use_bias, name=name)
     if type(layer) is nn.BatchNorm:

@@ -1,0 +1,171 @@
+"""The ``jaxcnn`` commands that check and measure the library itself: ``gradcheck`` (the three-way gradient
+check of a named model on a random batch) and ``bench`` (the training-step benchmark). :mod:`jaxcnn.cli` adds
+their parsers; errors propagate to its one-line handler.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def _gradcheck(args: argparse.Namespace) -> int:
+    """Compare the hand-derived gradients of a model (gradients "engine" and "manual") with JAX autodiff and
+    central finite differences, per layer and per parameter. Exits 1 on a mismatch."""
+    from jaxcnn import gradcheck, models
+
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if not 0 <= args.seed < 2**32:
+        raise ValueError(f"--seed must be in [0, 2**32), got {args.seed}")
+    if args.perturbations < 0:
+        raise ValueError(f"--perturbations must be >= 0, got {args.perturbations}")
+    model, input_shape = models.get(args.model), models.input_shape(args.model)
+    # the header at once, then each row as it is made (or only the failing ones): a check takes a minute or more
+    print(f"gradcheck: model {args.model}, input {input_shape}, batch {args.batch_size}, seed {args.seed}", flush=True)
+    print(gradcheck.header_lines(), flush=True)
+    progress = _Progress(args.failures_only, sys.stderr.isatty())
+    report = gradcheck.check_model(
+        **_gradcheck_case(args, model, input_shape),
+        seed=args.seed,
+        layers=not args.no_layers,
+        finite_differences=not args.no_finite_differences,
+        perturbations=args.perturbations,
+        progress=progress,
+    )
+    progress.clear()
+    print(f"{len(report.checks)} rows checked, {len(report.failures())} failed")
+    print(report.summary())
+    return 0 if report.ok else 1
+
+
+def _gradcheck_case(args: argparse.Namespace, model: Any, input_shape: tuple[int, ...]) -> dict[str, Any]:
+    """The arguments of ``check_model`` but the flags': the model, its variables and a random batch from
+    ``--seed`` (random labels; an autoencoder: mean squared error against its own input), the key, the dtype."""
+    import jax
+    import jax.numpy as jnp
+
+    import jaxcnn.functional as F
+    from jaxcnn import models
+
+    key = jax.random.key(args.seed)
+    params, state = model.init(jax.random.fold_in(key, 0), input_shape)
+    # explicit dtypes: the same seed gives the same data whether or not 64-bit types are on
+    x = jax.random.normal(jax.random.fold_in(key, 1), (args.batch_size, *input_shape), jnp.float32)
+    if models.spec(args.model).task == "reconstruction":
+        loss_fn, y = F.mean_squared_error, x
+    else:
+        num_classes = model.output_shape(input_shape)[-1]
+        loss_fn = F.softmax_cross_entropy
+        y = jax.random.randint(jax.random.fold_in(key, 2), (args.batch_size,), 0, num_classes, jnp.int32)
+    dtype = {"float64": jnp.float64, "float32": jnp.float32}[args.dtype]
+    case = dict(model=model, params=params, state=state, x=x, y=y, loss_fn=loss_fn)
+    return case | dict(dtype=dtype, key=jax.random.fold_in(key, 3))
+
+
+class _Progress:
+    """Prints each row as it comes; with ``failures_only``, only the failing rows on stdout and a progress line
+    per layer and point on stderr (rewritten in place on a terminal)."""
+
+    def __init__(self, failures_only: bool, live: bool):
+        self.failures_only, self.live, self.stage = failures_only, live, None
+
+    def __call__(self, check: Any) -> None:
+        from jaxcnn import gradcheck
+
+        stage = (check.scope, check.layer if check.scope == "layer" else "gradients", check.point)
+        if self.failures_only and stage != self.stage:
+            self.stage = stage
+            line = "checking {} {} at {} ...".format(*stage)
+            print(f"\r\033[K{line}" if self.live else line, end="" if self.live else "\n", file=sys.stderr, flush=True)
+        if not (self.failures_only and check.ok):
+            self.clear()
+            print(gradcheck.format_row(check), flush=True)
+
+    def clear(self) -> None:
+        """Wipe the progress line on a terminal."""
+        if self.live and self.failures_only:
+            print("\r\033[K", end="", file=sys.stderr, flush=True)
+
+
+def _add_gradcheck(commands, names: list[str]) -> None:
+    check = commands.add_parser(
+        "gradcheck",
+        help="check a model's hand-derived gradients against autodiff and finite differences",
+        description=_gradcheck.__doc__,
+    )
+    check.add_argument("--model", default="mnist_cnn", choices=names, help="architecture (default: mnist_cnn)")
+    check.add_argument("--dtype", default="float64", choices=["float64", "float32"], help="default: float64")
+    check.add_argument("--seed", type=int, default=0, help="seeds parameters, data and directions (default: 0)")
+    check.add_argument("--batch-size", type=int, default=4, help="examples in the checked batch (default: 4)")
+    check.add_argument("--no-layers", action="store_true", help="skip the layer-by-layer checks")
+    check.add_argument("--no-finite-differences", action="store_true", help="skip finite differences")
+    check.add_argument(
+        "--perturbations",
+        type=int,
+        default=1,
+        help="seeded random points near the initial parameters and inputs to check at as well (default: 1)",
+    )
+    check.add_argument(
+        "--failures-only", action="store_true", help="print only the failing rows (and the header and a summary)"
+    )
+    check.set_defaults(run=_gradcheck)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    """Time one training step (SGD momentum, synthetic batch on the device) of each model for jaxcnn's three gradient
+    modes, the same model in Flax linen, and in PyTorch eager and torch.compile when torch is installed. Contenders
+    take turns for several rounds; the median img/s and ratios to PyTorch eager are printed as a Markdown table and
+    written with the raw rounds as JSON."""
+    import json
+
+    from jaxcnn import bench, models
+
+    names = [name.strip() for name in args.models.split(",") if name.strip()]
+    for name in names:
+        models.get(name)  # unknown names: the one-line error listing the known ones
+    contenders = [c.strip() for c in args.contenders.split(",") if c.strip()] if args.contenders else bench.CONTENDERS
+    log = (lambda line: print(line, file=sys.stderr, flush=True)) if not args.quiet else None
+    settings = ("batch_size", "rounds", "steps", "warmup", "dtype", "steps_per_call", "remat")
+    result = bench.run(names, contenders=contenders, log=log, **{name: getattr(args, name) for name in settings})
+    table = bench.markdown(result)
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    (output / "bench.md").write_text(table)
+    print(table, end="")
+    print(f"written: {output / 'bench.json'}, {output / 'bench.md'}")
+    return 0
+
+
+def _add_bench(commands) -> None:
+    from jaxcnn import bench
+
+    text = "time the training step against Flax and PyTorch (eager and compiled), interleaved, medians"
+    parser = commands.add_parser("bench", help=text, description=_bench.__doc__)
+    parser.add_argument("--models", default="mnist_cnn", help="comma-separated model names (default: mnist_cnn)")
+    parser.add_argument("--batch-size", type=int, default=128, help="images per step (default: 128)")
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (default: 7)")
+    parser.add_argument("--steps", type=int, default=10, help="steps per round (default: 10)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps after compiling (default: 3)")
+    parser.add_argument(
+        "--contenders", default=None, help=f"comma-separated subset of: {', '.join(bench.CONTENDERS)} (default: all)"
+    )
+    parser.add_argument(
+        "--dtype", default="float32", choices=bench.DTYPES, help="compute dtype (bfloat16: mixed precision)"
+    )
+    parser.add_argument(
+        "--steps-per-call", type=int, default=1, help="train steps per JAX call, by lax.scan (default: 1)"
+    )
+    parser.add_argument("--remat", action="store_true", help="jaxcnn contenders recompute activations per block")
+    parser.add_argument("--output", default="benchmarks/latest", help="directory for bench.json and bench.md")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    parser.set_defaults(run=_bench)
+
+
+def add_bench_and_gradcheck(commands, model_names: list[str]) -> None:
+    """Add the ``bench`` and ``gradcheck`` subcommands (``gradcheck --model`` takes one of ``model_names``)."""
+    _add_bench(commands)
+    _add_gradcheck(commands, model_names)

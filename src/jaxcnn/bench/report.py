@@ -1,0 +1,85 @@
+"""The benchmark's report: the machine it ran on, its memory, and the result as a Markdown table."""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+from typing import Any
+
+import jax
+
+
+def machine() -> dict[str, Any]:
+    """The machine and the versions of the frameworks (torch: None when it is not installed)."""
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "devices": [str(device.device_kind) for device in jax.devices()],
+    }
+    for package in ("flax", "optax"):
+        info[package] = __import__(package).__version__
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["torch_threads"] = torch.get_num_threads()
+    except ImportError:
+        info["torch"] = None
+    return info
+
+
+def peak_memory() -> dict[str, Any]:
+    """The device's peak memory in use (None where the backend does not tell) and the process's max RSS."""
+    stats = getattr(jax.devices()[0], "memory_stats", lambda: None)() or {}
+    return {
+        "device_peak_bytes": stats.get("peak_bytes_in_use"),
+        "process_max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
+
+
+def _memory_text(memory: dict[str, int] | None) -> str:
+    """A contender's memory in MiB: XLA's temporaries (plus arguments) for JAX, the CUDA peak for PyTorch."""
+    if not memory:
+        return ""
+    if "temp_bytes" in memory:
+        return f"{memory['temp_bytes'] / 2**20:,.1f} temp + {memory['argument_bytes'] / 2**20:,.1f} args"
+    return f"{memory['peak_allocated_bytes'] / 2**20:,.1f} peak"
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The result as a Markdown table (median img/s, ratio, compile time) with the machine and settings."""
+    machine, settings = result["machine"], result["settings"]
+    lines = [
+        f"Machine: {machine['processor']}, {machine['cpu_count']} CPUs, backend {machine['backend']} "
+        f"({', '.join(sorted(set(machine['devices'])))}); {machine['platform']}",
+        f"Versions: python {machine['python']}, jax {machine['jax']}, flax {machine['flax']}, "
+        f"optax {machine['optax']}, torch {machine['torch']}",
+        f"Settings: batch {settings['batch_size']}, {settings['rounds']} interleaved rounds of "
+        f"{settings['steps']} steps (median), {settings['optimizer']}, {settings['dtype']}"
+        + (
+            f", {settings.get('steps_per_call')} steps per JAX call (lax.scan)"
+            if settings.get("steps_per_call", 1) > 1
+            else ""
+        )
+        + (", remat" if settings.get("remat") else "")
+        + (f", XLA_FLAGS={settings['xla_flags']}" if settings.get("xla_flags") else ""),
+        "",
+        "| model | contender | median img/s | ratio | compile s | memory MiB |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for row in result["results"]:
+        ratio = "" if row["ratio"] is None else f"{row['ratio']:.2f}x {row['ratio_to']}"
+        lines.append(
+            f"| {row['model']} | {row['contender']} | {row['images_per_second']:,.0f} | {ratio} | "
+            f"{row['seconds_to_compile']:.1f} | {_memory_text(row.get('memory'))} |"
+        )
+    memory = result["memory"]
+    if memory.get("device_peak_bytes"):
+        lines.append(f"\nDevice peak memory: {memory['device_peak_bytes'] / 2**20:,.0f} MiB")
+    lines.append(f"\nProcess max RSS: {memory['process_max_rss_bytes'] / 2**20:,.0f} MiB")
+    return "\n".join(lines) + "\n"
