@@ -166,3 +166,16 @@ def test_a_registered_model_trains_by_name_and_names_are_guarded():
         with pytest.raises(ValueError, match=message):
             models.register(arguments.pop("name"), arguments.pop("builder"), **arguments)
     assert "ok_name" not in models.names()
+
+
+def test_gradcheck_names_a_registered_model_without_an_input_shape(capsys):
+    models.register("shapeless_user_cnn", small_cnn)
+    try:
+        assert cli.main(["gradcheck", "--model", "shapeless_user_cnn"]) == 2
+    finally:
+        models.unregister("shapeless_user_cnn")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "jaxcnn gradcheck: error: model 'shapeless_user_cnn' was registered without an input shape; "
+        "register it with input_shape=(H, W, C)"
+    ]

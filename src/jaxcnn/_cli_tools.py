@@ -23,6 +23,10 @@ def _gradcheck(args: argparse.Namespace) -> int:
     if args.perturbations < 0:
         raise ValueError(f"--perturbations must be >= 0, got {args.perturbations}")
     model, input_shape = models.get(args.model), models.input_shape(args.model)
+    if input_shape is None:
+        raise ValueError(
+            f"model {args.model!r} was registered without an input shape; register it with input_shape=(H, W, C)"
+        )
     # the header at once, then each row as it is made (or only the failing ones): a check takes a minute or more
     print(f"gradcheck: model {args.model}, input {input_shape}, batch {args.batch_size}, seed {args.seed}", flush=True)
     print(gradcheck.header_lines(), flush=True)

@@ -29,7 +29,7 @@ EXIT_DIVERGED = 3  # the loss turned NaN or Inf
 
 # flag -> Config field; each flag's default is None ("not given"), so a resumed run keeps its saved values
 _TRAIN_FLAGS: dict[str, tuple[type, str]] = {
-    "model": (str, "architecture"),
+    "model": (str, "architecture: a registered name, or package.module:factory for your own"),
     "dataset": (str, "data set"),
     "data_dir": (str, "directory of the MNIST / Fashion-MNIST IDX files or the CIFAR-10 .bin batches"),
     "data_path": (str, "the .npz file of --dataset npz (x_train, y_train, x_test, y_test)"),
@@ -189,6 +189,7 @@ def _add_train(commands) -> None:
     for name, (kind, text) in _TRAIN_FLAGS.items():
         known = choices.get(name)
         suffix = f"; one of {', '.join(known)}" if known else ""
+        suffix += ", or package.module:factory" if name == "model" else ""
         parser.add_argument(
             "--" + name.replace("_", "-"),
             type=kind,
