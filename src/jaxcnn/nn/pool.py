@@ -57,7 +57,7 @@ class MaxPool2D(_Pool2D):
         return F.max_pool2d(x, self.window, self.stride, self.padding), PoolResiduals(x)
 
     def backward(self, params: Params, residuals: PoolResiduals, dy: jax.Array) -> tuple[jax.Array, Params]:
-        return F.max_pool2d_vjp(residuals.x, dy, self.window, self.stride, self.padding), {}
+        return F.max_pool2d_vjp(residuals.x, dy, window=self.window, stride=self.stride, padding=self.padding), {}
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ class AvgPool2D(_Pool2D):
         return F.avg_pool2d(x, self.window, self.stride, self.padding), PoolResiduals(x)
 
     def backward(self, params: Params, residuals: PoolResiduals, dy: jax.Array) -> tuple[jax.Array, Params]:
-        return F.avg_pool2d_vjp(residuals.x, dy, self.window, self.stride, self.padding), {}
+        return F.avg_pool2d_vjp(residuals.x, dy, window=self.window, stride=self.stride, padding=self.padding), {}
 
 
 @dataclass(frozen=True)
