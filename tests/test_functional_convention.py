@@ -23,9 +23,12 @@ def _conv(case, bias=True):
     return args, dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
 
 
-def _pool(case):
+def _pool(case, positional):
     batch, h, w, c, window, stride, padding = case
-    return normal(5, (batch, h, w, c)), window, stride, padding
+    x = normal(5, (batch, h, w, c))
+    if positional:
+        return (x, window, stride, padding), {}
+    return (x,), dict(window=window, stride=stride, padding=padding)
 
 
 _RNN = (normal(6, (2, 3, 4)), normal(7, (2, 5)), normal(8, (4, 5)), 0.5 * normal(9, (5, 5)))
@@ -37,8 +40,8 @@ CASES = [
     (F.conv2d, *_conv(CONV_CASES[3], bias=False)),
     (F.conv_transpose2d, (_X, normal(10, (3, 2, 4, 3)), normal(11, (3,))), dict(stride=2, padding="SAME")),
     (F.conv_transpose2d, (_X, normal(10, (3, 2, 4, 3))), dict(stride=(1, 2), dilation=2)),
-    (F.max_pool2d, _pool(POOL_CASES[3]), {}),
-    (F.avg_pool2d, _pool(POOL_CASES[2])[:1], dict(zip(("window", "stride", "padding"), _pool(POOL_CASES[2])[1:]))),
+    (F.max_pool2d, *_pool(POOL_CASES[3], positional=True)),
+    (F.avg_pool2d, *_pool(POOL_CASES[2], positional=False)),
     (F.global_avg_pool2d, (_X,), {}),
     (F.upsample_nearest2d, (_X,), dict(scale=(2, 3))),
     (F.dense, (normal(12, (3, 4)), normal(13, (4, 2)), normal(14, (2,))), {}),
