@@ -73,6 +73,7 @@ def test_conv2d_vjp_dw_method_per_backend_and_bad_names():
         F.conv2d_vjp(x, w, None, dy, dw_method="im2col")
 
 
+@pytest.mark.sample(2)  # 4 of the 8 (test_gradcheck.py and test_functional_convention.py check conv2d too)
 @pytest.mark.parametrize("case", CONV_CASES[::5], ids=[f"conv{i}" for i in range(0, len(CONV_CASES), 5)])
 def test_conv2d_finite_differences(case):
     x, w, b, options = _conv_inputs(case, jnp.float64)
@@ -122,6 +123,7 @@ def test_pool_vjp_matches_autodiff(case, op, dtype):
     assert_trees_close(dx, expected, dtype, f"{op}_pool2d {case}")
 
 
+@pytest.mark.sample(2)  # 4 of the 8
 @pytest.mark.parametrize("case", POOL_CASES[::3], ids=[f"pool{i}" for i in range(0, len(POOL_CASES), 3)])
 @pytest.mark.parametrize("forward", [F.max_pool2d, F.avg_pool2d])
 def test_pool_finite_differences(case, forward):

@@ -203,6 +203,7 @@ def test_conv_transpose2d_vjp_matches_autodiff(case, dtype):
     assert_trees_close((dx, dw, db), expected, dtype, f"conv_transpose2d {case}")
 
 
+@pytest.mark.sample(2)  # 4 of the 8
 @pytest.mark.parametrize("case", CT_CASES[::5], ids=CT_IDS[::5])
 def test_conv_transpose2d_finite_differences(case):
     x, w, b, options = _inputs(case, jnp.float64)
@@ -267,14 +268,15 @@ def test_upsample_nearest2d(shape, scale, dtype):
     assert y.shape == (shape[0], shape[1] * sh, shape[2] * sw, shape[3]) and y.dtype == dtype
     np.testing.assert_array_equal(np.asarray(y), np.asarray(jnp.repeat(jnp.repeat(x, sh, axis=1), sw, axis=2)))
     np.testing.assert_array_equal(np.asarray(y), np.asarray(jax.image.resize(x, y.shape, "nearest")))
+    if dtype == jnp.float64:  # check_op compares with jax.vjp (at two points) and with finite differences
+        report = gradcheck.check_op(upsample_nearest2d, x, scale=scale)
+        assert report.ok, report.table()
+        return
     dy = normal(1, y.shape, dtype)
     expected = jax.vjp(lambda x: upsample_nearest2d(x, scale), x)[1](dy)[0]
     dx = upsample_nearest2d_vjp(x, dy, scale=scale)
     assert dx.dtype == dtype
     assert_trees_close(dx, expected, dtype, f"upsample_nearest2d {scale}")
-    if dtype == jnp.float64:
-        report = gradcheck.check_op(upsample_nearest2d, x, scale=scale)
-        assert report.ok, report.table()
 
 
 def test_upsample_nearest2d_index_rule():
