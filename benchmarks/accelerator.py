@@ -58,7 +58,7 @@ def gradients_section() -> dict:
         dy = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
         expected = vjp(dy)
         for method in ("taps", "conv"):
-            hand = lambda x, w, dy, m=method, options=options: F.conv2d_vjp(x, w, dy, **options, dw_method=m)
+            hand = lambda x, w, dy, m=method, options=options: F.conv2d_vjp(x, w, None, dy, **options, dw_method=m)
             dx, dw, _ = jax.jit(hand)(x, w, dy)
             errors = [
                 float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b))) for a, b in zip((dx, dw), expected, strict=True)

@@ -59,7 +59,7 @@ def main() -> None:
         timers[f"{name} backward"] = _timer(backward, p, saved, jax.numpy.ones_like(out))
         h = out
     timers["loss + loss VJP"] = _timer(
-        jax.jit(lambda h, y: (F.softmax_cross_entropy(h, y), F.softmax_cross_entropy_vjp(h, y))), h, y
+        jax.jit(lambda h, y: (F.softmax_cross_entropy(h, y), F.softmax_cross_entropy_vjp(h, y)[0])), h, y
     )
     optimizer = optax.sgd(0.01, 0.9)
     opt_state = optimizer.init(params)

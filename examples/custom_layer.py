@@ -1,7 +1,8 @@
 """Your own layer, from definition to a passing gradient check.
 
 A layer needs its forward and its hand-derived backward, nothing else: the Layer base class derives
-``apply`` (both gradient modes), the explicit reverse pass and the gradient checks from them.
+``apply`` (both gradient modes), the explicit reverse pass and the gradient checks from them. The same function
+as a functional op with its VJP in ``jaxcnn.functional``'s convention needs one ``F.register`` call.
 
 Run:  python examples/custom_layer.py
 """
@@ -12,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 import jaxcnn as jc
+import jaxcnn.functional as F
 from jaxcnn import nn
 
 
@@ -38,6 +40,20 @@ class Swish(nn.Layer):
         dx = dy * (s + beta * x * s * (1 - s))
         dbeta = jnp.sum(dy * x * x * s * (1 - s))
         return dx, {"beta": dbeta}
+
+
+def swish(x, beta):
+    """The same function as a functional op: ``x * sigmoid(beta * x)``, any shape, ``beta`` a scalar."""
+    return x * jax.nn.sigmoid(beta * x)
+
+
+def swish_vjp(x, beta, dy):
+    """Its VJP in the convention of jaxcnn.functional: the primals, then ``dy``; one cotangent per primal."""
+    s = jax.nn.sigmoid(beta * x)
+    return dy * (s + beta * x * s * (1 - s)), jnp.sum(dy * x * x * s * (1 - s))
+
+
+F.register(swish, swish_vjp)  # jc.gradcheck.check_op(swish, x, beta) now finds the rule
 
 
 def build_model() -> nn.Sequential:

@@ -58,10 +58,10 @@ def rnn_loss_and_grads(params: dict, images: jax.Array, labels: jax.Array) -> tu
     hs = F.elman_rnn(x, h0, params["w_x"], params["w_h"], params["b"])
     logits = F.dense(hs[:, -1], params["w_o"], params["b_o"])
     loss = F.softmax_cross_entropy(logits, labels)
-    dlogits = F.softmax_cross_entropy_vjp(logits, labels, jnp.ones((), loss.dtype))
-    dlast, dw_o, db_o = F.dense_vjp(hs[:, -1], params["w_o"], dlogits)
+    dlogits, _ = F.softmax_cross_entropy_vjp(logits, labels, jnp.ones((), loss.dtype))
+    dlast, dw_o, db_o = F.dense_vjp(hs[:, -1], params["w_o"], params["b_o"], dlogits)
     dhs = jnp.zeros_like(hs).at[:, -1].set(dlast)  # only the last step feeds the loss
-    _, _, dw_x, dw_h, db = F.elman_rnn_vjp(x, h0, params["w_x"], params["w_h"], dhs, params["b"])
+    _, _, dw_x, dw_h, db = F.elman_rnn_vjp(x, h0, params["w_x"], params["w_h"], params["b"], dhs)
     return loss, logits, {"w_x": dw_x, "w_h": dw_h, "b": db, "w_o": dw_o, "b_o": db_o}
 
 
@@ -72,8 +72,8 @@ def rnn_step_terms(params: dict, images: jax.Array, labels: jax.Array) -> np.nda
     h0 = jnp.zeros((x.shape[0], HIDDEN), x.dtype)
     hs = F.elman_rnn(x, h0, params["w_x"], params["w_h"], params["b"])
     logits = F.dense(hs[:, -1], params["w_o"], params["b_o"])
-    dlogits = F.softmax_cross_entropy_vjp(logits, labels, jnp.ones((), logits.dtype))
-    g = F.dense_vjp(hs[:, -1], params["w_o"], dlogits)[0]
+    dlogits, _ = F.softmax_cross_entropy_vjp(logits, labels, jnp.ones((), logits.dtype))
+    g = F.dense_vjp(hs[:, -1], params["w_o"], params["b_o"], dlogits)[0]
     h_prev = jnp.concatenate([h0[:, None], hs[:, :-1]], axis=1)
     terms = []
     for t in reversed(range(x.shape[1])):
@@ -93,14 +93,14 @@ def cnn_position_terms(model, params, images, labels) -> np.ndarray:
     y = F.conv2d(images, conv["kernel"], conv["bias"], padding="SAME")
     rest = nn.Sequential(model.layers[1:])  # relu, pool, flatten, dense: the cotangent reaching the conv's output
     predictions, residuals, _ = rest.forward_with_state({"Dense_0": params["Dense_0"]}, {}, y)
-    dpredictions = F.softmax_cross_entropy_vjp(predictions, labels, jnp.ones((), predictions.dtype))
+    dpredictions, _ = F.softmax_cross_entropy_vjp(predictions, labels, jnp.ones((), predictions.dtype))
     dy, _ = rest.backward({"Dense_0": params["Dense_0"]}, residuals, dpredictions)
     patches = jax.lax.conv_general_dilated_patches(
         images, (3, 3), (1, 1), "SAME", dimension_numbers=("NHWC", "OIHW", "NHWC")
     )  # (N, H, W, C*9), channel-major then taps
     terms = jnp.einsum("nhwp,nhwf->hwpf", patches, dy)  # one (9C, F) term per output position
     kh, kw, c, f = conv["kernel"].shape
-    dw = F.conv2d_vjp(images, conv["kernel"], dy, padding="SAME")[1]
+    dw = F.conv2d_vjp(images, conv["kernel"], conv["bias"], dy, padding="SAME")[1]
     as_patches = jnp.transpose(dw, (2, 0, 1, 3)).reshape(c * kh * kw, f)
     np.testing.assert_allclose(jnp.sum(terms, axis=(0, 1)), as_patches, rtol=1e-4, atol=1e-6)
     return np.asarray(jnp.linalg.norm(terms.reshape(*terms.shape[:2], -1), axis=-1))

@@ -147,9 +147,10 @@ def test_hand_rules_run_without_jax_differentiation():
                 mp.setattr(jax, name, forbidden)
         with pytest.raises(AssertionError):
             jax.grad(lambda v: v)(1.0)
-        assert_trees_close(F.conv2d_vjp(x, w, dy, **opts), conv_expected, jnp.float64, "conv2d")
-        assert_trees_close(F.max_pool2d_vjp(x, pool_dy, 3, 2, "SAME"), pool_expected[0], jnp.float64, "max")
-        assert_trees_close(F.avg_pool2d_vjp(x, pool_dy, 3, 2, "SAME"), pool_expected[1], jnp.float64, "avg")
+        assert_trees_close(F.conv2d_vjp(x, w, b, dy, **opts), conv_expected, jnp.float64, "conv2d")
+        pool = dict(window=3, stride=2, padding="SAME")
+        assert_trees_close(F.max_pool2d_vjp(x, pool_dy, **pool), pool_expected[0], jnp.float64, "max")
+        assert_trees_close(F.avg_pool2d_vjp(x, pool_dy, **pool), pool_expected[1], jnp.float64, "avg")
         for name, expected in act_expected.items():
             assert_trees_close(getattr(F, f"{name}_vjp")(x, x), expected, jnp.float64, name)
         engine = jc.backprop.value_and_grad(model, F.softmax_cross_entropy)

@@ -60,7 +60,9 @@ def test_bptt_matches_autodiff(case, dtype):
     present = (x, h0, w_x, w_h) + (() if b is None else (b,))
     _, pullback = jax.vjp(lambda *a: elman_rnn(*a), *present)
     expected = pullback(dhs)
-    hand = elman_rnn_vjp(x, h0, w_x, w_h, dhs, b)[: len(present)]
+    hand = elman_rnn_vjp(x, h0, w_x, w_h, b, dhs)
+    assert (hand[4] is None) == (b is None)
+    hand = hand[: len(present)]
     for name, got, want in zip(("dx", "dh0", "dw_x", "dw_h", "db")[: len(present)], hand, expected, strict=True):
         assert got.shape == want.shape and got.dtype == want.dtype, name
         error = relative_error(got, want)
@@ -80,8 +82,8 @@ def test_the_weight_gradient_is_a_sum_over_time():
     results gives the same matrix (the structure a convolution has over positions, an RNN has over time)."""
     x, h0, w_x, w_h, b = arguments((2, 6, 3, 4, True), jnp.float64)
     dhs = normal(5, (2, 6, 4))
-    total = elman_rnn_vjp(x, h0, w_x, w_h, dhs, b)[3]
-    parts = [elman_rnn_vjp(x, h0, w_x, w_h, dhs * (jnp.arange(6) == t)[None, :, None], b)[3] for t in range(6)]
+    total = elman_rnn_vjp(x, h0, w_x, w_h, b, dhs)[3]
+    parts = [elman_rnn_vjp(x, h0, w_x, w_h, b, dhs * (jnp.arange(6) == t)[None, :, None])[3] for t in range(6)]
     np.testing.assert_allclose(sum(parts), total, rtol=1e-12, atol=1e-14)
 
 
@@ -93,5 +95,5 @@ def test_registered_rule_and_bad_shapes():
         elman_rnn(x, h0, w_x, w_h[:4])
     with pytest.raises(ValueError, match=r"`x` must have shape \(N, T, D\)"):
         elman_rnn(x[0], h0, w_x, w_h)
-    with pytest.raises(ValueError, match=r"`dhs` must have shape \(2, 3, 5\)"):
-        elman_rnn_vjp(x, h0, w_x, w_h, jnp.zeros((2, 3, 4)))
+    with pytest.raises(ValueError, match=r"`dy` must have shape \(2, 3, 5\)"):
+        elman_rnn_vjp(x, h0, w_x, w_h, None, jnp.zeros((2, 3, 4)))

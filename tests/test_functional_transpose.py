@@ -195,7 +195,7 @@ def test_conv_transpose2d_vjp_matches_autodiff(case, dtype):
 
     @jax.jit
     def hand_and_autodiff(x, w, b, dy):
-        return conv_transpose2d_vjp(x, w, dy, **options), jax.vjp(forward, x, w, b)[1](dy)
+        return conv_transpose2d_vjp(x, w, b, dy, **options), jax.vjp(forward, x, w, b)[1](dy)
 
     (dx, dw, db), expected = hand_and_autodiff(x, w, b, dy)
     assert (dx.dtype, dw.dtype, db.dtype) == (dtype, dtype, dtype)
@@ -203,6 +203,7 @@ def test_conv_transpose2d_vjp_matches_autodiff(case, dtype):
     assert_trees_close((dx, dw, db), expected, dtype, f"conv_transpose2d {case}")
 
 
+@pytest.mark.sample(2)  # 4 of the 8
 @pytest.mark.parametrize("case", CT_CASES[::5], ids=CT_IDS[::5])
 def test_conv_transpose2d_finite_differences(case):
     x, w, b, options = _inputs(case, jnp.float64)
@@ -249,8 +250,8 @@ def test_conv_transpose2d_registered_and_promotes_dtypes():
     assert hand_rule(conv_transpose2d).differentiable == (0, 1, 2)
     x, w = normal(0, (1, 3, 3, 2), jnp.float32), normal(1, (2, 2, 2, 1))
     assert conv_transpose2d(x, w, stride=2).dtype == jnp.float64
-    dx, dw, db = conv_transpose2d_vjp(x, w, normal(2, (1, 6, 6, 1)), stride=2)
-    assert (dx.dtype, dw.dtype) == (jnp.float32, jnp.float64)
+    dx, dw, db = conv_transpose2d_vjp(x, w, None, normal(2, (1, 6, 6, 1)), stride=2)
+    assert (dx.dtype, dw.dtype, db) == (jnp.float32, jnp.float64, None)
 
 
 UPSAMPLE_SCALES = [1, 2, 3, (2, 3), (3, 1)]
@@ -267,14 +268,15 @@ def test_upsample_nearest2d(shape, scale, dtype):
     assert y.shape == (shape[0], shape[1] * sh, shape[2] * sw, shape[3]) and y.dtype == dtype
     np.testing.assert_array_equal(np.asarray(y), np.asarray(jnp.repeat(jnp.repeat(x, sh, axis=1), sw, axis=2)))
     np.testing.assert_array_equal(np.asarray(y), np.asarray(jax.image.resize(x, y.shape, "nearest")))
-    dy = normal(1, y.shape, dtype)
-    expected = jax.vjp(lambda x: upsample_nearest2d(x, scale), x)[1](dy)[0]
-    dx = upsample_nearest2d_vjp(x, dy, scale)
-    assert dx.dtype == dtype
-    assert_trees_close(dx, expected, dtype, f"upsample_nearest2d {scale}")
-    if dtype == jnp.float64:
+    if dtype == jnp.float64:  # check_op compares with jax.vjp (at two points) and with finite differences
         report = gradcheck.check_op(upsample_nearest2d, x, scale=scale)
         assert report.ok, report.table()
+        return
+    dy = normal(1, y.shape, dtype)
+    expected = jax.vjp(lambda x: upsample_nearest2d(x, scale), x)[1](dy)[0]
+    dx = upsample_nearest2d_vjp(x, dy, scale=scale)
+    assert dx.dtype == dtype
+    assert_trees_close(dx, expected, dtype, f"upsample_nearest2d {scale}")
 
 
 def test_upsample_nearest2d_index_rule():
@@ -317,8 +319,8 @@ def test_dropout_rate_zero_and_one():
     assert dropout(x, 0.0, None) is x
     np.testing.assert_array_equal(np.asarray(dropout(x, 1, None)), 0.0)
     dy = normal(1, x.shape)
-    np.testing.assert_array_equal(np.asarray(dropout_vjp(x, 0.0, None, dy)), np.asarray(dy))
-    np.testing.assert_array_equal(np.asarray(dropout_vjp(x, 1.0, jax.random.key(0), dy)), 0.0)
+    np.testing.assert_array_equal(np.asarray(dropout_vjp(x, dy, rate=0.0)), np.asarray(dy))
+    np.testing.assert_array_equal(np.asarray(dropout_vjp(x, dy, rate=1.0, key=jax.random.key(0))), 0.0)
     assert bool(jnp.all(dropout_mask(x.shape, 0.0, None))) and not bool(jnp.any(dropout_mask(x.shape, 1.0, None)))
 
 
@@ -343,7 +345,7 @@ def test_dropout_vjp_matches_autodiff(rate, dtype):
 
     @jax.jit
     def hand_and_autodiff(x, dy, key):
-        return dropout_vjp(x, rate, key, dy), jax.vjp(lambda x: dropout(x, rate, key), x)[1](dy)[0]
+        return dropout_vjp(x, dy, rate=rate, key=key), jax.vjp(lambda x: dropout(x, rate, key), x)[1](dy)[0]
 
     dx, expected = hand_and_autodiff(x, dy, key)
     assert dx.dtype == dtype
@@ -389,7 +391,7 @@ def test_dropout_vjp_matches_autodiff(rate, dtype):
             r"conv_transpose2d: `b` must have shape \(2,\), got \(1,\)",
         ),
         (
-            lambda: conv_transpose2d_vjp(jnp.zeros((1, 4, 4, 1)), jnp.zeros((3, 3, 1, 2)), jnp.zeros((1, 4, 4, 2))),
+            lambda: conv_transpose2d_vjp(jnp.ones((1, 4, 4, 1)), jnp.ones((3, 3, 1, 2)), None, jnp.ones((1, 4, 4, 2))),
             r"conv_transpose2d_vjp: `dy` must have shape \(1, 6, 6, 2\), got \(1, 4, 4, 2\)",
         ),
         (lambda: upsample_nearest2d(jnp.zeros((4, 4, 1))), r"upsample_nearest2d: `x` must have rank 4"),
@@ -422,7 +424,7 @@ def test_dropout_vjp_matches_autodiff(rate, dtype):
             r"dropout: `x` must be a floating-point array, got dtype int",
         ),
         (
-            lambda: dropout_vjp(jnp.zeros(3), 0.5, jax.random.key(0), jnp.zeros(4)),
+            lambda: dropout_vjp(jnp.zeros(3), jnp.zeros(4), rate=0.5, key=jax.random.key(0)),
             r"dropout_vjp: `dy` must have the shape of `x` \(3,\), got \(4,\)",
         ),
         (lambda: dropout_mask((2, -1), 0.5, jax.random.key(0)), r"dropout_mask: `x_shape` must be a sequence"),

@@ -218,7 +218,7 @@ def test_functional_errors():
     with pytest.raises(ValueError, match=r"kernel shape \(3, 3, 2, 4\) expects 2 input channels \(2 per group x 1 gr"):
         F.conv2d(x, jnp.zeros((3, 3, 2, 4)))
     with pytest.raises(ValueError, match=r"conv2d_vjp: `dy` must have shape \(1, 3, 3, 2\), got \(1, 5, 5, 2\)"):
-        F.conv2d_vjp(x, jnp.zeros((3, 3, 3, 2)), jnp.zeros((1, 5, 5, 2)))
+        F.conv2d_vjp(x, jnp.zeros((3, 3, 3, 2)), None, jnp.zeros((1, 5, 5, 2)))
     with pytest.raises(ValueError, match=r"`labels` must be integer class indices of shape \(2,\)"):
         F.softmax_cross_entropy(jnp.zeros((2, 3)), jnp.zeros((3,), jnp.int32))
     with pytest.raises(ValueError, match=r"dense: `x` must have shape \(\.\.\., 4\)"):

@@ -2,6 +2,31 @@
 
 Every ``NAME_vjp`` is written with ``jax.numpy`` / ``jax.lax`` only (never ``jax.vjp``, ``jax.grad`` or any
 other differentiation transform: those are what the rules are checked against). Images are NHWC, kernels HWIO.
+Forward ops keep ``jax.lax``'s conventions.
+
+Every VJP follows one calling convention::
+
+    NAME_vjp(*primals, dy, **options)
+
+- ``primals`` are exactly the forward's positional array arguments, in the forward's order, optional ones
+  included: pass None where the forward got none (``conv2d_vjp(x, w, None, dy, stride=2)`` for a
+  ``conv2d(x, w, stride=2)`` without bias).
+- ``dy``, the cotangent of the output, comes right after them, positionally. For the scalar losses it defaults
+  to 1.
+- Every non-array argument of the forward (``window``, ``stride``, ``padding``, ``rate``, ``negative_slope``,
+  ``scale``, ``epsilon``, ...) is keyword-only, with the forward's name and default. A PRNG key is always the
+  keyword ``key=`` (``dropout_vjp(x, dy, rate=0.5, key=key)``). VJP-only knobs have defaults
+  (``conv2d_vjp(..., dw_method="auto")``).
+- The result is one cotangent per primal, in order, each in its primal's dtype: a tuple when the forward has
+  several array arguments (``conv2d_vjp -> (dx, dw, db)``), the bare array when it has one
+  (``relu_vjp(x, dy) -> dx``). An optional primal that was None gets None; so does one that is not
+  differentiated: integer class labels (``softmax_cross_entropy_vjp -> (dlogits, None)``) and batch norm's
+  running statistics (state). ``mean_squared_error_vjp`` returns ``(dpredictions, -dpredictions)``: the loss
+  depends on the difference of its two arguments only.
+
+:func:`register` takes an op and its VJP in this convention (``register(my_op, my_op_vjp)``; it refuses, in one
+line, a VJP whose signature does not fit the op's) and derives from the two signatures the uniform call that the
+gradient checker and the explicit reverse pass use, :attr:`HandRule.vjp`.
 """
 
 from jaxcnn.functional._registry import HandRule, hand_rule, register, registered_ops

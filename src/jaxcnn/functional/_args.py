@@ -116,6 +116,16 @@ def check_window_fits(
             )
 
 
+def window_geometry(
+    op: str, in_size: Pair, window: Pair, stride: Pair, dilation: Pair, padding: Padding, *, what: str = "kernel"
+) -> tuple[ExplicitPadding, Pair]:
+    """``(explicit padding, output (H, W))`` of a 2-D window op; ValueError when the window does not fit."""
+    pads = explicit_padding(padding, in_size, window, stride, dilation)
+    check_window_fits(op, in_size, window, dilation, pads, what=what)
+    out = [output_size(n, k, s, d, p) for n, k, s, d, p in zip(in_size, window, stride, dilation, pads, strict=True)]
+    return pads, (out[0], out[1])
+
+
 def check_rank(op: str, name: str, array_shape: Sequence[int], rank: int, layout: str) -> None:
     """Raise ``ValueError`` if an array does not have the expected rank (``layout`` spells its axes)."""
     if len(array_shape) != rank:

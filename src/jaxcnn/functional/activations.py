@@ -1,4 +1,4 @@
-"""Elementwise activations, each followed by its hand-derived VJP ``NAME_vjp(x, dy) -> dx``.
+"""Elementwise activations, each followed by its hand-derived VJP ``NAME_vjp(x, dy, **options) -> dx``.
 
 For an elementwise ``y = f(x)`` the Jacobian is diagonal, so every rule is ``dx = dy * f'(x)``; the comment
 under each forward states ``f'``. At kinks (ReLU and leaky ReLU at 0) the derivative of the ``x > 0`` branch
@@ -39,7 +39,7 @@ def leaky_relu(x: jax.Array, negative_slope: float = 0.01) -> jax.Array:
     return jnp.where(x > 0, x, negative_slope * x)
 
 
-def leaky_relu_vjp(x: jax.Array, dy: jax.Array, negative_slope: float = 0.01) -> jax.Array:
+def leaky_relu_vjp(x: jax.Array, dy: jax.Array, *, negative_slope: float = 0.01) -> jax.Array:
     """``dx`` of :func:`leaky_relu`, shape of ``x``."""
     _check_dy("leaky_relu_vjp", x, dy)
     # leaky_relu'(x) = 1 if x > 0 else negative_slope
@@ -52,7 +52,7 @@ def elu(x: jax.Array, alpha: float = 1.0) -> jax.Array:
     return jnp.where(x > 0, x, alpha * jnp.expm1(jnp.where(x > 0, jnp.zeros((), x.dtype), x)))
 
 
-def elu_vjp(x: jax.Array, dy: jax.Array, alpha: float = 1.0) -> jax.Array:
+def elu_vjp(x: jax.Array, dy: jax.Array, *, alpha: float = 1.0) -> jax.Array:
     """``dx`` of :func:`elu`, shape of ``x``."""
     _check_dy("elu_vjp", x, dy)
     # elu'(x) = 1 if x > 0 else alpha * exp(x)
@@ -85,7 +85,7 @@ def gelu(x: jax.Array, approximate: bool = True) -> jax.Array:
     return 0.5 * x * (1 + erf(x / math.sqrt(2.0)))
 
 
-def gelu_vjp(x: jax.Array, dy: jax.Array, approximate: bool = True) -> jax.Array:
+def gelu_vjp(x: jax.Array, dy: jax.Array, *, approximate: bool = True) -> jax.Array:
     """``dx`` of :func:`gelu`, shape of ``x``."""
     _check_dy("gelu_vjp", x, dy)
     if approximate:
@@ -147,4 +147,4 @@ for _forward, _vjp in [
     (tanh, tanh_vjp),
     (softplus, softplus_vjp),
 ]:
-    register(_forward, lambda args, dy, _vjp=_vjp, **options: (_vjp(args[0], dy, *args[1:], **options),))
+    register(_forward, _vjp)

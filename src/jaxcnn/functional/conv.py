@@ -16,18 +16,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxcnn.functional._args import (
-    ExplicitPadding,
-    Padding,
-    Pair,
-    check_rank,
-    check_window_fits,
-    explicit_padding,
-    output_size,
-    pair,
-    positive_int,
-)
+from jaxcnn.functional._args import ExplicitPadding, Padding, Pair, check_rank, pair, positive_int, window_geometry
 from jaxcnn.functional._registry import register
+from jaxcnn.functional._windows import pad_spatial, tap_products
 
 _DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 
@@ -80,13 +71,26 @@ def conv_geometry(
         )
     stride = pair(stride, "stride")
     dilation = pair(dilation, "dilation")
-    in_size = (x_shape[1], x_shape[2])
-    pads = explicit_padding(padding, in_size, (kh, kw), stride, dilation)
-    check_window_fits(op, in_size, (kh, kw), dilation, pads)
-    out = tuple(
-        output_size(n, k, s, d, p) for n, k, s, d, p in zip(in_size, (kh, kw), stride, dilation, pads, strict=True)
-    )
+    pads, out = window_geometry(op, (x_shape[1], x_shape[2]), (kh, kw), stride, dilation, padding)
     return stride, dilation, pads, out
+
+
+def promote_with_bias(op: str, x: jax.Array, w: jax.Array, b: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """``x`` and ``w`` in the promoted dtype of ``x``, ``w`` and ``b``; ValueError unless ``b`` is None or ``(F,)``."""
+    if b is not None and tuple(b.shape) != (w.shape[3],):
+        raise ValueError(f"{op}: `b` must have shape ({w.shape[3]},), got {tuple(b.shape)}")
+    dtype = jnp.result_type(x, w) if b is None else jnp.result_type(x, w, b)
+    return x.astype(dtype), w.astype(dtype)
+
+
+def add_bias(y: jax.Array, b: jax.Array | None) -> jax.Array:
+    """``y`` ``(N, OH, OW, F)`` plus the bias ``(F,)`` at every cell (``y`` itself without one)."""
+    return y if b is None else y + b.reshape(1, 1, 1, -1)
+
+
+def bias_cotangent(dy: jax.Array, b: jax.Array | None) -> jax.Array | None:
+    """``db``: the bias is added to every output cell, so it collects ``dy`` from all of them (None without one)."""
+    return None if b is None else jnp.sum(dy, axis=(0, 1, 2)).astype(b.dtype)
 
 
 def conv2d(
@@ -116,22 +120,23 @@ def conv2d(
     stride, dilation, pads, _ = conv_geometry(
         x.shape, w.shape, stride=stride, padding=padding, dilation=dilation, groups=groups
     )
-    groups = operator.index(groups)
-    if b is not None and tuple(b.shape) != (w.shape[3],):
-        raise ValueError(f"conv2d: `b` must have shape ({w.shape[3]},), got {tuple(b.shape)}")
-    dtype = jnp.result_type(x, w) if b is None else jnp.result_type(x, w, b)
-    x, w = x.astype(dtype), w.astype(dtype)
+    x, w = promote_with_bias("conv2d", x, w, b)
     y = lax.conv_general_dilated(
-        x, w, stride, pads, rhs_dilation=dilation, dimension_numbers=_DIMENSIONS, feature_group_count=groups
+        x,
+        w,
+        stride,
+        pads,
+        rhs_dilation=dilation,
+        dimension_numbers=_DIMENSIONS,
+        feature_group_count=operator.index(groups),
     )
-    if b is not None:
-        y = y + b.reshape(1, 1, 1, -1)
-    return y
+    return add_bias(y, b)
 
 
 def conv2d_vjp(
     x: jax.Array,
     w: jax.Array,
+    b: jax.Array | None,
     dy: jax.Array,
     *,
     stride: int | Pair = 1,
@@ -139,24 +144,26 @@ def conv2d_vjp(
     dilation: int | Pair = 1,
     groups: int = 1,
     dw_method: str = "auto",
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Hand-derived VJP of :func:`conv2d`: cotangents ``(dx, dw, db)`` of ``x``, ``w`` and the bias.
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """Hand-derived VJP of :func:`conv2d`: cotangents ``(dx, dw, db)`` of ``x``, ``w`` and ``b``.
 
     Args:
       x: the forward input, ``(N, H, W, C)``.
       w: the kernel, ``(KH, KW, C // groups, F)``.
+      b: the forward's bias ``(F,)`` or None (only its presence and dtype are used).
       dy: cotangent of the output, ``(N, OH, OW, F)``.
+      stride, padding, dilation, groups: as in the forward.
       dw_method: how ``dw`` is formed (the same sum, two formulations): ``"taps"``, one GEMM per kernel tap
         over the strided slice of ``x`` that tap saw; ``"conv"``, one convolution of ``x`` with ``dy`` in which
         the batch is the contracted axis and the forward's stride becomes the kernel dilation; ``"auto"`` (the
         default), whichever :func:`dw_method_for` names for the current backend.
 
     Returns:
-      ``dx`` ``(N, H, W, C)``, ``dw`` ``(KH, KW, C // groups, F)``, ``db`` ``(F,)`` (``dy`` summed; returned
-      whether or not the forward had a bias). ``dx`` and ``dw`` come back in the dtypes of ``x`` and ``w``.
+      ``dx`` ``(N, H, W, C)``, ``dw`` ``(KH, KW, C // groups, F)``, ``db`` ``(F,)`` (``dy`` summed; None when
+      ``b`` is None), each in the dtype of its primal.
     """
     stride, dilation, pads, out = conv_geometry(
-        x.shape, w.shape, stride=stride, padding=padding, dilation=dilation, groups=groups
+        x.shape, w.shape, stride=stride, padding=padding, dilation=dilation, groups=groups, op="conv2d_vjp"
     )
     groups = operator.index(groups)
     n, height, width, channels = x.shape
@@ -167,13 +174,10 @@ def conv2d_vjp(
         raise ValueError(f"conv2d_vjp: unknown dw_method {dw_method!r}; known: {', '.join(DW_METHODS)}")
     if dw_method == "auto":
         dw_method = dw_method_for()
-
+    promote_with_bias("conv2d_vjp", x, w, b)
     x_dtype, w_dtype = x.dtype, w.dtype
     dtype = jnp.result_type(x, w, dy)
     x, w, dy = x.astype(dtype), w.astype(dtype), dy.astype(dtype)
-
-    # db: the bias is added to every output cell, so it collects dy from all of them.
-    db = jnp.sum(dy, axis=(0, 1, 2))
 
     # dx: x[i] fed y[o] through tap j exactly when i + pad_lo = o * stride + j * dilation. Spread dy back onto
     # a stride-dilated grid (lhs_dilation) and correlate it with the spatially flipped kernel whose in/out
@@ -203,31 +207,10 @@ def conv2d_vjp(
     if dw_method == "conv":
         dw = _dw_as_conv(x, dy, (kh, kw), stride, dilation, pads, groups)
     else:
-        dw = _dw_as_taps(x, dy, (kh, kw), stride, dilation, pads, groups)
-    return dx.astype(x_dtype), dw.astype(w_dtype), db
-
-
-def _dw_as_taps(x, dy, kernel, stride, dilation, pads, groups) -> jax.Array:
-    """dw[j] = sum over batch and outputs of x_pad[o * stride + j * dilation] (x) dy[o]: for each kernel tap, the
-    strided slice of x_pad that tap saw, contracted with dy over (n, oh, ow) -- one GEMM per tap, per group."""
-    n, _, _, channels = x.shape
-    _, oh, ow, features = dy.shape
-    in_per_group, per_group = channels // groups, features // groups
-    zero = jnp.zeros((), x.dtype)
-    x_pad = lax.pad(x, zero, [(0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)])
-    dy_groups = dy.reshape(n, oh, ow, groups, per_group)
-    taps = []
-    for i in range(kernel[0]):
-        for j in range(kernel[1]):
-            top, left = i * dilation[0], j * dilation[1]
-            seen = lax.slice(
-                x_pad,
-                (0, top, left, 0),
-                (n, top + (oh - 1) * stride[0] + 1, left + (ow - 1) * stride[1] + 1, channels),
-                (1, stride[0], stride[1], 1),
-            ).reshape(n, oh, ow, groups, in_per_group)
-            taps.append(jnp.einsum("nhwgi,nhwgo->igo", seen, dy_groups).reshape(in_per_group, features))
-    return jnp.stack(taps).reshape(*kernel, in_per_group, features)
+        # dw[j] = sum over batch and outputs of x_pad[o * stride + j * dilation] (x) dy[o]: per kernel tap, the
+        # strided slice of x_pad that tap saw, contracted with dy over (n, oh, ow)
+        dw = tap_products(pad_spatial(x, jnp.zeros((), dtype), pads), dy, (kh, kw), dilation, stride, groups)
+    return dx.astype(x_dtype), dw.astype(w_dtype), bias_cotangent(dy, b)
 
 
 def _dw_as_conv(x, dy, kernel, stride, dilation, pads, groups) -> jax.Array:
@@ -253,10 +236,4 @@ def _dw_as_conv(x, dy, kernel, stride, dilation, pads, groups) -> jax.Array:
     )
 
 
-def _conv2d_vjp(args, dy, **options):
-    x, w, b = (list(args) + [None])[:3]
-    dx, dw, db = conv2d_vjp(x, w, dy, **options)
-    return (dx, dw) if b is None else (dx, dw, db)
-
-
-register(conv2d, _conv2d_vjp, differentiable=(0, 1, 2))
+register(conv2d, conv2d_vjp)

@@ -28,6 +28,8 @@ from jax import lax
 
 from jaxcnn.functional._args import ExplicitPadding, Padding, Pair, check_rank, explicit_padding, pair
 from jaxcnn.functional._registry import register
+from jaxcnn.functional._windows import pad_spatial, tap_products
+from jaxcnn.functional.conv import add_bias, bias_cotangent, promote_with_bias
 
 _DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 
@@ -126,52 +128,46 @@ def conv_transpose2d(
     stride, dilation, pads, _ = conv_transpose_geometry(
         x.shape, w.shape, stride=stride, padding=padding, dilation=dilation
     )
-    if b is not None and tuple(b.shape) != (w.shape[3],):
-        raise ValueError(f"conv_transpose2d: `b` must have shape ({w.shape[3]},), got {tuple(b.shape)}")
-    dtype = jnp.result_type(x, w) if b is None else jnp.result_type(x, w, b)
-    x, w = x.astype(dtype), w.astype(dtype)
+    x, w = promote_with_bias("conv_transpose2d", x, w, b)
     y = lax.conv_general_dilated(
         x, w, (1, 1), pads, lhs_dilation=stride, rhs_dilation=dilation, dimension_numbers=_DIMENSIONS
     )
-    if b is not None:
-        y = y + b.reshape(1, 1, 1, -1)
-    return y
+    return add_bias(y, b)
 
 
 def conv_transpose2d_vjp(
     x: jax.Array,
     w: jax.Array,
+    b: jax.Array | None,
     dy: jax.Array,
     *,
     stride: int | Pair = 1,
     padding: Padding = "VALID",
     dilation: int | Pair = 1,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Hand-derived VJP of :func:`conv_transpose2d`: cotangents ``(dx, dw, db)`` of ``x``, ``w`` and the bias.
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """Hand-derived VJP of :func:`conv_transpose2d`: cotangents ``(dx, dw, db)`` of ``x``, ``w`` and ``b``.
 
     Args:
       x: the forward input, ``(N, H, W, C)``.
       w: the kernel, ``(KH, KW, C, F)``.
+      b: the forward's bias ``(F,)`` or None (only its presence and dtype are used).
       dy: cotangent of the output, ``(N, OH, OW, F)``.
+      stride, padding, dilation: as in the forward.
 
     Returns:
-      ``dx`` ``(N, H, W, C)``, ``dw`` ``(KH, KW, C, F)``, ``db`` ``(F,)`` (``dy`` summed; returned whether or not
-      the forward had a bias). ``dx`` and ``dw`` come back in the dtypes of ``x`` and ``w``.
+      ``dx`` ``(N, H, W, C)``, ``dw`` ``(KH, KW, C, F)``, ``db`` ``(F,)`` (``dy`` summed; None when ``b`` is
+      None), each in the dtype of its primal.
     """
     stride, dilation, pads, out = conv_transpose_geometry(
         x.shape, w.shape, stride=stride, padding=padding, dilation=dilation, op="conv_transpose2d_vjp"
     )
-    n, height, width, channels = x.shape
-    kh, kw, _, features = w.shape
+    n, (kh, kw, _, features) = x.shape[0], w.shape
     if dy.shape != (n, out[0], out[1], features):
         raise ValueError(f"conv_transpose2d_vjp: `dy` must have shape {(n, *out, features)}, got {tuple(dy.shape)}")
-
+    promote_with_bias("conv_transpose2d_vjp", x, w, b)
     x_dtype, w_dtype = x.dtype, w.dtype
     dtype = jnp.result_type(x, w, dy)
     x, w, dy = x.astype(dtype), w.astype(dtype), dy.astype(dtype)
-
-    # db: the bias is added to every output cell.
-    db = jnp.sum(dy, axis=(0, 1, 2))
 
     # Per axis, x[i] reaches y[o] through tap j exactly when o = i * s + lo - j * d (0 <= o < OH). Substituting
     # the flipped tap j' = K - 1 - j: o = i * s + j' * d - ((K - 1) * d - lo). So with dy_pad = dy padded by
@@ -182,28 +178,9 @@ def conv_transpose2d_vjp(
     dy_pads = [((k - 1) * d - p[0], (k - 1) * d - p[1]) for k, d, p in zip((kh, kw), dilation, pads, strict=True)]
     w_flipped = w[::-1, ::-1].transpose(0, 1, 3, 2)
     dx = lax.conv_general_dilated(dy, w_flipped, stride, dy_pads, rhs_dilation=dilation, dimension_numbers=_DIMENSIONS)
-
-    zero = jnp.zeros((), dtype)
-    dy_pad = lax.pad(dy, zero, [(0, 0, 0), (*dy_pads[0], 0), (*dy_pads[1], 0), (0, 0, 0)])
-    taps = []
-    for i in range(kh):
-        for j in range(kw):
-            top, left = i * dilation[0], j * dilation[1]
-            seen = lax.slice(
-                dy_pad,
-                (0, top, left, 0),
-                (n, top + (height - 1) * stride[0] + 1, left + (width - 1) * stride[1] + 1, features),
-                (1, stride[0], stride[1], 1),
-            )
-            taps.append(jnp.einsum("nhwc,nhwf->cf", x, seen))
-    dw = jnp.stack(taps).reshape(kh, kw, channels, features)[::-1, ::-1]
-    return dx.astype(x_dtype), dw.astype(w_dtype), db
+    dy_pad = pad_spatial(dy, jnp.zeros((), dtype), dy_pads)
+    dw = tap_products(dy_pad, x, (kh, kw), dilation, stride).transpose(0, 1, 3, 2)[::-1, ::-1]
+    return dx.astype(x_dtype), dw.astype(w_dtype), bias_cotangent(dy, b)
 
 
-def _conv_transpose2d_vjp(args, dy, **options):
-    x, w, b = (list(args) + [None])[:3]
-    dx, dw, db = conv_transpose2d_vjp(x, w, dy, **options)
-    return (dx, dw) if b is None else (dx, dw, db)
-
-
-register(conv_transpose2d, _conv_transpose2d_vjp, differentiable=(0, 1, 2))
+register(conv_transpose2d, conv_transpose2d_vjp)

@@ -98,14 +98,14 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None = None) -> jax.Arra
     return lax.select(mask, x / keep, jnp.zeros_like(x))
 
 
-def dropout_vjp(x: jax.Array, rate: float, key: jax.Array | None, dy: jax.Array) -> jax.Array:
+def dropout_vjp(x: jax.Array, dy: jax.Array, *, rate: float, key: jax.Array | None = None) -> jax.Array:
     """``dx`` of :func:`dropout` for the same ``rate`` and ``key``: shape and dtype of ``x``.
 
     Args:
       x: the forward input (its shape and dtype are used).
+      dy: cotangent of the output, shape of ``x``.
       rate: as in the forward.
       key: the forward's key: the mask is regenerated from it.
-      dy: cotangent of the output, shape of ``x``.
     """
     rate = _check_rate("dropout_vjp", rate)
     _check_key("dropout_vjp", key, rate)
@@ -117,9 +117,4 @@ def dropout_vjp(x: jax.Array, rate: float, key: jax.Array | None, dy: jax.Array)
     return dropout(dy.astype(x.dtype), rate, key)
 
 
-def _dropout_vjp(args, dy, **options):
-    x, *rest = args
-    return (dropout_vjp(x, *rest, dy=dy, **options),)
-
-
-register(dropout, _dropout_vjp, differentiable=(0,))
+register(dropout, dropout_vjp)

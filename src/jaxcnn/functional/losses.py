@@ -1,4 +1,4 @@
-"""Losses (scalar, mean over the batch) and their hand-derived VJPs ``NAME_vjp(..., dloss=1.0)``."""
+"""Losses (scalar, mean over the batch) and their hand-derived VJPs ``NAME_vjp(predictions, targets, dy=1.0)``."""
 
 from __future__ import annotations
 
@@ -51,36 +51,57 @@ def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return -jnp.mean(picked)
 
 
-def softmax_cross_entropy_vjp(logits: jax.Array, labels: jax.Array, dloss: jax.Array | float = 1.0) -> jax.Array:
-    """Hand-derived VJP of :func:`softmax_cross_entropy`: ``dlogits`` ``(N, classes)``."""
+def softmax_cross_entropy_vjp(
+    logits: jax.Array, labels: jax.Array, dy: jax.Array | float = 1.0
+) -> tuple[jax.Array, None]:
+    """Hand-derived VJP of :func:`softmax_cross_entropy`: ``(dlogits, None)``.
+
+    Args:
+      logits, labels: as in the forward; dy: the cotangent of the (scalar) loss, 1 by default.
+
+    Returns:
+      ``dlogits`` ``(N, classes)`` and None for the integer ``labels`` (not differentiable).
+    """
     _check_labels("softmax_cross_entropy_vjp", logits, labels)
     # loss = -(1/N) sum_n (z_{n,y_n} - logsumexp(z_n)), and d logsumexp(z)/dz = softmax(z), so
     # dloss/dz_n = (softmax(z_n) - onehot(y_n)) / N.
     probs = jnp.exp(log_softmax(logits))
     onehot = (labels[:, None] == jnp.arange(logits.shape[1])[None, :]).astype(logits.dtype)
-    return (probs - onehot) * (jnp.asarray(dloss, logits.dtype) / logits.shape[0])
+    return (probs - onehot) * (jnp.asarray(dy, logits.dtype) / logits.shape[0]), None
+
+
+def _check_same_shape(op: str, predictions: jax.Array, targets: jax.Array) -> None:
+    if predictions.shape != targets.shape:
+        raise ValueError(
+            f"{op}: `predictions` {tuple(predictions.shape)} and `targets` {tuple(targets.shape)} must have the same "
+            "shape"
+        )
 
 
 def mean_squared_error(predictions: jax.Array, targets: jax.Array) -> jax.Array:
     """Mean over every element of ``(predictions - targets) ** 2``; both of the same shape. Returns a scalar."""
-    if predictions.shape != targets.shape:
-        raise ValueError(
-            f"mean_squared_error: `predictions` {tuple(predictions.shape)} and `targets` "
-            f"{tuple(targets.shape)} must have the same shape"
-        )
+    _check_same_shape("mean_squared_error", predictions, targets)
     return jnp.mean((predictions - targets) ** 2)
 
 
-def mean_squared_error_vjp(predictions: jax.Array, targets: jax.Array, dloss: jax.Array | float = 1.0) -> jax.Array:
-    """Hand-derived VJP of :func:`mean_squared_error` with respect to ``predictions`` (same shape)."""
-    if predictions.shape != targets.shape:
-        raise ValueError(
-            f"mean_squared_error_vjp: `predictions` {tuple(predictions.shape)} and `targets` "
-            f"{tuple(targets.shape)} must have the same shape"
-        )
-    # loss = (1/M) sum (p - t)^2 over all M elements, so dloss/dp = 2 (p - t) / M.
-    return (predictions - targets) * (2 * jnp.asarray(dloss, predictions.dtype) / predictions.size)
+def mean_squared_error_vjp(
+    predictions: jax.Array, targets: jax.Array, dy: jax.Array | float = 1.0
+) -> tuple[jax.Array, jax.Array | None]:
+    """Hand-derived VJP of :func:`mean_squared_error`: ``(dpredictions, dtargets)``.
+
+    Args:
+      predictions, targets: as in the forward; dy: the cotangent of the (scalar) loss, 1 by default.
+
+    Returns:
+      ``dpredictions`` (shape of ``predictions``) and ``dtargets = -dpredictions`` in the dtype of ``targets``
+      (the loss depends on their difference only); None for integer targets.
+    """
+    _check_same_shape("mean_squared_error_vjp", predictions, targets)
+    # loss = (1/M) sum (p - t)^2 over all M elements, so dloss/dp = 2 (p - t) / M = -dloss/dt.
+    dpredictions = (predictions - targets) * (2 * jnp.asarray(dy, predictions.dtype) / predictions.size)
+    exact = jnp.issubdtype(targets.dtype, jnp.inexact)
+    return dpredictions, (-dpredictions).astype(targets.dtype) if exact else None
 
 
-register(softmax_cross_entropy, lambda args, dy: (softmax_cross_entropy_vjp(args[0], args[1], dy),))
-register(mean_squared_error, lambda args, dy: (mean_squared_error_vjp(args[0], args[1], dy),))
+register(softmax_cross_entropy, softmax_cross_entropy_vjp, differentiable=(0,))
+register(mean_squared_error, mean_squared_error_vjp)

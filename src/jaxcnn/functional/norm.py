@@ -10,14 +10,14 @@ The semantics (and the order of the floating-point operations, ``(x - mean) * (i
 of ``flax.linen.BatchNorm``, ``LayerNorm`` and ``GroupNorm``. Statistics are computed in at least float32 (inputs
 in bfloat16 or float16 are promoted, the result is cast back), as Flax does.
 
-The shared work is done by two private helpers on a "view" of ``x`` whose trailing axes index the parameters:
-``x`` itself for batch and layer norm, ``x`` reshaped to ``(N, ..., groups, C // groups)`` for group norm.
+All three run one forward and one backward (``_forward``, ``_backward``) on a ``_View`` of ``x`` whose trailing
+axes index the parameters: ``x`` itself for batch and layer norm, ``(N, ..., groups, C // groups)`` for groups.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -161,11 +161,65 @@ def _normalize_vjp(x, scale, dy, *, axes, param_shape, epsilon, stats=None):
 
 def _cotangents(x, scale, bias, dx, dscale, dbias):
     """Cast to the primal dtypes; None for a parameter the forward did not have."""
-    return (
-        dx.astype(x.dtype),
-        None if scale is None else dscale.astype(jnp.asarray(scale).dtype),
-        None if bias is None else dbias.astype(jnp.asarray(bias).dtype),
+    params = [None if p is None else d.astype(jnp.asarray(p).dtype) for d, p in ((dscale, scale), (dbias, bias))]
+    return (dx.astype(x.dtype), *params)
+
+
+class _View(NamedTuple):
+    """How an op sees ``x``: reshaped to ``shape``, whose trailing ``param_shape`` axes index the parameters,
+    with the statistics taken over ``axes``."""
+
+    shape: tuple[int, ...]
+    axes: tuple[int, ...]
+    param_shape: tuple[int, ...]
+
+
+def _channels_view(x: jax.Array, axes: tuple[int, ...]) -> _View:
+    return _View(tuple(x.shape), axes, (x.shape[-1],))
+
+
+def _group_view(x: jax.Array, groups: int) -> _View:
+    """``x`` split into ``(N, ..., groups, C // groups)``, reduced over every non-batch axis and the group."""
+    shape = (*x.shape[:-1], groups, x.shape[-1] // groups)
+    return _View(shape, (*range(1, x.ndim - 1), x.ndim), shape[-2:])
+
+
+def _fixed_stats(running: tuple[Any, Any] | None, dtype: Any, view: _View) -> tuple[jax.Array, jax.Array] | None:
+    """The running ``(mean, var)`` shaped to broadcast against the view, or None (batch statistics)."""
+    if running is None:
+        return None
+    return tuple(_per_channel(_cast(s, dtype), len(view.shape), view.param_shape) for s in running)
+
+
+def _forward(x, scale, bias, epsilon, view: _View, *, running=None, others=()):
+    """``(y, mean, var)`` of the op that ``view`` describes, in the output dtype (``others``: arrays that
+    take part in the compute dtype; ``running``: fixed statistics)."""
+    dtype, out_dtype = _dtypes(x, scale, bias, *others)
+    y, mean, var = _normalize(
+        x.astype(dtype).reshape(view.shape),
+        _cast(scale, dtype),
+        _cast(bias, dtype),
+        axes=view.axes,
+        param_shape=view.param_shape,
+        epsilon=epsilon,
+        stats=_fixed_stats(running, dtype, view),
     )
+    return y.reshape(x.shape).astype(out_dtype), mean, var
+
+
+def _backward(x, scale, bias, dy, epsilon, view: _View, *, running=None, others=()):
+    """``(dx, dscale, dbias)`` of :func:`_forward` (the view's reshape is a relabelling: its VJP reshapes back)."""
+    dtype, _ = _dtypes(x, scale, bias, *others, dy)
+    dx, dscale, dbias = _normalize_vjp(
+        x.astype(dtype).reshape(view.shape),
+        _cast(scale, dtype),
+        _cast(dy, dtype).reshape(view.shape),
+        axes=view.axes,
+        param_shape=view.param_shape,
+        epsilon=epsilon,
+        stats=_fixed_stats(running, dtype, view),
+    )
+    return _cotangents(x, scale, bias, dx.reshape(x.shape), dscale, dbias)
 
 
 # -- batch norm -----------------------------------------------------------------------------------------------
@@ -199,25 +253,13 @@ def batch_norm(
     """
     x = jnp.asarray(x)
     epsilon = _check_batch_norm("batch_norm", x, scale, bias, running_mean, running_var, train, momentum, epsilon)
-    dtype, out_dtype = _dtypes(x, scale, bias, running_mean, running_var)
-    view, stats = x.astype(dtype), None
-    channels = x.shape[-1]
-    if not train:
-        stats = tuple(_per_channel(_cast(s, dtype), x.ndim, (channels,)) for s in (running_mean, running_var))
-    y, mean, var = _normalize(
-        view,
-        _cast(scale, dtype),
-        _cast(bias, dtype),
-        axes=tuple(range(x.ndim - 1)),
-        param_shape=(channels,),
-        epsilon=epsilon,
-        stats=stats,
-    )
-    y = y.astype(out_dtype)
+    running = (running_mean, running_var)
+    view = _channels_view(x, tuple(range(x.ndim - 1)))
+    y, mean, var = _forward(x, scale, bias, epsilon, view, running=None if train else running, others=running)
     if not train:
         return y, running_mean, running_var
     new_stats = tuple(
-        (momentum * _cast(old, dtype) + (1 - momentum) * batch.reshape(-1)).astype(jnp.asarray(old).dtype)
+        (momentum * _cast(old, mean.dtype) + (1 - momentum) * batch.reshape(-1)).astype(jnp.asarray(old).dtype)
         for old, batch in ((running_mean, mean), (running_var, var))
     )
     return (y, *new_stats)
@@ -234,44 +276,25 @@ def batch_norm_vjp(
     train: bool = True,
     momentum: float = 0.9,
     epsilon: float = 1e-5,
-) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+) -> tuple[jax.Array, jax.Array | None, jax.Array | None, None, None]:
     """Hand-derived VJP of :func:`batch_norm` with respect to ``y`` only (the running statistics are state).
 
     Args:
-      x, scale, bias, running_mean, running_var, train, momentum, epsilon: as in the forward.
-      dy: cotangent of ``y``, shape of ``x``.
+      x, scale, bias, running_mean, running_var: as in the forward; dy: cotangent of ``y``, shape of ``x``.
+      train, momentum, epsilon: as in the forward.
 
     Returns:
-      ``(dx, dscale, dbias)``: ``dx`` shape of ``x``, ``dscale``/``dbias`` ``(C,)`` (None where the forward had
-      no scale / bias), each in its primal's dtype.
+      ``(dx, dscale, dbias, None, None)``: ``dx`` shape of ``x``, ``dscale``/``dbias`` ``(C,)`` (None where the
+      forward had no scale / bias), each in its primal's dtype; None for the running statistics (state, not
+      differentiated).
     """
     x = jnp.asarray(x)
     epsilon = _check_batch_norm("batch_norm_vjp", x, scale, bias, running_mean, running_var, train, momentum, epsilon)
     _check_dy("batch_norm_vjp", x, dy)
-    dtype, _ = _dtypes(x, scale, bias, running_mean, running_var, dy)
-    channels = x.shape[-1]
-    stats = None
-    if not train:
-        stats = tuple(_per_channel(_cast(s, dtype), x.ndim, (channels,)) for s in (running_mean, running_var))
-    dx, dscale, dbias = _normalize_vjp(
-        x.astype(dtype),
-        _cast(scale, dtype),
-        _cast(dy, dtype),
-        axes=tuple(range(x.ndim - 1)),
-        param_shape=(channels,),
-        epsilon=epsilon,
-        stats=stats,
-    )
-    return _cotangents(x, scale, bias, dx, dscale, dbias)
-
-
-def _batch_norm_vjp(args, dy, **options):
-    x, scale, bias, running_mean, running_var = args
-    dx, dscale, dbias = batch_norm_vjp(x, scale, bias, running_mean, running_var, dy, **options)
-    return tuple(c for c, p in ((dx, x), (dscale, scale), (dbias, bias)) if p is not None)
-
-
-register(batch_norm, _batch_norm_vjp, differentiable=(0, 1, 2))
+    running = (running_mean, running_var)
+    view = _channels_view(x, tuple(range(x.ndim - 1)))
+    cotangents = _backward(x, scale, bias, dy, epsilon, view, running=None if train else running, others=running)
+    return (*cotangents, None, None)
 
 
 # -- layer norm -----------------------------------------------------------------------------------------------
@@ -292,16 +315,7 @@ def layer_norm(
     """
     x = jnp.asarray(x)
     epsilon = _check_common("layer_norm", x, scale, bias, epsilon)
-    dtype, out_dtype = _dtypes(x, scale, bias)
-    y, _, _ = _normalize(
-        x.astype(dtype),
-        _cast(scale, dtype),
-        _cast(bias, dtype),
-        axes=(x.ndim - 1,),
-        param_shape=(x.shape[-1],),
-        epsilon=epsilon,
-    )
-    return y.astype(out_dtype)
+    return _forward(x, scale, bias, epsilon, _channels_view(x, (x.ndim - 1,)))[0]
 
 
 def layer_norm_vjp(
@@ -319,26 +333,10 @@ def layer_norm_vjp(
     x = jnp.asarray(x)
     epsilon = _check_common("layer_norm_vjp", x, scale, bias, epsilon)
     _check_dy("layer_norm_vjp", x, dy)
-    dtype, _ = _dtypes(x, scale, bias, dy)
-    dx, dscale, dbias = _normalize_vjp(
-        x.astype(dtype),
-        _cast(scale, dtype),
-        _cast(dy, dtype),
-        axes=(x.ndim - 1,),
-        param_shape=(x.shape[-1],),
-        epsilon=epsilon,
-    )
-    return _cotangents(x, scale, bias, dx, dscale, dbias)
+    return _backward(x, scale, bias, dy, epsilon, _channels_view(x, (x.ndim - 1,)))
 
 
 # -- group norm -----------------------------------------------------------------------------------------------
-
-
-def _group_view(x: jax.Array, groups: int) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, int]]:
-    """``(view shape, reduced axes, parameter shape)`` of ``x`` split into ``(N, ..., groups, C // groups)``."""
-    shape = (*x.shape[:-1], groups, x.shape[-1] // groups)
-    axes = (*range(1, x.ndim - 1), x.ndim)  # every non-batch axis and the channels within a group
-    return shape, axes, shape[-2:]
 
 
 def group_norm(
@@ -367,17 +365,7 @@ def group_norm(
     x = jnp.asarray(x)
     epsilon = _check_common("group_norm", x, scale, bias, epsilon)
     groups = _check_groups("group_norm", x.shape[-1], groups)
-    dtype, out_dtype = _dtypes(x, scale, bias)
-    shape, axes, param_shape = _group_view(x, groups)
-    y, _, _ = _normalize(
-        x.astype(dtype).reshape(shape),
-        _cast(scale, dtype),
-        _cast(bias, dtype),
-        axes=axes,
-        param_shape=param_shape,
-        epsilon=epsilon,
-    )
-    return y.reshape(x.shape).astype(out_dtype)
+    return _forward(x, scale, bias, epsilon, _group_view(x, groups))[0]
 
 
 def group_norm_vjp(
@@ -402,30 +390,9 @@ def group_norm_vjp(
     epsilon = _check_common("group_norm_vjp", x, scale, bias, epsilon)
     groups = _check_groups("group_norm_vjp", x.shape[-1], groups)
     _check_dy("group_norm_vjp", x, dy)
-    dtype, _ = _dtypes(x, scale, bias, dy)
-    shape, axes, param_shape = _group_view(x, groups)
-    # the reshape into groups is a permutation-free relabelling, so its VJP is the reshape back
-    dx, dscale, dbias = _normalize_vjp(
-        x.astype(dtype).reshape(shape),
-        _cast(scale, dtype),
-        _cast(dy, dtype).reshape(shape),
-        axes=axes,
-        param_shape=param_shape,
-        epsilon=epsilon,
-    )
-    return _cotangents(x, scale, bias, dx.reshape(x.shape), dscale, dbias)
+    return _backward(x, scale, bias, dy, epsilon, _group_view(x, groups))
 
 
-def _affine_vjp_adapter(vjp):
-    """Uniform adapter for ``vjp(x, scale, bias, dy, **options)``: one cotangent per array passed."""
-
-    def adapter(args, dy, **options):
-        x, scale, bias = (list(args) + [None, None])[:3]
-        cotangents = vjp(x, scale, bias, dy, **options)
-        return tuple(c for c, p in zip(cotangents, (x, scale, bias), strict=True) if p is not None)
-
-    return adapter
-
-
-register(layer_norm, _affine_vjp_adapter(layer_norm_vjp), differentiable=(0, 1, 2))
-register(group_norm, _affine_vjp_adapter(group_norm_vjp), differentiable=(0, 1, 2))
+register(batch_norm, batch_norm_vjp, differentiable=(0, 1, 2))
+register(layer_norm, layer_norm_vjp)
+register(group_norm, group_norm_vjp)

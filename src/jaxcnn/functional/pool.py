@@ -13,17 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxcnn.functional._args import (
-    ExplicitPadding,
-    Padding,
-    Pair,
-    check_rank,
-    check_window_fits,
-    explicit_padding,
-    output_size,
-    pair,
-)
+from jaxcnn.functional._args import ExplicitPadding, Padding, Pair, check_rank, explicit_padding, pair, window_geometry
 from jaxcnn.functional._registry import register
+from jaxcnn.functional._windows import pad_spatial, tap, untap
 
 
 def pool_geometry(
@@ -46,8 +38,7 @@ def pool_geometry(
     for p, k in zip(pads, window, strict=True):
         if max(p) >= k:
             raise ValueError(f"{op}: padding {pads} must be smaller than the window {window} on every side")
-    check_window_fits(op, in_size, window, (1, 1), pads, what="window")
-    out = tuple(output_size(n, k, s, 1, p) for n, k, s, p in zip(in_size, window, stride, pads, strict=True))
+    _, out = window_geometry(op, in_size, window, stride, (1, 1), pads, what="window")
     return window, stride, pads, out
 
 
@@ -58,36 +49,18 @@ def _lowest(dtype) -> np.ndarray:
     return np.array(-np.inf, dtype)
 
 
-def _tap(x_pad: jax.Array, i: int, j: int, stride: Pair, out: Pair) -> jax.Array:
-    """The input cells that window tap ``(i, j)`` sees, one per output cell: ``(N, OH, OW, C)``."""
-    n, _, _, c = x_pad.shape
-    return lax.slice(
-        x_pad,
-        (0, i, j, 0),
-        (n, i + (out[0] - 1) * stride[0] + 1, j + (out[1] - 1) * stride[1] + 1, c),
-        (1, stride[0], stride[1], 1),
-    )
-
-
-def _untap(values: jax.Array, i: int, j: int, stride: Pair, padded: Pair) -> jax.Array:
-    """Transpose of :func:`_tap`: place ``(N, OH, OW, C)`` values back on the padded input grid."""
-    _, oh, ow, _ = values.shape
-    zero = jnp.zeros((), values.dtype)
-    return lax.pad(
-        values,
-        zero,
-        [
-            (0, 0, 0),
-            (i, padded[0] - i - (oh - 1) * stride[0] - 1, stride[0] - 1),
-            (j, padded[1] - j - (ow - 1) * stride[1] - 1, stride[1] - 1),
-            (0, 0, 0),
-        ],
-    )
-
-
 def _check_dy(op: str, dy: jax.Array, expected: tuple[int, ...]) -> None:
     if tuple(dy.shape) != tuple(expected):
         raise ValueError(f"{op}: `dy` must have shape {tuple(expected)}, got {tuple(dy.shape)}")
+
+
+def _vjp_geometry(
+    op: str, x: jax.Array, dy: jax.Array, window, stride, padding
+) -> tuple[Pair, Pair, ExplicitPadding, Pair]:
+    """:func:`pool_geometry` of a pooling VJP, with ``dy`` checked against the output shape."""
+    window, stride, pads, out = pool_geometry(x.shape, window, stride, padding, op=op)
+    _check_dy(op, dy, (x.shape[0], *out, x.shape[3]))
+    return window, stride, pads, out
 
 
 def _crop(x_pad: jax.Array, pads: ExplicitPadding, size: Pair) -> jax.Array:
@@ -117,26 +90,21 @@ def max_pool2d(
 
 
 def max_pool2d_vjp(
-    x: jax.Array,
-    dy: jax.Array,
-    window: int | Pair = 2,
-    stride: int | Pair | None = None,
-    padding: Padding = "VALID",
+    x: jax.Array, dy: jax.Array, *, window: int | Pair = 2, stride: int | Pair | None = None, padding: Padding = "VALID"
 ) -> jax.Array:
     """Hand-derived VJP of :func:`max_pool2d`: ``dx`` with the shape of ``x`` ``(N, H, W, C)``.
 
     ``dy`` is ``(N, OH, OW, C)``. Ties: each window sends its whole cotangent to one maximal cell, the first in
     row-major window order (top row first, then left to right), as JAX's and PyTorch's CPU kernels do.
     """
-    window, stride, pads, out = pool_geometry(x.shape, window, stride, padding, op="max_pool2d_vjp")
-    _check_dy("max_pool2d_vjp", dy, (x.shape[0], *out, x.shape[3]))
+    window, stride, pads, out = _vjp_geometry("max_pool2d_vjp", x, dy, window, stride, padding)
     # y[o] = max_k x_pad[o * s + k], so dy[o] flows to the single winning tap k*(o) and nowhere else:
     # dx_pad = sum_k untap(dy * [k is the first tap with x_pad[o * s + k] == y[o]]).
     lowest = _lowest(x.dtype)
-    x_pad = lax.pad(x, lowest, [(0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)])
+    x_pad = pad_spatial(x, lowest, pads)
     padded = (x_pad.shape[1], x_pad.shape[2])
     taps = [(i, j) for i in range(window[0]) for j in range(window[1])]
-    seen = [_tap(x_pad, i, j, stride, out) for i, j in taps]
+    seen = [tap(x_pad, i, j, stride, out) for i, j in taps]
     y = seen[0]
     for values in seen[1:]:
         y = jnp.maximum(y, values)
@@ -146,7 +114,7 @@ def max_pool2d_vjp(
     for (i, j), values in zip(taps, seen, strict=True):
         wins = (values == y) & ~taken
         taken = taken | wins
-        dx_pad = dx_pad + _untap(jnp.where(wins, dy, zero), i, j, stride, padded)
+        dx_pad = dx_pad + untap(jnp.where(wins, dy, zero), i, j, stride, padded)
     return _crop(dx_pad, pads, (x.shape[1], x.shape[2]))
 
 
@@ -179,15 +147,10 @@ def avg_pool2d(
 
 
 def avg_pool2d_vjp(
-    x: jax.Array,
-    dy: jax.Array,
-    window: int | Pair = 2,
-    stride: int | Pair | None = None,
-    padding: Padding = "VALID",
+    x: jax.Array, dy: jax.Array, *, window: int | Pair = 2, stride: int | Pair | None = None, padding: Padding = "VALID"
 ) -> jax.Array:
     """Hand-derived VJP of :func:`avg_pool2d`: ``dx`` ``(N, H, W, C)`` from ``dy`` ``(N, OH, OW, C)``."""
-    window, stride, pads, out = pool_geometry(x.shape, window, stride, padding, op="avg_pool2d_vjp")
-    _check_dy("avg_pool2d_vjp", dy, (x.shape[0], *out, x.shape[3]))
+    window, stride, pads, out = _vjp_geometry("avg_pool2d_vjp", x, dy, window, stride, padding)
     # y[o] = sum_k x_pad[o * s + k] / count[o]: every tap of window o receives dy[o] / count[o], and padded
     # cells are cropped away: dx = crop(sum_k untap(dy / count)).
     count = _real_cells((x.shape[1], x.shape[2]), window, stride, pads, out)
@@ -196,7 +159,7 @@ def avg_pool2d_vjp(
     dx_pad = jnp.zeros((x.shape[0], *padded, x.shape[3]), dy.dtype)
     for i in range(window[0]):
         for j in range(window[1]):
-            dx_pad = dx_pad + _untap(share, i, j, stride, padded)
+            dx_pad = dx_pad + untap(share, i, j, stride, padded)
     return _crop(dx_pad, pads, (x.shape[1], x.shape[2]))
 
 
@@ -215,6 +178,9 @@ def global_avg_pool2d_vjp(x: jax.Array, dy: jax.Array) -> jax.Array:
     return jnp.broadcast_to((dy / (h * w)).reshape(n, 1, 1, c), x.shape)
 
 
-register(max_pool2d, lambda args, dy, **o: (max_pool2d_vjp(args[0], dy, *args[1:], **o),))
-register(avg_pool2d, lambda args, dy, **o: (avg_pool2d_vjp(args[0], dy, *args[1:], **o),))
-register(global_avg_pool2d, lambda args, dy, **o: (global_avg_pool2d_vjp(args[0], dy),))
+for _forward, _vjp in [
+    (max_pool2d, max_pool2d_vjp),
+    (avg_pool2d, avg_pool2d_vjp),
+    (global_avg_pool2d, global_avg_pool2d_vjp),
+]:
+    register(_forward, _vjp)

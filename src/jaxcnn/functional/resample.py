@@ -37,7 +37,7 @@ def upsample_nearest2d(x: jax.Array, scale: int | Pair = 2) -> jax.Array:
     return blocks.reshape(n, h * sh, w * sw, c)
 
 
-def upsample_nearest2d_vjp(x: jax.Array, dy: jax.Array, scale: int | Pair = 2) -> jax.Array:
+def upsample_nearest2d_vjp(x: jax.Array, dy: jax.Array, *, scale: int | Pair = 2) -> jax.Array:
     """``dx`` of :func:`upsample_nearest2d`, ``(N, H, W, C)`` in the dtype of ``x``.
 
     Args:
@@ -54,9 +54,4 @@ def upsample_nearest2d_vjp(x: jax.Array, dy: jax.Array, scale: int | Pair = 2) -
     return dy.reshape(n, h, sh, w, sw, c).sum(axis=(2, 4)).astype(x.dtype)
 
 
-def _upsample_nearest2d_vjp(args, dy, **options):
-    x, *rest = args
-    return (upsample_nearest2d_vjp(x, dy, *rest, **options),)
-
-
-register(upsample_nearest2d, _upsample_nearest2d_vjp, differentiable=(0,))
+register(upsample_nearest2d, upsample_nearest2d_vjp)

@@ -57,35 +57,36 @@ def elman_rnn(x: jax.Array, h0: jax.Array, w_x: jax.Array, w_h: jax.Array, b: ja
 
 
 def elman_rnn_vjp(
-    x: jax.Array, h0: jax.Array, w_x: jax.Array, w_h: jax.Array, dhs: jax.Array, b: jax.Array | None = None
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
+    x: jax.Array, h0: jax.Array, w_x: jax.Array, w_h: jax.Array, b: jax.Array | None, dy: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array | None]:
     """Hand-derived backpropagation through time for :func:`elman_rnn`: ``(dx, dh0, dw_x, dw_h, db)``.
 
     With ``a_t = x_t w_x + h_{t-1} w_h + b`` and ``h_t = tanh(a_t)``, going backwards from ``t = T``:
 
-    - ``g_t = dhs_t + da_{t+1} w_h^T`` (the cotangent of ``h_t``: from its own output and from step ``t+1``;
+    - ``g_t = dy_t + da_{t+1} w_h^T`` (the cotangent of ``h_t``: from its own output and from step ``t+1``;
       ``da_{T+1} = 0``), and ``da_t = g_t * (1 - h_t^2)``;
     - ``dx_t = da_t w_x^T``; ``dh0 = da_1 w_h^T``;
     - ``dw_x = sum_t x_t^T da_t``, ``dw_h = sum_t h_{t-1}^T da_t``, ``db = sum_t sum_n da_t``: one weight, used
       at every step, collects a term from every step (summed over examples too).
 
     Args:
-      x, h0, w_x, w_h, b: the forward's arguments; dhs: the cotangent of its output ``(N, T, H)``.
+      x, h0, w_x, w_h, b: the forward's arguments (``b`` may be None); dy: the cotangent of its output
+        ``(N, T, H)``.
 
     Returns:
-      Cotangents shaped like ``x, h0, w_x, w_h`` and ``(H,)`` for ``b`` (returned even when ``b`` is None).
+      Cotangents shaped like ``x, h0, w_x, w_h`` and ``b`` (None when ``b`` is None), each in its primal's dtype.
     """
     _check("elman_rnn_vjp", x, h0, w_x, w_h, b)
     n, steps, _ = x.shape
     hidden = w_x.shape[1]
-    if tuple(dhs.shape) != (n, steps, hidden):
-        raise ValueError(f"elman_rnn_vjp: `dhs` must have shape {(n, steps, hidden)}, got {tuple(dhs.shape)}")
+    if tuple(dy.shape) != (n, steps, hidden):
+        raise ValueError(f"elman_rnn_vjp: `dy` must have shape {(n, steps, hidden)}, got {tuple(dy.shape)}")
     dtypes = [a.dtype for a in (x, h0, w_x, w_h)]
-    dtype = jnp.result_type(x, h0, w_x, w_h, dhs, *(() if b is None else (b,)))
-    x, h0, w_x, w_h, dhs = (a.astype(dtype) for a in (x, h0, w_x, w_h, dhs))
+    dtype = jnp.result_type(x, h0, w_x, w_h, dy, *(() if b is None else (b,)))
+    x, h0, w_x, w_h, dy = (a.astype(dtype) for a in (x, h0, w_x, w_h, dy))
     hs = elman_rnn(x, h0, w_x, w_h, None if b is None else b.astype(dtype))  # recomputed: the residuals
     hs_t = jnp.swapaxes(hs, 0, 1)  # (T, N, H)
-    dhs_t = jnp.swapaxes(dhs, 0, 1)
+    dy_t = jnp.swapaxes(dy, 0, 1)
 
     def back(da_next, inputs):
         h, dh_out = inputs
@@ -93,21 +94,15 @@ def elman_rnn_vjp(
         da = g * (1 - h * h)  # through tanh
         return da, da
 
-    da_first, das = jax.lax.scan(back, jnp.zeros((n, hidden), dtype), (hs_t, dhs_t), reverse=True)
+    da_first, das = jax.lax.scan(back, jnp.zeros((n, hidden), dtype), (hs_t, dy_t), reverse=True)
     h_prev = jnp.concatenate([h0[None], hs_t[:-1]], axis=0)  # h_{t-1} for t = 1 .. T
     dx = jnp.einsum("tnh,dh->ntd", das, w_x)
     dh0 = da_first @ w_h.T
     dw_x = jnp.einsum("ntd,tnh->dh", x, das)  # the sum over time (and examples)
     dw_h = jnp.einsum("tni,tnh->ih", h_prev, das)
-    db = jnp.sum(das, axis=(0, 1))
+    db = None if b is None else jnp.sum(das, axis=(0, 1)).astype(b.dtype)
     dx, dh0, dw_x, dw_h = (g.astype(t) for g, t in zip((dx, dh0, dw_x, dw_h), dtypes, strict=True))
     return dx, dh0, dw_x, dw_h, db
 
 
-def _elman_rnn_vjp(args, dhs, **options):
-    x, h0, w_x, w_h, b = (list(args) + [None])[:5]
-    dx, dh0, dw_x, dw_h, db = elman_rnn_vjp(x, h0, w_x, w_h, dhs, b)
-    return (dx, dh0, dw_x, dw_h) if b is None else (dx, dh0, dw_x, dw_h, db.astype(b.dtype))
-
-
-register(elman_rnn, _elman_rnn_vjp, differentiable=(0, 1, 2, 3, 4))
+register(elman_rnn, elman_rnn_vjp)

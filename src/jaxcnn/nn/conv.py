@@ -135,7 +135,7 @@ class Conv2D(_Conv):
         return y, ConvResiduals(x)
 
     def backward(self, params: Params, residuals: ConvResiduals, dy: jax.Array) -> tuple[jax.Array, Params]:
-        dx, dw, db = F.conv2d_vjp(residuals.x, params["kernel"], dy, **self._options)
+        dx, dw, db = F.conv2d_vjp(residuals.x, params["kernel"], params.get("bias"), dy, **self._options)
         return dx, kernel_grads(params, dw, db, self.use_bias)
 
 
@@ -166,5 +166,5 @@ class ConvTranspose2D(_Conv):
         return F.conv_transpose2d(x, params["kernel"], params.get("bias"), **self._options), ConvResiduals(x)
 
     def backward(self, params: Params, residuals: ConvResiduals, dy: jax.Array) -> tuple[jax.Array, Params]:
-        dx, dw, db = F.conv_transpose2d_vjp(residuals.x, params["kernel"], dy, **self._options)
+        dx, dw, db = F.conv_transpose2d_vjp(residuals.x, params["kernel"], params.get("bias"), dy, **self._options)
         return dx, kernel_grads(params, dw, db, self.use_bias)

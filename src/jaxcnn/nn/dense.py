@@ -63,7 +63,7 @@ class Dense(Layer):
         return F.dense(x, params["kernel"], params.get("bias")), DenseResiduals(x)
 
     def backward(self, params: Params, residuals: DenseResiduals, dy: jax.Array) -> tuple[jax.Array, Params]:
-        dx, dw, db = F.dense_vjp(residuals.x, params["kernel"], dy)
+        dx, dw, db = F.dense_vjp(residuals.x, params["kernel"], params.get("bias"), dy)
         return dx, kernel_grads(params, dw, db, self.use_bias)
 
 

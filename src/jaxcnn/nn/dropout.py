@@ -54,4 +54,4 @@ class Dropout(Layer):
     def backward(self, params: Params, residuals: DropoutResiduals, dy: jax.Array) -> tuple[jax.Array, Params]:
         if residuals.key is None:
             return dy, {}
-        return F.dropout_vjp(residuals.x, self.rate, residuals.key, dy), {}
+        return F.dropout_vjp(residuals.x, dy, rate=self.rate, key=residuals.key), {}

@@ -124,7 +124,7 @@ class BatchNorm(_Normalization):
         return y, BatchNormResiduals(x, state["mean"], state["var"], Static(bool(train))), new_state
 
     def backward(self, params: Params, residuals: BatchNormResiduals, dy: jax.Array) -> tuple[jax.Array, Params]:
-        dx, dscale, dbias = F.batch_norm_vjp(
+        dx, dscale, dbias, _, _ = F.batch_norm_vjp(
             residuals.x,
             params.get("scale"),
             params.get("bias"),

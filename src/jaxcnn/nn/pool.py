@@ -69,7 +69,7 @@ class MaxPool2D(_Pool2D):
     function = staticmethod(F.max_pool2d)
 
     def backward(self, params: Params, residuals: PoolResiduals, dy: jax.Array) -> tuple[jax.Array, Params]:
-        return F.max_pool2d_vjp(residuals.x, dy, self.window, self.stride, self.padding), {}
+        return F.max_pool2d_vjp(residuals.x, dy, window=self.window, stride=self.stride, padding=self.padding), {}
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,7 @@ class AvgPool2D(_Pool2D):
     function = staticmethod(F.avg_pool2d)
 
     def backward(self, params: Params, residuals: PoolResiduals, dy: jax.Array) -> tuple[jax.Array, Params]:
-        return F.avg_pool2d_vjp(residuals.x, dy, self.window, self.stride, self.padding), {}
+        return F.avg_pool2d_vjp(residuals.x, dy, window=self.window, stride=self.stride, padding=self.padding), {}
 
 
 @dataclass(frozen=True)

@@ -41,4 +41,4 @@ class Upsample2D(Layer):
         return F.upsample_nearest2d(x, self.scale), UpsampleResiduals(x)
 
     def backward(self, params: Params, residuals: UpsampleResiduals, dy: jax.Array) -> tuple[jax.Array, Params]:
-        return F.upsample_nearest2d_vjp(residuals.x, dy, self.scale), {}
+        return F.upsample_nearest2d_vjp(residuals.x, dy, scale=self.scale), {}
