@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
+from jaxcnn._validate import is_int
 from jaxcnn.functional import softmax_cross_entropy
-from jaxcnn.functional._args import is_int
 from jaxcnn.nn.layer import Layer, Params
 from jaxcnn.train.state import TrainState, as_typed_key
 from jaxcnn.train.step import LossFn, Metrics, accuracy_of

@@ -18,8 +18,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxcnn import _gloo
+from jaxcnn._validate import is_int
 from jaxcnn.data import ahead, epoch_order, num_batches
-from jaxcnn.functional._args import is_int
 
 AXIS = "data"  # the name of the mesh axis the batch is sharded along
 

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxcnn.functional._args import ExplicitPadding, Pair
+from jaxcnn._validate import ExplicitPadding, Pair
 
 
 def pad_spatial(x: jax.Array, value: jax.Array, pads: ExplicitPadding | Sequence[Sequence[int]]) -> jax.Array:

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxcnn.functional._args import ExplicitPadding, Padding, Pair, check_rank, pair, positive_int, window_geometry
+from jaxcnn._validate import ExplicitPadding, Padding, Pair, check_rank, pair, positive_int, window_geometry
 from jaxcnn.functional._registry import register
 from jaxcnn.functional._windows import pad_spatial, tap_products
 

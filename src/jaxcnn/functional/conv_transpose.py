@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxcnn.functional._args import ExplicitPadding, Padding, Pair, check_rank, explicit_padding, pair
+from jaxcnn._validate import ExplicitPadding, Padding, Pair, check_rank, explicit_padding, pair
 from jaxcnn.functional._registry import register
 from jaxcnn.functional._windows import pad_spatial, tap_products
 from jaxcnn.functional.conv import add_bias, bias_cotangent, promote_with_bias

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxcnn.functional._args import is_int
+from jaxcnn._validate import is_int
 from jaxcnn.functional._registry import register
 
 

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxcnn.functional._args import positive_int
+from jaxcnn._validate import positive_int
 from jaxcnn.functional._registry import register
 
 # -- validation -----------------------------------------------------------------------------------------------

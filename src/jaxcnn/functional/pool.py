@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxcnn.functional._args import ExplicitPadding, Padding, Pair, check_rank, explicit_padding, pair, window_geometry
+from jaxcnn._validate import ExplicitPadding, Padding, Pair, check_rank, explicit_padding, pair, window_geometry
 from jaxcnn.functional._registry import register
 from jaxcnn.functional._windows import pad_spatial, tap, untap
 

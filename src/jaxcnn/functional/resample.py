@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxcnn.functional._args import Pair, check_rank, pair
+from jaxcnn._validate import Pair, check_rank, pair
 from jaxcnn.functional._registry import register
 
 

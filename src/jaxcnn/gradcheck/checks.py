@@ -13,7 +13,7 @@ import operator
 from collections.abc import Callable
 from typing import Any
 
-from jaxcnn.functional._args import is_int
+from jaxcnn._validate import is_int
 from jaxcnn.gradcheck.numerics import check_seed, dtype_name, perturbed_point
 from jaxcnn.gradcheck.report import GIVEN, TOLERANCES, Check, Report, Tolerance, perturbed_label
 

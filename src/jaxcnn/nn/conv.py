@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 import jaxcnn.functional as F
-from jaxcnn.functional._args import Padding, Pair, explicit_padding, pair, positive_int
+from jaxcnn._validate import Padding, Pair, explicit_padding, pair, positive_int
 from jaxcnn.functional.conv import conv_geometry
 from jaxcnn.functional.conv_transpose import conv_transpose_geometry
 from jaxcnn.nn.layer import (

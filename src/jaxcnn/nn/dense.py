@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 import jaxcnn.functional as F
-from jaxcnn.functional._args import positive_int
+from jaxcnn._validate import positive_int
 from jaxcnn.nn.layer import (
     Layer,
     Params,

@@ -25,7 +25,7 @@ from typing import Any, ClassVar, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxcnn.functional._args import is_int
+from jaxcnn._validate import is_int
 from jaxcnn.nn.contract import BackwardError, check_backward_result
 
 Params = Any  # a pytree of arrays; {} for a layer without parameters

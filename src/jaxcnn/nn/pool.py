@@ -9,7 +9,7 @@ from typing import ClassVar, NamedTuple
 import jax
 
 import jaxcnn.functional as F
-from jaxcnn.functional._args import Padding, Pair, explicit_padding, pair
+from jaxcnn._validate import Padding, Pair, explicit_padding, pair
 from jaxcnn.functional.pool import pool_geometry
 from jaxcnn.nn.conv import freeze_padding
 from jaxcnn.nn.layer import Layer, Params, Shape

@@ -8,7 +8,7 @@ from typing import ClassVar, NamedTuple
 import jax
 
 import jaxcnn.functional as F
-from jaxcnn.functional._args import Pair, pair
+from jaxcnn._validate import Pair, pair
 from jaxcnn.nn.layer import Layer, Params, Shape
 
 

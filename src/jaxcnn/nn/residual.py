@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxcnn.functional._args import is_int
+from jaxcnn._validate import is_int
 from jaxcnn.nn.container import Container
 from jaxcnn.nn.layer import Layer, Params, Residuals, Shape, State, Static, check_input_shape, check_key, named
 

@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxcnn._validate import is_int
 from jaxcnn.backprop import GRADIENTS
-from jaxcnn.functional._args import is_int
 
 OPTIMIZERS = ("adam", "adamw", "momentum", "nesterov", "rmsprop", "sgd")
 SCHEDULES = ("constant", "cosine", "exponential", "warmup_cosine")

@@ -15,9 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxcnn._validate import is_int
 from jaxcnn.data import ahead, batches, epoch_order, num_batches
 from jaxcnn.functional import softmax_cross_entropy
-from jaxcnn.functional._args import is_int
 from jaxcnn.nn.layer import Layer, Params, Shape, State
 from jaxcnn.train.evaluate import check_class_labels, sum_metrics
 from jaxcnn.train.state import TrainState, create_train_state

@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxcnn import backprop
+from jaxcnn._validate import is_int
 from jaxcnn.functional import softmax_cross_entropy
-from jaxcnn.functional._args import is_int
 from jaxcnn.nn.layer import Layer, Params
 from jaxcnn.train.state import TrainState
 

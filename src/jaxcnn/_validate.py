@@ -1,4 +1,5 @@
-"""Argument normalisers shared by the functional ops.
+"""The one set of argument checkers and normalisers, shared by every part of the package (functional ops,
+layers, training, meshes).
 
 Every op accepts the same spellings as ``jax.lax``: an ``int`` or a pair for strides, dilations and windows,
 and ``"SAME"``, ``"VALID"``, an ``int``, a pair of ints or explicit ``((top, bottom), (left, right))`` for
