@@ -47,7 +47,7 @@ def _gradcheck(args: argparse.Namespace) -> int:
     params, state = model.init(jax.random.fold_in(key, 0), input_shape)
     # explicit dtypes: the same seed gives the same data whether or not 64-bit types are on
     x = jax.random.normal(jax.random.fold_in(key, 1), (args.batch_size, *input_shape), jnp.float32)
-    if args.model in models.RECONSTRUCTION:  # an autoencoder: mean squared error against its own input
+    if models.spec(args.model).task == "reconstruction":  # an autoencoder: mean squared error against its own input
         loss_fn, y = F.mean_squared_error, x
     else:
         num_classes = model.output_shape(input_shape)[-1]
