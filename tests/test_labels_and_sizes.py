@@ -13,8 +13,8 @@ import pytest
 import jaxcnn as jc
 from data_files import npz_arrays, write_npz
 from jaxcnn import nn, train
-from jaxcnn.train.ensemble import evaluate_ensemble
 from jaxcnn.data import DataError
+from jaxcnn.train.ensemble import evaluate_ensemble
 
 # -- labels in .npz files ----------------------------------------------------------------------------------
 

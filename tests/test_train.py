@@ -13,7 +13,7 @@ import jaxcnn as jc
 from conftest import corrupt_latest
 from jaxcnn import train
 from jaxcnn.train.config import make_schedule
-from models_for_tests import MODELS
+from models_for_tests import MODELS, small_digits_cnn
 
 # -- Config ----------------------------------------------------------------------------------------------------
 
@@ -336,6 +336,22 @@ def test_in_memory_fit_matches_the_workdir_run(straight_run):
     state, history = train.fit(SHORT, None, log=None)
     assert_bitwise_equal(state, straight)
     assert len(history) == 4
+
+
+def test_a_model_factory_trains_from_the_command_line_and_resumes_as_fit_of_the_model(tmp_path, capsys):
+    """``jaxcnn train --model package.module:factory`` (a module on the path, here tests/), one epoch and then
+    resumed for a second, ends with the bits of ``fit(config, model=factory())`` run straight."""
+    from jaxcnn import cli
+
+    factory = "models_for_tests:small_digits_cnn"
+    command = ["train", "--model", factory, "--workdir", str(tmp_path), "--no-progress"]
+    assert cli.main([*command, "--epochs", "1"]) == 0
+    assert cli.main([*command, "--epochs", "2"]) == 0
+    assert f"resuming {tmp_path} from epoch 1" in capsys.readouterr().out
+    config = train.read_config(tmp_path)
+    assert config.model == factory and config.epochs == 2
+    straight, _ = train.fit(config.replace(model="mnist_cnn"), None, model=small_digits_cnn(), log=None)
+    assert_bitwise_equal(train.restore(tmp_path), straight)  # read back through the factory config.json names
 
 
 def test_resume_refuses_another_model_or_data_set(straight_run):

@@ -17,8 +17,6 @@ def tiny_bn_net(num_classes: int = 10) -> nn.Sequential:
     )  # fmt: skip
 
 
-
-
 def leaves(state):
     tree = (state.params, state.model_state, state.opt_state, state.step)
     return [np.asarray(leaf) for leaf in jax.tree.leaves(tree)]
@@ -30,7 +28,7 @@ def test_batchnorm_statistics_are_checkpointed_and_resumed_bit_for_bit(tmp_path)
     config = train.Config(dataset="synthetic", epochs=3, batch_size=16, gradients="engine")
     straight, _ = train.fit(config, None, model=tiny_bn_net(), data=dataset, log=None)
     train.fit(config.replace(epochs=1), tmp_path, model=tiny_bn_net(), data=dataset, log=None)
-    with pytest.raises(ValueError, match=r"the model does not match checkpoint .*: its parameters differ at array \d+ .*Dense_0"):
+    with pytest.raises(ValueError, match=r"the model does not match checkpoint .*: its parameters differ .*Dense_0"):
         train.fit(config, tmp_path, model=tiny_bn_net(num_classes=7), data=dataset, log=None)
     resumed, history = train.fit(config, tmp_path, model=tiny_bn_net(), data=dataset, log=None)
     for a, b in zip(leaves(straight), leaves(resumed), strict=True):
