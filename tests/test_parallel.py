@@ -443,7 +443,8 @@ def run_script(code: str, env: dict[str, str] | None = None, timeout: float = 30
 
 FOUR_DEVICES = """
     import json, jax, numpy as np, optax
-    from jaxcnn import distributed, nn, parallel, train
+    from jaxcnn import distributed, nn, train
+    from jaxcnn.train import data_parallel
 
     def rel(a, b):
         return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))) / np.max(np.abs(np.asarray(y))))
