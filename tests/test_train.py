@@ -280,6 +280,24 @@ def test_the_step_takes_its_optimizer_from_the_state_and_refuses_one_given():
     assert_bitwise_equal(state.apply_updates(updates, opt_state), expected)
 
 
+def test_the_compiled_step_cache_key_holds_every_config_field_but_the_noncompiling_ones():
+    """fit shares compiled steps between runs whose key is equal: every Config field is in the key (a field added
+    later too), those that do not change the compiled program blanked."""
+    from jaxcnn.train import run
+
+    model = jc.models.get("lenet5")
+    base = train.Config()
+    key = run.compile_key(base, model, 10)
+    assert set(dict(key[0])) == set(train.Config.__dataclass_fields__)
+    same = base.replace(model="lenet5", seed=5, epochs=3, keep=1, early_stopping=2, normalize=False)
+    assert run.compile_key(same, model, 10) == key
+    for change in ({"weight_decay": 0.0}, {"gradients": "engine"}, {"augment_flip": True}, {"dtype": "bfloat16"}):
+        assert run.compile_key(base.replace(**change), model, 10) != key, change
+    assert run.compile_key(base, model, 11) != key and run.compile_key(base, jc.models.get("mnist_cnn"), 10) != key
+    cosine = base.replace(schedule="cosine")
+    assert run.compile_key(cosine.replace(epochs=3), model, 10) != run.compile_key(cosine, model, 10)  # its horizon
+
+
 # -- the loop, checkpoints and resume --------------------------------------------------------------------------
 
 SHORT = train.Config(epochs=4, learning_rate=0.05, keep=2)
