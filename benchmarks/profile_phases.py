@@ -74,12 +74,12 @@ def programs(model_name: str, batch_size: int, dtype: str | None) -> dict[str, t
             return F.softmax_cross_entropy(predictions.astype(jnp.float32), y)
 
         def backward(p, s, x, y, k, grads_of=grads_of):
-            return grads_of(p, s, x, y, k)[3]
+            return grads_of(p, s, x, y, k).grads
 
         def step(p, o, s, x, y, k, grads_of=grads_of):
-            _, _, s, grads = grads_of(p, s, x, y, k)
-            updates, o = optimizer.update(grads, o, p)
-            return optax.apply_updates(p, updates), o, s
+            result = grads_of(p, s, x, y, k)
+            updates, o = optimizer.update(result.grads, o, p)
+            return optax.apply_updates(p, updates), o, result.state
 
         add(f"jaxcnn-{mode} fwd", forward, params, state, x, y, key)
         add(f"jaxcnn-{mode} fwd+bwd", backward, params, state, x, y, key)

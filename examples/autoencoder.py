@@ -52,7 +52,7 @@ def main(argv=None) -> Path:
         model = jc.models.get("conv_autoencoder")
         optimizer = optax.adam(3e-3)
         state = jc.train.create_train_state(model, optimizer, jax.random.key(args.seed), data.input_shape)
-        step = jc.train.make_train_step(model, optimizer, loss_fn=F.mean_squared_error, gradients="manual")
+        step = jc.train.make_train_step(model, loss_fn=F.mean_squared_error, gradients="manual")
         evaluate = jc.train.make_eval_step(model, loss_fn=F.mean_squared_error)
         x_train, x_test = data.x_train, data.x_test
         rng = np.random.default_rng(args.seed)

@@ -113,7 +113,7 @@ def train(data, steps: int, batch_size: int, eval_every: int, seed: int) -> dict
     optimizer = optax.adam(3e-3)
     cnn = small_cnn()
     cnn_state = jc.train.create_train_state(cnn, optimizer, jax.random.key(seed), data.input_shape)
-    cnn_step = jc.train.make_train_step(cnn, optimizer, gradients="manual")
+    cnn_step = jc.train.make_train_step(cnn, gradients="manual")
     rnn_params = rnn_init(jax.random.key(seed))
     rnn_opt = optimizer.init(rnn_params)
 

@@ -59,7 +59,7 @@ def run(activation, kind, data, steps, seed):
     model = deep_cnn(activation, kind)
     optimizer = optax.adam(1e-3)
     state = jc.train.create_train_state(model, optimizer, jax.random.key(seed), data.input_shape)
-    step = jc.train.make_train_step(model, optimizer, gradients="manual", log_grad_norms=True)
+    step = jc.train.make_train_step(model, gradients="manual", log_grad_norms=True)
     x_train, y_train = data.train
     rng = np.random.default_rng(seed)
     first = last = None

@@ -102,3 +102,10 @@ class WrongDense(nn.Dense):
     def backward(self, params, residuals, dy):
         dx, grads = super().backward(params, residuals, dy)
         return dx, {**grads, "kernel": grads["kernel"] * 1.001}
+
+
+def small_digits_cnn(num_classes: int = 10) -> nn.Sequential:
+    """A user's model factory, as ``jaxcnn train --model models_for_tests:small_digits_cnn`` imports it."""
+    return nn.Sequential(
+        [nn.Conv2D(4, 3, padding="SAME"), nn.ReLU(), nn.AvgPool2D(2), nn.Flatten(), nn.Dense(num_classes)]
+    )

@@ -85,14 +85,14 @@ def test_fit_with_augmentation_and_dropout_trains_and_resumes_bit_for_bit(tmp_pa
     config = train.Config(
         epochs=2, augment_translate=1, augment_noise=0.05, augment_rotate=10.0, augment_scale=0.1, dropout=0.3, keep=1
     )
-    assert train.loop.augmentation_of(config) == {"translate": 1, "noise": 0.05, "rotate": 10.0, "scale": 0.1}
+    assert train.run.augmentation_of(config) == {"translate": 1, "noise": 0.05, "rotate": 10.0, "scale": 0.1}
     straight, history = train.fit(config, None, log=None)
     assert history[-1]["test_accuracy"] > 0.8
     train.fit(config.replace(epochs=1), tmp_path, log=None)
     resumed, _ = train.fit(config, tmp_path, log=None)
     for a, b in zip(jax.tree.leaves(resumed.params), jax.tree.leaves(straight.params), strict=True):
         assert np.array_equal(a, b)
-    model = train.loop.build_model(config, (8, 8, 1), 10)
+    model = train.run.build_model(config, (8, 8, 1), 10)
     assert isinstance(model.layers[-2], nn.Dropout) and model.layers[-2].rate == 0.3
     assert train.evaluate_workdir(tmp_path)["accuracy"] == pytest.approx(history[-1]["test_accuracy"])
 

@@ -89,7 +89,7 @@ def test_training_names_the_layer(kind, gradients):
     model = swish_model(kind())
     optimizer = optax.sgd(0.1)
     train_state = jc.train.create_train_state(model, optimizer, jax.random.key(0), (2, 2, 1))
-    step = jc.train.make_train_step(model, optimizer, gradients=gradients)
+    step = jc.train.make_train_step(model, gradients=gradients)
     x = jax.random.normal(jax.random.key(1), (2, 2, 2, 1))
     with pytest.raises(nn.BackwardError, match=MISTAKES[kind]):
         step(train_state, x, jnp.array([0, 2]))

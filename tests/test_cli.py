@@ -57,8 +57,8 @@ def test_gradcheck_command_exits_1_on_a_mismatch(monkeypatch, capsys):
     wrong = lambda: nn.Sequential(
         [nn.Conv2D(2, 3, padding="VALID"), nn.ReLU(), nn.Flatten(), WrongDense(4), nn.Dense(10)]
     )
-    monkeypatch.setitem(models.MODELS, "lenet5", wrong)
-    code = cli.main(["gradcheck", "--model", "lenet5", "--batch-size", "2", "--no-finite-differences"])
+    monkeypatch.setitem(models._SPECS, "wrong_dense", models.ModelSpec("wrong_dense", wrong, (28, 28, 1)))
+    code = cli.main(["gradcheck", "--model", "wrong_dense", "--batch-size", "2", "--no-finite-differences"])
     out = capsys.readouterr().out
     assert code == 1
     assert "FAIL" in out and "checks FAILED" in out.splitlines()[-1]

@@ -29,15 +29,17 @@ class Scale(nn.Layer):
 
 
 @pytest.fixture
-def tiny_models(monkeypatch):
-    """Two tiny models registered for the command: one right, one with the wrong Scale."""
+def tiny_models():
+    """Two tiny models registered for the command (and unregistered after): one right, one with the wrong Scale."""
     builders = {
         "tiny_right": lambda: nn.Sequential([nn.Flatten(), nn.Dense(4), nn.Tanh(), nn.Dense(3)]),
         "tiny_wrong": lambda: nn.Sequential([nn.Flatten(), nn.Dense(4), Scale(), nn.Tanh(), nn.Dense(3)]),
     }
     for name, build in builders.items():
-        monkeypatch.setitem(models.MODELS, name, build)
-        monkeypatch.setitem(models.INPUT_SHAPES, name, (3, 3, 1))
+        models.register(name, build, input_shape=(3, 3, 1))
+    yield
+    for name in builders:
+        models.unregister(name)
 
 
 ROW = re.compile(r"^(layer|model)\s+\S+\s+\S+\s+(given|perturbed\(seed=\d+\))\s+")

@@ -536,13 +536,16 @@ def test_datasets_constant():
             "DATASETS",
             "DataError",
             "Dataset",
+            "ahead",
             "augment",
             "batches",
+            "channel_stats",
             "check_labels",
             "epoch_order",
             "load",
             "num_batches",
             "standardize",
+            "standardize_with",
         ]
     )
 
@@ -565,6 +568,10 @@ def test_standardize_uses_train_statistics():
     np.testing.assert_allclose(out.x_train.mean(axis=(0, 1, 2), dtype=np.float64), 0, atol=1e-6)
     np.testing.assert_allclose(out.x_train.std(axis=(0, 1, 2), dtype=np.float64), 1, atol=1e-6)
     assert ds.x_train.dtype == np.float32 and not np.shares_memory(out.x_train, ds.x_train)
+    # the two public halves of standardize: the training set's statistics, applied to any images
+    stats = data.channel_stats(ds.x_train)
+    np.testing.assert_allclose(stats, (mean, std), rtol=1e-12)
+    assert np.array_equal(data.standardize_with(ds.x_test, *stats), out.x_test)
 
 
 @pytest.mark.parametrize("value", [0.0, 0.7, 1e6])

@@ -600,7 +600,7 @@ def test_train_step_with_batchnorm_in_all_three_modes():
     for gradients in train.GRADIENTS:
         state = train.create_train_state(model, optimizer, jax.random.key(0), shape, dtype=jnp.float64)
         initial = jax.tree.map(np.asarray, state.model_state)
-        step = train.make_train_step(model, optimizer, gradients=gradients)
+        step = train.make_train_step(model, gradients=gradients)
         state, metrics = step(state, x, y)
         assert jax.tree.structure(state.model_state) == jax.tree.structure(initial)
         for old, new in zip(jax.tree.leaves(initial), jax.tree.leaves(state.model_state), strict=True):

@@ -115,7 +115,7 @@ if where == "save":
     ocp.CheckpointManager.save = signalling_save
 else:
     from jaxcnn.train import loop
-    compiled, calls = loop._compiled_steps, []
+    compiled, calls = loop.compiled_steps, []
     def signalling_steps(run, mesh):
         train_step, eval_step = compiled(run, mesh)
         def counted(state, x, y):
@@ -124,7 +124,7 @@ else:
                 os.kill(os.getpid(), signum)
             return train_step(state, x, y)
         return counted, eval_step
-    loop._compiled_steps = signalling_steps
+    loop.compiled_steps = signalling_steps
 from jaxcnn.cli import main
 sys.exit(main(sys.argv[1:]))
 """

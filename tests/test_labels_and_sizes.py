@@ -12,8 +12,9 @@ import pytest
 
 import jaxcnn as jc
 from data_files import npz_arrays, write_npz
-from jaxcnn import nn, parallel, train
+from jaxcnn import nn, train
 from jaxcnn.data import DataError
+from jaxcnn.train.ensemble import evaluate_ensemble
 
 # -- labels in .npz files ----------------------------------------------------------------------------------
 
@@ -178,7 +179,7 @@ def test_evaluate_ensemble_refuses_out_of_range_labels(tiny):
     model, params, state, x = tiny
     members = jax.tree.map(lambda a: np.stack([a, a]), params)  # two members, as create_ensemble_state stacks them
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\) .*found 11 at index 2"):
-        parallel.evaluate_ensemble(model, members, state, x, np.array([0, 1, 11, 3, 4, 5]))
+        evaluate_ensemble(model, members, state, x, np.array([0, 1, 11, 3, 4, 5]))
 
 
 def small_dataset(**changes):

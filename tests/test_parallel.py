@@ -1,5 +1,6 @@
-"""jaxcnn.parallel: per-example gradients, their statistics and DP-SGD; ensembles; data parallelism (in process on
-the one CPU device; over 4 simulated devices and 2 processes in subprocesses)."""
+"""jaxcnn.parallel: per-example gradients, their statistics and DP-SGD; ensembles (jaxcnn.train.ensemble); data
+parallelism (jaxcnn.distributed, jaxcnn.train.data_parallel: in process on the one CPU device; over 4 simulated
+devices and 2 processes in subprocesses)."""
 
 import json
 import operator
@@ -18,8 +19,8 @@ import pytest
 
 import jaxcnn.functional as F
 from conftest import relative_error
-from jaxcnn import nn, parallel, train
-from jaxcnn.train import create_train_state, make_train_step
+from jaxcnn import distributed, nn, parallel, train
+from jaxcnn.train import create_train_state, data_parallel, ensemble, make_train_step
 from models_for_tests import every_layer_model, random_variables
 
 # -- per-example gradients -------------------------------------------------------------------------------------
@@ -238,7 +239,7 @@ def test_dp_train_step_clips_updates_and_refuses_batchnorm():
         x = jax.random.normal(jax.random.key(2), (6, 8, 8, 2))
         y = jnp.arange(6) % 3
         before = jax.tree.map(np.asarray, state.params)  # the step donates the state
-        step = parallel.make_dp_train_step(model, optimizer, gradients="manual", l2_norm_clip=clip)
+        step = parallel.make_dp_train_step(model, gradients="manual", l2_norm_clip=clip)
         new, metrics = step(state, x, y)
         assert int(new.step) == 1 and set(metrics) == {"loss", "count", "grad_norm", "clipped", "accuracy"}
         assert float(metrics["clipped"]) == 1.0 and float(metrics["grad_norm"]) > clip
@@ -253,7 +254,7 @@ def test_dp_train_step_clips_updates_and_refuses_batchnorm():
         bn = batchnorm_cnn()
         bn_state = create_train_state(bn, optimizer, jax.random.key(1), (5, 5, 2))
         with pytest.raises(ValueError, match="BatchNorm"):
-            parallel.make_dp_train_step(bn, optimizer)(bn_state, x[:, :5, :5], y)
+            parallel.make_dp_train_step(bn)(bn_state, x[:, :5, :5], y)
 
 
 # -- ensembles -------------------------------------------------------------------------------------------------
@@ -265,15 +266,15 @@ def test_an_ensemble_of_k_equals_k_separate_runs_with_the_same_seeds():
         model = dropout_cnn()
         optimizer = optax.sgd(0.1, momentum=0.9)
         seeds = [4, 9]
-        states = parallel.create_ensemble_state(model, optimizer, seeds, (6, 6, 2))
+        states = ensemble.create_ensemble_state(model, optimizer, seeds, (6, 6, 2))
         assert states.step.shape == (2,)
         xs = jax.random.normal(jax.random.key(0), (2, 2, 8, 6, 6, 2))  # (steps, members, batch, ...)
         ys = jax.random.randint(jax.random.key(1), (2, 2, 8), 0, 3)
-        step = parallel.make_ensemble_train_step(model, optimizer, gradients="manual")
+        step = ensemble.make_ensemble_train_step(model, gradients="manual")
         for t in range(2):
             states, metrics = step(states, xs[t], ys[t])
         assert metrics["loss"].shape == (2,)
-        single = make_train_step(model, optimizer, gradients="manual")
+        single = make_train_step(model, gradients="manual")
         for k, seed in enumerate(seeds):
             state = create_train_state(model, optimizer, jax.random.key(seed), (6, 6, 2))
             for t in range(2):
@@ -282,7 +283,7 @@ def test_an_ensemble_of_k_equals_k_separate_runs_with_the_same_seeds():
             # otherwise
             assert_close(jax.tree.map(operator.itemgetter(k), states.params), state.params, 1e-6, f"member {k}")
         # the ensemble predicts with the mean of its members' probabilities
-        members, mean = parallel.ensemble_predictions(model, states.params, states.model_state, xs[0, 0])
+        members, mean = ensemble.ensemble_predictions(model, states.params, states.model_state, xs[0, 0])
         for k in range(2):
             member = jax.tree.map(operator.itemgetter(k), (states.params, states.model_state))
             logits = model.apply(*member, xs[0, 0])[0]
@@ -295,24 +296,26 @@ def test_an_ensemble_with_a_learning_rate_per_member_matches_runs_with_those_rat
     with jax.enable_x64(False):
         model = small_cnn()
         rates = [0.2, 0.05]
-        states = parallel.create_ensemble_state(model, optax.adam(1.0), [3, 3], (8, 8, 2))
+        states = ensemble.create_ensemble_state(model, optax.adam(1.0), [3, 3], (8, 8, 2))
         x = jax.random.normal(jax.random.key(0), (4, 8, 8, 2))
         y = jnp.array([0, 1, 2, 0])
-        step = parallel.make_ensemble_train_step(model, optax.adam(1.0), lr_scales=rates, shared_batch=True)
+        step = ensemble.make_ensemble_train_step(model, lr_scales=rates, shared_batch=True)
         for _ in range(3):
             states, _ = step(states, x, y)
         for k, rate in enumerate(rates):
             optimizer = optax.adam(rate)
             state = create_train_state(model, optimizer, jax.random.key(3), (8, 8, 2))
-            single = make_train_step(model, optimizer)
+            single = make_train_step(model)
             for _ in range(3):
                 state, _ = single(state, x, y)
             # float32 Adam: the member's update is adam(1.0) scaled by its rate, the run's adam(rate) rounds the
             # same numbers in another order; three steps through Adam's division by sqrt(v) reach about 1e-5
             assert_close(jax.tree.map(operator.itemgetter(k), states.params), state.params, 3e-5, f"rate {rate}")
         with pytest.raises(ValueError, match="lr_scales"):
-            parallel.make_ensemble_train_step(model, optax.adam(1.0), lr_scales=[0.1, -1.0])
-        wrong = parallel.make_ensemble_train_step(model, optax.adam(1.0), lr_scales=[1.0, 1.0, 1.0], shared_batch=True)
+            ensemble.make_ensemble_train_step(model, lr_scales=[0.1, -1.0])
+        with pytest.raises(TypeError, match="options must be a StepOptions"):  # the members' optimizer is states.tx
+            ensemble.make_ensemble_train_step(model, optax.adam(1.0))
+        wrong = ensemble.make_ensemble_train_step(model, lr_scales=[1.0, 1.0, 1.0], shared_batch=True)
         with pytest.raises(ValueError, match="2 members but lr_scales has 3"):
             wrong(states, x, y)
 
@@ -320,9 +323,9 @@ def test_an_ensemble_with_a_learning_rate_per_member_matches_runs_with_those_rat
 def test_ensemble_keys_are_checked():
     model = small_cnn()
     with pytest.raises(ValueError, match="not a single int"):
-        parallel.create_ensemble_state(model, optax.sgd(0.1), 3, (8, 8, 2))
+        ensemble.create_ensemble_state(model, optax.sgd(0.1), 3, (8, 8, 2))
     with pytest.raises(ValueError, match=r"\[0, 2\*\*32\)"):
-        parallel.create_ensemble_state(model, optax.sgd(0.1), [1, -2], (8, 8, 2))
+        ensemble.create_ensemble_state(model, optax.sgd(0.1), [1, -2], (8, 8, 2))
 
 
 ENSEMBLE = train.Config(epochs=2, ensemble=2, keep=1)
@@ -376,41 +379,52 @@ def test_ensemble_config_errors():
 # -- data parallelism ------------------------------------------------------------------------------------------
 
 
+def test_the_moved_names_are_still_importable_from_parallel():
+    for name in ("AXIS", "data_mesh", "initialize", "replicate", "shard_batch", "sharded_batches"):
+        assert getattr(parallel, name) is getattr(distributed, name)
+    for name in ("create_ensemble_state", "make_ensemble_train_step", "make_ensemble_eval_step", "evaluate_ensemble"):
+        assert getattr(parallel, name) is getattr(ensemble, name)
+    for name in ("make_data_parallel_train_step", "make_data_parallel_eval_step"):
+        assert getattr(parallel, name) is getattr(data_parallel, name)
+    with pytest.raises(AttributeError, match="'jaxcnn.parallel' has no attribute 'make_ensemble'"):
+        parallel.make_ensemble  # noqa: B018
+
+
 def test_data_mesh_errors_name_the_problem():
     with pytest.raises(ValueError, match="only 1 are available.*xla_force_host_platform_device_count"):
-        parallel.data_mesh(2)
+        distributed.data_mesh(2)
     with pytest.raises(ValueError, match="devices must be an int >= 1"):
-        parallel.data_mesh(0)
-    assert parallel.data_mesh(None).shape == {"data": 1}
+        distributed.data_mesh(0)
+    assert distributed.data_mesh(None).shape == {"data": 1}
 
 
 def test_initialize_does_nothing_without_arguments_and_checks_partial_ones(monkeypatch):
     for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
         monkeypatch.delenv(name, raising=False)
-    assert parallel.initialize() is False
+    assert distributed.initialize() is False
     with pytest.raises(ValueError, match="missing --num-processes, --process-id"):
-        parallel.initialize("127.0.0.1:1234")
+        distributed.initialize("127.0.0.1:1234")
     with pytest.raises(ValueError, match="HOST:PORT"):
-        parallel.initialize("localhost", 2, 0)
+        distributed.initialize("localhost", 2, 0)
     with pytest.raises(ValueError, match=r"--process-id must be in \[0, 2\)"):
-        parallel.initialize("127.0.0.1:1234", 2, 2)
+        distributed.initialize("127.0.0.1:1234", 2, 2)
     monkeypatch.setenv("JAX_NUM_PROCESSES", "two")
     with pytest.raises(ValueError, match="JAX_NUM_PROCESSES must be an integer"):
-        parallel.initialize()
+        distributed.initialize()
 
 
 def test_one_device_mesh_step_equals_the_plain_step():
     with jax.enable_x64(False):
         model = batchnorm_cnn()
         optimizer = optax.sgd(0.1, momentum=0.9)
-        mesh = parallel.data_mesh(1)
+        mesh = distributed.data_mesh(1)
         plain = create_train_state(model, optimizer, jax.random.key(0), (5, 5, 2))
-        sharded = parallel.replicate(create_train_state(model, optimizer, jax.random.key(0), (5, 5, 2)), mesh)
+        sharded = distributed.replicate(create_train_state(model, optimizer, jax.random.key(0), (5, 5, 2)), mesh)
         x = np.asarray(jax.random.normal(jax.random.key(1), (8, 5, 5, 2)))
         y = np.arange(8) % 3
-        plain, _ = make_train_step(model, optimizer)(plain, x, y)
-        step = parallel.make_data_parallel_train_step(model, optimizer, mesh)
-        sharded, _ = step(sharded, parallel.shard_batch(x, mesh), parallel.shard_batch(y, mesh))
+        plain, _ = make_train_step(model)(plain, x, y)
+        step = data_parallel.make_data_parallel_train_step(model, mesh)
+        sharded, _ = step(sharded, distributed.shard_batch(x, mesh), distributed.shard_batch(y, mesh))
         for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(plain), strict=True):
             if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
                 a, b = jax.random.key_data(a), jax.random.key_data(b)
@@ -436,7 +450,8 @@ def run_script(code: str, env: dict[str, str] | None = None, timeout: float = 30
 
 FOUR_DEVICES = """
     import json, jax, numpy as np, optax
-    from jaxcnn import nn, parallel, train
+    from jaxcnn import distributed, nn, train
+    from jaxcnn.train import data_parallel
 
     def rel(a, b):
         return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))) / np.max(np.abs(np.asarray(y))))
@@ -457,17 +472,17 @@ FOUR_DEVICES = """
     # BatchNorm: the statistics of the global batch, moments and running averages as on one device
     model = nn.Sequential([nn.Conv2D(4, 3), nn.BatchNorm(), nn.ReLU(), nn.Flatten(), nn.Dense(3)])
     optimizer = optax.sgd(0.1, momentum=0.9)
-    mesh = parallel.data_mesh(4)
+    mesh = distributed.data_mesh(4)
     plain = train.create_train_state(model, optimizer, jax.random.key(0), (5, 5, 2))
-    sharded = parallel.replicate(plain, mesh)
-    step = train.make_train_step(model, optimizer, gradients="manual")
-    sharded_step = parallel.make_data_parallel_train_step(model, optimizer, mesh, gradients="manual")
+    sharded = distributed.replicate(plain, mesh)
+    step = train.make_train_step(model, gradients="manual")
+    sharded_step = data_parallel.make_data_parallel_train_step(model, mesh, gradients="manual")
     rng = np.random.default_rng(0)
     for _ in range(3):
         x = rng.standard_normal((16, 5, 5, 2)).astype(np.float32) * 3 + 1
         y = rng.integers(0, 3, 16)
         plain, _ = step(plain, x, y)
-        sharded, metrics = sharded_step(sharded, parallel.shard_batch(x, mesh), parallel.shard_batch(y, mesh))
+        sharded, metrics = sharded_step(sharded, distributed.shard_batch(x, mesh), distributed.shard_batch(y, mesh))
     # relative to the largest entry of the whole tree: the conv bias before BatchNorm has a zero gradient in
     # exact arithmetic (the normalisation removes it), so its own scale is rounding noise
     def tree_rel(a, b):
@@ -477,7 +492,7 @@ FOUR_DEVICES = """
 
     out["batchnorm_params"] = tree_rel(sharded.params, plain.params)
     out["batchnorm_state"] = tree_rel(sharded.model_state, plain.model_state)
-    out["sharding"] = list(parallel.shard_batch(x, mesh).sharding.spec)
+    out["sharding"] = list(distributed.shard_batch(x, mesh).sharding.spec)
     print(json.dumps(out))
 """
 

@@ -336,10 +336,10 @@ def test_a_checkpoint_without_saved_preprocessing_gets_it_from_its_data(run, mon
 def test_an_ensembles_prediction_is_its_members_mean():
     import jax
 
-    from jaxcnn import parallel
+    from jaxcnn.train.ensemble import create_ensemble_state
 
     model = jc.nn.Sequential([jc.nn.Flatten(), jc.nn.Dense(3)])
-    ensemble = parallel.create_ensemble_state(model, train.make_optimizer(train.Config(), 1)[0], [0, 1], (2, 2, 1))
+    ensemble = create_ensemble_state(model, train.make_optimizer(train.Config(), 1)[0], [0, 1], (2, 2, 1))
     x = np.random.default_rng(0).normal(size=(5, 2, 2, 1)).astype(np.float32)
     members = [
         jax.nn.softmax(model.apply(jax.tree.map(operator.itemgetter(k), ensemble.params), {}, x, train=False)[0])

@@ -35,9 +35,8 @@ def _batch(n=8, seed=0):
     return jnp.asarray(rng.standard_normal((n, *SHAPE)), jnp.float32), jnp.asarray(rng.integers(0, 10, n), jnp.int32)
 
 
-def _state(optimizer=None):
-    optimizer = optimizer or optax.sgd(0.1, 0.9)
-    return train.create_train_state(MODEL, optimizer, jax.random.key(0), SHAPE, dtype=jnp.float32), optimizer
+def _state():
+    return train.create_train_state(MODEL, optax.sgd(0.1, 0.9), jax.random.key(0), SHAPE, dtype=jnp.float32)
 
 
 def _params_equal(a, b, rtol):
@@ -88,11 +87,11 @@ def _equations(jaxpr, primitive):
 
 
 def test_bfloat16_manual_engine_and_autodiff_agree_with_each_other():
-    state, optimizer = _state()
+    state = _state()
     x, y = _batch()
     ends = {}
     for gradients in MODES:
-        step = train.make_train_step(MODEL, optimizer, gradients=gradients, dtype="bfloat16")
+        step = train.make_train_step(MODEL, gradients=gradients, dtype="bfloat16")
         current = jax.tree.map(jnp.copy, state)
         for _ in range(3):
             current, metrics = step(current, x, y)
@@ -113,11 +112,11 @@ def test_compute_dtype_rejects_what_is_not_a_float(bad):
 
 @pytest.mark.parametrize("gradients", ["autodiff", "manual"])
 def test_remat_gives_the_same_steps(gradients):
-    state, optimizer = _state()
+    state = _state()
     x, y = _batch()
     ends = {}
     for remat in (False, True):
-        step = train.make_train_step(MODEL, optimizer, gradients=gradients, remat=remat)
+        step = train.make_train_step(MODEL, gradients=gradients, remat=remat)
         current = jax.tree.map(jnp.copy, state)
         for _ in range(2):
             current, _ = step(current, x, y)
@@ -137,7 +136,7 @@ def test_remat_saves_memory_on_a_deep_model():
     y = jnp.zeros((16,), jnp.int32)
     temp = {}
     for remat in (False, True):
-        step = train.make_train_step(model, optimizer, gradients="manual", remat=remat)
+        step = train.make_train_step(model, gradients="manual", remat=remat)
         analysis = step.lower(state, x, y).compile().memory_analysis()
         if analysis is None:
             pytest.skip("this backend gives no memory analysis")
@@ -146,11 +145,10 @@ def test_remat_saves_memory_on_a_deep_model():
 
 
 def test_remat_errors_name_the_problem():
-    _, optimizer = _state()
     with pytest.raises(ValueError, match="remat works with gradients='autodiff' or 'manual'"):
-        train.make_train_step(MODEL, optimizer, gradients="engine", remat=True)
+        train.make_train_step(MODEL, gradients="engine", remat=True)
     with pytest.raises(ValueError, match="remat checkpoints a container's children; Dense has none"):
-        train.make_train_step(nn.Dense(3), optimizer, remat=True)
+        train.make_train_step(nn.Dense(3), remat=True)
     with pytest.raises(ValueError, match="remat must be a bool"):
         MODEL.apply(*MODEL.init(jax.random.key(0), SHAPE), _batch()[0], remat="yes")
 
@@ -158,11 +156,11 @@ def test_remat_errors_name_the_problem():
 @pytest.mark.sample(2)
 @pytest.mark.parametrize("gradients", MODES)
 def test_steps_per_call_equals_that_many_calls(gradients):
-    state, optimizer = _state()
+    state = _state()
     xs = jnp.stack([_batch(seed=s)[0] for s in range(3)])
     ys = jnp.stack([_batch(seed=s)[1] for s in range(3)])
-    one = train.make_train_step(MODEL, optimizer, gradients=gradients)
-    three = train.make_train_step(MODEL, optimizer, gradients=gradients, steps_per_call=3)
+    one = train.make_train_step(MODEL, gradients=gradients)
+    three = train.make_train_step(MODEL, gradients=gradients, steps_per_call=3)
     looped = jax.tree.map(jnp.copy, state)
     losses = []
     for k in range(3):
@@ -177,10 +175,10 @@ def test_steps_per_call_equals_that_many_calls(gradients):
 
 
 def test_steps_per_call_errors():
-    state, optimizer = _state()
+    state = _state()
     with pytest.raises(ValueError, match="steps_per_call must be an int >= 1, got 0"):
-        train.make_train_step(MODEL, optimizer, steps_per_call=0)
-    three = train.make_train_step(MODEL, optimizer, steps_per_call=3)
+        train.make_train_step(MODEL, steps_per_call=0)
+    three = train.make_train_step(MODEL, steps_per_call=3)
     x, y = _batch()
     with pytest.raises(ValueError, match="a 3-step call takes x and y with a leading axis of 3"):
         three(state, jnp.stack([x, x]), jnp.stack([y, y]))

@@ -13,7 +13,7 @@ import jaxcnn as jc
 from conftest import corrupt_latest
 from jaxcnn import train
 from jaxcnn.train.config import make_schedule
-from models_for_tests import MODELS
+from models_for_tests import MODELS, small_digits_cnn
 
 # -- Config ----------------------------------------------------------------------------------------------------
 
@@ -140,7 +140,9 @@ def test_create_train_state_fields_and_keys():
     model, shape, _, _ = small_problem()
     optimizer = optax.sgd(0.1, 0.9)
     state = train.create_train_state(model, optimizer, jax.random.key(0), shape)
-    assert set(state.__dataclass_fields__) == {"params", "model_state", "opt_state", "step", "key"}
+    assert set(state.__dataclass_fields__) == {"params", "model_state", "opt_state", "step", "key", "tx"}
+    assert state.tx is optimizer  # static: part of the tree's structure, not a leaf
+    assert len(jax.tree.leaves(state)) == len(jax.tree.leaves((state.params, state.opt_state, state.step))) + 1
     assert state.step.dtype == jnp.int32 and int(state.step) == 0
     assert jax.dtypes.issubdtype(state.key.dtype, jax.dtypes.prng_key)
     legacy = train.create_train_state(model, optimizer, jax.random.PRNGKey(0), shape)
@@ -161,7 +163,7 @@ def test_three_gradient_modes_reach_the_same_parameters(name):
     finals = {}
     for gradients in train.GRADIENTS:
         state = train.create_train_state(model, optimizer, jax.random.key(3), shape, dtype=jnp.float64)
-        step = train.make_train_step(model, optimizer, gradients=gradients)
+        step = train.make_train_step(model, gradients=gradients)
         for _ in range(4):
             state, metrics = step(state, x, y)
         finals[gradients] = state
@@ -179,7 +181,7 @@ def test_step_never_recompiles_and_donates_the_state(gradients):
     model, shape, x, y = small_problem(dtype=jnp.float32)
     optimizer = optax.adam(1e-3)
     state = train.create_train_state(model, optimizer, jax.random.key(0), shape)
-    step = train.make_train_step(model, optimizer, gradients=gradients)
+    step = train.make_train_step(model, gradients=gradients)
     old = state
     state, metrics = step(state, x, y)
     assert all(leaf.is_deleted() for leaf in jax.tree.leaves(old.params))  # donated
@@ -202,7 +204,7 @@ def test_step_keys_differ_per_step_and_come_from_the_state_key():
 
     model = jc.nn.Sequential([Noise(), jc.nn.Flatten(), jc.nn.Dense(2)])
     optimizer = optax.sgd(0.0)
-    step = train.make_train_step(model, optimizer, gradients="autodiff")
+    step = train.make_train_step(model, gradients="autodiff")
     x, y = jnp.zeros((4, 3), jnp.float32), jnp.zeros((4,), jnp.int32)
     fresh = lambda: train.create_train_state(model, optimizer, jax.random.key(1), (3,))
     _, first = step(fresh(), x, y)
@@ -229,7 +231,7 @@ def test_mse_step_has_loss_but_no_accuracy():
     model = jc.nn.Sequential([jc.nn.Flatten(), jc.nn.Dense(3)])
     optimizer = optax.sgd(0.1)
     state = train.create_train_state(model, optimizer, jax.random.key(0), (2, 2, 1))
-    step = train.make_train_step(model, optimizer, loss_fn=jc.functional.mean_squared_error, gradients="engine")
+    step = train.make_train_step(model, loss_fn=jc.functional.mean_squared_error, gradients="engine")
     x, y = jnp.ones((5, 2, 2, 1), jnp.float32), jnp.zeros((5, 3), jnp.float32)
     state, metrics = step(state, x, y)
     assert set(metrics) == {"loss", "count"}
@@ -253,7 +255,47 @@ def test_evaluate_with_a_reconstruction_eval_step_takes_image_targets():
 def test_unknown_gradients_mode_is_an_error():
     model, _, _, _ = small_problem()
     with pytest.raises(ValueError, match="unknown gradients 'fast'"):
-        train.make_train_step(model, optax.sgd(0.1), gradients="fast")
+        train.make_train_step(model, gradients="fast")
+
+
+def test_the_step_takes_its_optimizer_from_the_state_and_refuses_one_given():
+    model = jc.nn.Sequential([jc.nn.Flatten(), jc.nn.Dense(3)])  # small: the reference below runs eagerly
+    shape, x, y = (2, 2, 1), jnp.asarray(np.random.default_rng(0).normal(size=(5, 2, 2, 1))), jnp.arange(5) % 3
+    with pytest.raises(TypeError, match="make_train_step takes the model and StepOptions; got GradientTransformation"):
+        train.make_train_step(model, optax.sgd(0.1))
+    with pytest.raises(TypeError, match="options must be a StepOptions"):
+        train.StepOptions.of(optax.sgd(0.1))
+    options = train.StepOptions(gradients="manual")
+    assert train.StepOptions.of(options, gradients="engine") == train.StepOptions(gradients="engine")
+    # one step of the compiled step is apply_gradients on the step's gradients, with the state's own optimizer
+    state = train.create_train_state(model, optax.sgd(0.1, 0.9), jax.random.key(0), shape, dtype=jnp.float64)
+    loss = lambda params: jc.functional.softmax_cross_entropy(model.apply(params, state.model_state, x)[0], y)
+    grads = jax.grad(loss)(state.params)
+    expected = state.apply_gradients(grads=grads)
+    stepped, _ = train.make_train_step(model, options)(jax.tree.map(jnp.copy, state), x, y)
+    assert int(expected.step) == int(stepped.step) == 1
+    for a, b in zip(jax.tree.leaves(stepped.params), jax.tree.leaves(expected.params), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15)  # float64; manual rules against autodiff
+    updates, opt_state = state.optimizer_update(grads)
+    assert_bitwise_equal(state.apply_updates(updates, opt_state), expected)
+
+
+def test_the_compiled_step_cache_key_holds_every_config_field_but_the_noncompiling_ones():
+    """fit shares compiled steps between runs whose key is equal: every Config field is in the key (a field added
+    later too), those that do not change the compiled program blanked."""
+    from jaxcnn.train import run
+
+    model = jc.models.get("lenet5")
+    base = train.Config()
+    key = run.compile_key(base, model, 10)
+    assert set(dict(key[0])) == set(train.Config.__dataclass_fields__)
+    same = base.replace(model="lenet5", seed=5, epochs=3, keep=1, early_stopping=2, normalize=False)
+    assert run.compile_key(same, model, 10) == key
+    for change in ({"weight_decay": 0.0}, {"gradients": "engine"}, {"augment_flip": True}, {"dtype": "bfloat16"}):
+        assert run.compile_key(base.replace(**change), model, 10) != key, change
+    assert run.compile_key(base, model, 11) != key and run.compile_key(base, jc.models.get("mnist_cnn"), 10) != key
+    cosine = base.replace(schedule="cosine")
+    assert run.compile_key(cosine.replace(epochs=3), model, 10) != run.compile_key(cosine, model, 10)  # its horizon
 
 
 # -- the loop, checkpoints and resume --------------------------------------------------------------------------
@@ -314,6 +356,22 @@ def test_in_memory_fit_matches_the_workdir_run(straight_run):
     state, history = train.fit(SHORT, None, log=None)
     assert_bitwise_equal(state, straight)
     assert len(history) == 4
+
+
+def test_a_model_factory_trains_from_the_command_line_and_resumes_as_fit_of_the_model(tmp_path, capsys):
+    """``jaxcnn train --model package.module:factory`` (a module on the path, here tests/), one epoch and then
+    resumed for a second, ends with the bits of ``fit(config, model=factory())`` run straight."""
+    from jaxcnn import cli
+
+    factory = "models_for_tests:small_digits_cnn"
+    command = ["train", "--model", factory, "--workdir", str(tmp_path), "--no-progress"]
+    assert cli.main([*command, "--epochs", "1"]) == 0
+    assert cli.main([*command, "--epochs", "2"]) == 0
+    assert f"resuming {tmp_path} from epoch 1" in capsys.readouterr().out
+    config = train.read_config(tmp_path)
+    assert config.model == factory and config.epochs == 2
+    straight, _ = train.fit(config.replace(model="mnist_cnn"), None, model=small_digits_cnn(), log=None)
+    assert_bitwise_equal(train.restore(tmp_path), straight)  # read back through the factory config.json names
 
 
 def test_resume_refuses_another_model_or_data_set(straight_run):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from data_files import write_cifar
-from jaxcnn import cli, data, models, nn, train
+from jaxcnn import cli, data, nn, train
 
 
 def tiny_bn_net(num_classes: int = 10) -> nn.Sequential:
@@ -17,44 +17,41 @@ def tiny_bn_net(num_classes: int = 10) -> nn.Sequential:
     )  # fmt: skip
 
 
-@pytest.fixture
-def tiny_model(monkeypatch):
-    """Register the tiny BatchNorm/Residual/Dropout net under a built-in name (fit builds models by name)."""
-    monkeypatch.setitem(models.MODELS, "lenet5", tiny_bn_net)
-    return "lenet5"
-
-
 def leaves(state):
     tree = (state.params, state.model_state, state.opt_state, state.step)
     return [np.asarray(leaf) for leaf in jax.tree.leaves(tree)]
 
 
-def test_batchnorm_statistics_are_checkpointed_and_resumed_bit_for_bit(tiny_model, tmp_path):
+def test_batchnorm_statistics_are_checkpointed_and_resumed_bit_for_bit(tmp_path):
+    """A user's own model (fit(model=...)): trained, resumed and restored bit for bit; another model refused."""
     dataset = data.load("synthetic", shape=(8, 8, 3), num_classes=10, sizes=(40, 12))
-    config = train.Config(model=tiny_model, dataset="synthetic", epochs=3, batch_size=16, gradients="engine")
-    straight, _ = train.fit(config, None, data=dataset, log=None)
-    train.fit(config.replace(epochs=1), tmp_path, data=dataset, log=None)
-    resumed, history = train.fit(config, tmp_path, data=dataset, log=None)
+    config = train.Config(dataset="synthetic", epochs=3, batch_size=16, gradients="engine")
+    straight, _ = train.fit(config, None, model=tiny_bn_net(), data=dataset, log=None)
+    train.fit(config.replace(epochs=1), tmp_path, model=tiny_bn_net(), data=dataset, log=None)
+    wider = nn.Sequential([nn.Conv2D(5, 3, padding=1), nn.BatchNorm(), nn.ReLU(), nn.GlobalAvgPool2D(), nn.Dense(10)])
+    with pytest.raises(ValueError, match=r"does not match .*differ at array 0 \(checkpoint: .*\(4,\) .*\(5,\)"):
+        train.fit(config, tmp_path, model=wider, data=dataset, log=None)
+    resumed, history = train.fit(config, tmp_path, model=tiny_bn_net(), data=dataset, log=None)
     for a, b in zip(leaves(straight), leaves(resumed), strict=True):
         assert np.array_equal(a, b)
-    restored = train.restore(tmp_path)
+    with pytest.raises(ValueError, match=r"was trained with a model object .*restore\(workdir, model=\.\.\.\)"):
+        train.restore(tmp_path)
+    restored = train.restore(tmp_path, model=tiny_bn_net())
     assert set(restored.model_state) == {"BatchNorm_0", "Residual_0"}
     for a, b in zip(leaves(restored), leaves(resumed), strict=True):
         assert np.array_equal(a, b)
-    initial = train.create_train_state(
-        models.get(tiny_model), train.make_optimizer(config, 3)[0], jax.random.key(0), (8, 8, 3)
-    )
+    initial = train.create_train_state(tiny_bn_net(), train.make_optimizer(config, 3)[0], jax.random.key(0), (8, 8, 3))
     moved = jax.tree.map(lambda a, b: not np.array_equal(a, b), restored.model_state, initial.model_state)
     assert all(jax.tree.leaves(moved))  # training moved every running statistic
     assert len(history) == 3
 
 
-def test_the_hand_modes_train_a_batchnorm_net_as_autodiff_does(tiny_model):
+def test_the_hand_modes_train_a_batchnorm_net_as_autodiff_does():
     dataset = data.load("synthetic", shape=(8, 8, 3), num_classes=10, sizes=(32, 8))
-    config = train.Config(model=tiny_model, dataset="synthetic", epochs=1, batch_size=16, gradients="autodiff")
-    reference, _ = train.fit(config, None, data=dataset, log=None)
+    config = train.Config(dataset="synthetic", epochs=1, batch_size=16, gradients="autodiff")
+    reference, _ = train.fit(config, None, model=tiny_bn_net(), data=dataset, log=None)
     for gradients in ("manual", "engine"):
-        state, _ = train.fit(config.replace(gradients=gradients), None, data=dataset, log=None)
+        state, _ = train.fit(config.replace(gradients=gradients), None, model=tiny_bn_net(), data=dataset, log=None)
         # float32: the hand rules sum in another order than autodiff (about 1e-7 relative per gradient), and two
         # momentum steps through BatchNorm's division by the batch spread grow that to about 1e-5
         for a, b in zip(leaves(state), leaves(reference), strict=True):

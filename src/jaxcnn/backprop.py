@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxcnn._autodiff import value_and_grad_of  # the modes JAX differentiates, kept outside the hand rules
 from jaxcnn.functional import hand_rule
 from jaxcnn.nn.contract import check_backward_result
 from jaxcnn.nn.layer import Layer, Params, State
@@ -188,13 +189,7 @@ def loss_and_grads(
     if gradients == "engine":
         return reverse_pass(model, loss_fn, loss_vjp=loss_vjp, train=train)
     loss_of = manual_loss(loss_fn, loss_vjp) if gradients == "manual" else loss_fn
-    options = {"remat": True} if remat else {}
-
-    def objective(params, state, x, y, key):
-        predictions, new_state = model.apply(params, state, x, train=train, key=key, gradients=gradients, **options)
-        return loss_of(predictions, y), (predictions, new_state)
-
-    value_and_grad_fn = jax.value_and_grad(objective, has_aux=True)
+    value_and_grad_fn = value_and_grad_of(model, loss_of, gradients=gradients, train=train, remat=remat)
 
     def run(params: Params, state: State, x: jax.Array, y: jax.Array, *, key: jax.Array | None = None) -> ReversePass:
         (loss, (predictions, new_state)), grads = value_and_grad_fn(params, state, x, y, key)
