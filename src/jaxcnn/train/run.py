@@ -8,6 +8,7 @@ process whose configuration compiles alike (:func:`compiled_steps`), so a repeat
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 from collections.abc import Callable
 from typing import Any
@@ -137,6 +138,11 @@ class Run:
             self._fingerprint = digest.hexdigest()
         return self._fingerprint
 
+    @functools.cached_property
+    def signature(self) -> list[str]:
+        """The model's :func:`param_signature`, computed once (every checkpoint records it)."""
+        return param_signature(self.model, self.input_shape)
+
     def initial_state(self) -> TrainState:
         """The state at step 0: one model, or an ensemble's K members (seeds ``seed .. seed + K - 1``) stacked."""
         return initial_state(self.config, self.model, self.optimizer, self.input_shape)
@@ -148,7 +154,7 @@ class Run:
             "input_shape": list(self.input_shape),
             "num_classes": self.data.num_classes,
             "model": model_label(self.model) if self.user_model else self.config.model,
-            "params": param_signature(self.model, self.input_shape),
+            "params": self.signature,
             "dataset": self.config.dataset,
             "steps_per_epoch": self.steps_per_epoch,
             "data_sha256": self.fingerprint,
