@@ -77,8 +77,9 @@ def test_unregistered_loss_needs_its_vjp():
         jc.backprop.value_and_grad(model, huber)
     huber_vjp = lambda p, t, d: d * jnp.clip(p - t, -1, 1) / p.size
     target = normal(4, (x.shape[0], 3))
-    (_, _), grads = jc.backprop.value_and_grad(model, huber, loss_vjp=huber_vjp)(params, state, x, target)
-    expected = jax.grad(lambda p: huber(model.apply(p, state, x)[0], target))(params)
+    # jitted: eagerly, every primitive of the forward and backward would compile on its own
+    (_, _), grads = jax.jit(jc.backprop.value_and_grad(model, huber, loss_vjp=huber_vjp))(params, state, x, target)
+    expected = jax.jit(jax.grad(lambda p: huber(model.apply(p, state, x)[0], target)))(params)
     assert_trees_close(grads, expected, jnp.float64, "huber")
 
 
@@ -129,13 +130,18 @@ def test_hand_rules_run_without_jax_differentiation():
     x, w, b = normal(0, (2, 7, 6, 4)), normal(1, (3, 2, 2, 6)), normal(2, (6,))
     opts = dict(stride=(2, 1), padding=((1, 2), (0, 1)), dilation=(1, 2), groups=2)
     dy = normal(3, F.conv2d(x, w, b, **opts).shape)
-    conv_expected = jax.vjp(lambda x, w, b: F.conv2d(x, w, b, **opts), x, w, b)[1](dy)
+    # every side jitted: eagerly, each primitive would compile on its own (tracing runs the same Python)
+    conv_expected = jax.jit(lambda x, w, b, dy: jax.vjp(lambda x, w, b: F.conv2d(x, w, b, **opts), x, w, b)[1](dy))(
+        x, w, b, dy
+    )
     pool_dy = normal(4, F.max_pool2d(x, 3, 2, "SAME").shape)
     pool_expected = [jax.vjp(lambda x, f=f: f(x, 3, 2, "SAME"), x)[1](pool_dy)[0] for f in (F.max_pool2d, F.avg_pool2d)]
     activations = ("relu", "leaky_relu", "elu", "gelu", "sigmoid", "tanh", "softplus")
     act_expected = {n: jax.vjp(getattr(F, n), x)[1](x)[0] for n in activations}
     model, params, state, xb, yb = setup("unseen")
-    engine_expected = jax.grad(lambda p: F.softmax_cross_entropy(model.apply(p, state, xb, train=True)[0], yb))(params)
+    engine_expected = jax.jit(
+        jax.grad(lambda p: F.softmax_cross_entropy(model.apply(p, state, xb, train=True)[0], yb))
+    )(params)
 
     def forbidden(*args, **kwargs):
         raise AssertionError("a JAX differentiation transform was called")
@@ -147,16 +153,16 @@ def test_hand_rules_run_without_jax_differentiation():
                 mp.setattr(jax, name, forbidden)
         with pytest.raises(AssertionError):
             jax.grad(lambda v: v)(1.0)
-        assert_trees_close(F.conv2d_vjp(x, w, b, dy, **opts), conv_expected, jnp.float64, "conv2d")
+        conv = jax.jit(lambda x, w, b, dy: F.conv2d_vjp(x, w, b, dy, **opts))(x, w, b, dy)
+        assert_trees_close(conv, conv_expected, jnp.float64, "conv2d")
         pool = dict(window=3, stride=2, padding="SAME")
         assert_trees_close(F.max_pool2d_vjp(x, pool_dy, **pool), pool_expected[0], jnp.float64, "max")
         assert_trees_close(F.avg_pool2d_vjp(x, pool_dy, **pool), pool_expected[1], jnp.float64, "avg")
         for name, expected in act_expected.items():
             assert_trees_close(getattr(F, f"{name}_vjp")(x, x), expected, jnp.float64, name)
         engine = jc.backprop.value_and_grad(model, F.softmax_cross_entropy)
-        for run in (engine, jax.jit(engine)):
-            (_, _), grads = run(params, state, xb, yb)
-            assert_trees_close(grads, engine_expected, jnp.float64, "engine")
+        (_, _), grads = jax.jit(engine)(params, state, xb, yb)
+        assert_trees_close(grads, engine_expected, jnp.float64, "engine")
 
 
 HAND_RULE_SOURCES = ("functional", "nn", "backprop.py")

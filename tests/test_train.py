@@ -13,7 +13,7 @@ import jaxcnn as jc
 from conftest import corrupt_latest
 from jaxcnn import train
 from jaxcnn.train.config import make_schedule
-from models_for_tests import MODELS, small_digits_cnn
+from models_for_tests import MODELS
 
 # -- Config ----------------------------------------------------------------------------------------------------
 
@@ -280,24 +280,6 @@ def test_the_step_takes_its_optimizer_from_the_state_and_refuses_one_given():
     assert_bitwise_equal(state.apply_updates(updates, opt_state), expected)
 
 
-def test_the_compiled_step_cache_key_holds_every_config_field_but_the_noncompiling_ones():
-    """fit shares compiled steps between runs whose key is equal: every Config field is in the key (a field added
-    later too), those that do not change the compiled program blanked."""
-    from jaxcnn.train import run
-
-    model = jc.models.get("lenet5")
-    base = train.Config()
-    key = run.compile_key(base, model, 10)
-    assert set(dict(key[0])) == set(train.Config.__dataclass_fields__)
-    same = base.replace(model="lenet5", seed=5, epochs=3, keep=1, early_stopping=2, normalize=False)
-    assert run.compile_key(same, model, 10) == key
-    for change in ({"weight_decay": 0.0}, {"gradients": "engine"}, {"augment_flip": True}, {"dtype": "bfloat16"}):
-        assert run.compile_key(base.replace(**change), model, 10) != key, change
-    assert run.compile_key(base, model, 11) != key and run.compile_key(base, jc.models.get("mnist_cnn"), 10) != key
-    cosine = base.replace(schedule="cosine")
-    assert run.compile_key(cosine.replace(epochs=3), model, 10) != run.compile_key(cosine, model, 10)  # its horizon
-
-
 # -- the loop, checkpoints and resume --------------------------------------------------------------------------
 
 SHORT = train.Config(epochs=4, learning_rate=0.05, keep=2)
@@ -356,22 +338,6 @@ def test_in_memory_fit_matches_the_workdir_run(straight_run):
     state, history = train.fit(SHORT, None, log=None)
     assert_bitwise_equal(state, straight)
     assert len(history) == 4
-
-
-def test_a_model_factory_trains_from_the_command_line_and_resumes_as_fit_of_the_model(tmp_path, capsys):
-    """``jaxcnn train --model package.module:factory`` (a module on the path, here tests/), one epoch and then
-    resumed for a second, ends with the bits of ``fit(config, model=factory())`` run straight."""
-    from jaxcnn import cli
-
-    factory = "models_for_tests:small_digits_cnn"
-    command = ["train", "--model", factory, "--workdir", str(tmp_path), "--no-progress"]
-    assert cli.main([*command, "--epochs", "1"]) == 0
-    assert cli.main([*command, "--epochs", "2"]) == 0
-    assert f"resuming {tmp_path} from epoch 1" in capsys.readouterr().out
-    config = train.read_config(tmp_path)
-    assert config.model == factory and config.epochs == 2
-    straight, _ = train.fit(config.replace(model="mnist_cnn"), None, model=small_digits_cnn(), log=None)
-    assert_bitwise_equal(train.restore(tmp_path), straight)  # read back through the factory config.json names
 
 
 def test_resume_refuses_another_model_or_data_set(straight_run):

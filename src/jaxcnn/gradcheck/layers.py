@@ -86,17 +86,21 @@ def _check_call(
     def forward(p, state, x_in):
         return layer.forward_with_state(p, state, x_in, train=train, key=layer_key)[0]
 
-    @jax.jit
-    def hand(p, state, x_in, dy):
+    def hand_vjp(p, state, x_in, dy):
         _, residuals, _ = layer.forward_with_state(p, state, x_in, train=train, key=layer_key)
         result = layer.backward(p, residuals, dy)
         return check_backward_result(path, result, p, tuple(x_in.shape) if has_input else None)
 
-    @jax.jit
-    def autodiff(p, state, x_in, dy):
+    def autodiff_vjp(p, state, x_in, dy):
         _, pullback = jax.vjp(lambda p, x_in: forward(p, state, x_in), p, x_in)
         dparams, dx = pullback(dy)
         return dx, dparams
+
+    # one program for both sides: one compile per layer (the finite differences reuse it for the hand side)
+    both = jax.jit(lambda p, state, x_in, dy: (hand_vjp(p, state, x_in, dy), autodiff_vjp(p, state, x_in, dy)))
+
+    def hand(p, state, x_in, dy):
+        return both(p, state, x_in, dy)[0]
 
     y_shape = jax.eval_shape(forward, first.params, first.state, first.x)
     # the finite differences' forward, in float64, compiled once for every point
@@ -105,8 +109,7 @@ def _check_call(
     for index, (call, point) in enumerate(zip(calls, labels, strict=True)):
         at = point_seed(seed, index)
         dy = jnp.asarray(normal((*at, 0), y_shape.shape), y_shape.dtype)
-        dx_hand, dparams_hand = hand(call.params, call.state, call.x, dy)
-        dx_auto, dparams_auto = autodiff(call.params, call.state, call.x, dy)
+        (dx_hand, dparams_hand), (dx_auto, dparams_auto) = both(call.params, call.state, call.x, dy)
         scale = largest(dparams_auto, dx_auto if has_input else ())
         method = "hand vs autodiff"
         if has_input:

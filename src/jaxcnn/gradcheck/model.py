@@ -93,10 +93,14 @@ class _Modes:
     key; and the loss alone in float64 for the finite differences."""
 
     def __init__(self, model: Layer, loss_fn, loss_vjp, train: bool, state: Any, y: jax.Array, key: Any):
-        self.functions = {
-            mode: jax.jit(backprop.loss_and_grads(model, loss_fn, gradients=mode, loss_vjp=loss_vjp, train=train))
+        functions = {
+            mode: backprop.loss_and_grads(model, loss_fn, gradients=mode, loss_vjp=loss_vjp, train=train)
             for mode in ("autodiff", *HAND_MODES)
         }
+        # every mode in one program: one compile for the check (a point runs them all, which costs little)
+        self.all_modes = jax.jit(
+            lambda p, state, x, y, key: {mode: run(p, state, x, y, key=key) for mode, run in functions.items()}
+        )
         self.state, self.y, self.key = state, y, key
         state64, y64 = cast((state, y), jnp.float64)
 
@@ -108,7 +112,7 @@ class _Modes:
         self.loss64 = loss64
 
     def __call__(self, mode: str, params: Any, x: jax.Array) -> backprop.ReversePass:
-        return self.functions[mode](params, self.state, x, self.y, key=self.key)
+        return self.all_modes(params, self.state, x, self.y, self.key)[mode]
 
     def finite(self, point: tuple[Any, jax.Array]) -> bool:
         """Whether autodiff's loss and gradients are finite at ``point = (params, x)``."""

@@ -45,9 +45,12 @@ def cast(tree: Any, dtype: Any) -> Any:
 
     def cast(leaf):
         leaf = jnp.asarray(leaf) if isinstance(leaf, (np.ndarray, float)) else leaf
-        if isinstance(leaf, jax.Array) and jnp.issubdtype(leaf.dtype, jnp.floating):
+        if not isinstance(leaf, jax.Array) or not jnp.issubdtype(leaf.dtype, jnp.floating):
+            return leaf
+        if isinstance(leaf, jax.core.Tracer):
             return leaf.astype(dtype)
-        return leaf
+        # a concrete array: cast on the host (the same rounding), not by a device op compiled per shape and dtype
+        return jnp.asarray(np.asarray(leaf).astype(dtype))
 
     return jax.tree.map(cast, tree)
 
