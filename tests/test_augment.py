@@ -10,6 +10,10 @@ from jaxcnn import data, nn, train
 from jaxcnn.data import DataError, augment
 from jaxcnn.data.augment import warp
 
+# jitted once per set of options and shapes: called eagerly, every primitive of the warp compiles on its own
+jitted_augment = jax.jit(augment, static_argnames=("translate", "flip", "noise", "rotate", "scale"))
+jitted_warp = jax.jit(warp)
+
 
 def images(n=6, size=5, channels=2):
     return jnp.asarray(np.random.default_rng(0).standard_normal((n, size, size, channels)), jnp.float32)
@@ -41,12 +45,12 @@ def test_translation_is_a_zero_filled_shift_within_the_bound():
 
 def test_flip_mirrors_about_half_and_noise_has_its_standard_deviation():
     x = images(n=400, size=4, channels=1)
-    out = np.asarray(augment(jax.random.key(2), x, flip=True))
+    out = np.asarray(jitted_augment(jax.random.key(2), x, flip=True))
     flipped = [np.array_equal(o, np.asarray(i)[:, ::-1]) for o, i in zip(out, x, strict=True)]
     kept = [np.array_equal(o, np.asarray(i)) for o, i in zip(out, x, strict=True)]
     # 400 draws: the flipped fraction's standard deviation is 0.025
     assert all(f or k for f, k in zip(flipped, kept, strict=True)) and 0.4 < np.mean(flipped) < 0.6
-    noisy = np.asarray(augment(jax.random.key(3), jnp.zeros((200, 8, 8, 1)), noise=0.3))
+    noisy = np.asarray(jitted_augment(jax.random.key(3), jnp.zeros((200, 8, 8, 1)), noise=0.3))
     # 12,800 draws: the sample standard deviation is good to about 1/sqrt(2n) = 0.6%
     assert np.std(noisy) == pytest.approx(0.3, rel=0.05)
 
@@ -125,33 +129,34 @@ def test_rotate_and_scale_zero_are_the_identity_bit_for_bit_and_leave_the_other_
     assert augment(jax.random.key(0), x, rotate=0.0, scale=0.0) is x
     assert np.array_equal(warp(x[0], jnp.float32(0), jnp.float32(1)), x[0])
     key = jax.random.key(6)
-    plain = augment(key, x, translate=1, noise=0.1)
-    assert np.array_equal(augment(key, x, translate=1, noise=0.1, rotate=0.0, scale=0.0), plain)
+    plain = jitted_augment(key, x, translate=1, noise=0.1)
+    assert np.array_equal(jitted_augment(key, x, translate=1, noise=0.1, rotate=0.0, scale=0.0), plain)
     # the warp draws from its own key: the shifts and the noise of a warped run are those of the plain run
-    warped = np.asarray(augment(key, x, noise=0.1, rotate=20.0, scale=0.2) - augment(key, x, rotate=20.0, scale=0.2))
+    warp_only = jitted_augment(key, x, rotate=20.0, scale=0.2)
+    warped = np.asarray(jitted_augment(key, x, noise=0.1, rotate=20.0, scale=0.2) - warp_only)
     # float32: adding the noise to pixels of size up to about 4 and taking them off again rounds it by a few 1e-7
-    assert np.allclose(warped, augment(key, x, noise=0.1) - x, atol=1e-5)
+    assert np.allclose(warped, jitted_augment(key, x, noise=0.1) - x, atol=1e-5)
 
 
 @pytest.mark.parametrize(("size", "channels"), [(5, 1), (6, 3), (8, 2)])
 def test_quarter_turns_are_np_rot90(size, channels):
     x = np.asarray(images(n=1, size=size, channels=channels)[0])
     for quarters in (1, 2, -1):
-        turned = np.asarray(warp(jnp.asarray(x), jnp.deg2rad(jnp.float32(90 * quarters)), jnp.float32(1)))
+        turned = np.asarray(jitted_warp(jnp.asarray(x), jnp.deg2rad(jnp.float32(90 * quarters)), jnp.float32(1)))
         # float32: cos and sin of the rounded quarter turn are off by about 1e-7, which moves each sample point
         np.testing.assert_allclose(turned, np.rot90(x, quarters), atol=2e-6, rtol=0)
 
 
 def test_zoom_keeps_the_centre_pixel_and_scales_a_ramp_about_it():
     x = images(n=50, size=7, channels=2)
-    out = np.asarray(augment(jax.random.key(7), x, rotate=40.0, scale=0.5))
+    out = np.asarray(jitted_augment(jax.random.key(7), x, rotate=40.0, scale=0.5))
     assert np.array_equal(out[:, 3, 3], np.asarray(x)[:, 3, 3])  # exactly: the centre samples itself
     assert not np.allclose(out, x)
     # bilinear interpolation of a linear ramp is exact: zoom 2 halves its slope about the centre
     rows = np.arange(9, dtype=np.float32)[:, None, None] * np.ones((9, 9, 1), np.float32)
-    zoomed = np.asarray(warp(jnp.asarray(rows), jnp.float32(0), jnp.float32(2)))
+    zoomed = np.asarray(jitted_warp(jnp.asarray(rows), jnp.float32(0), jnp.float32(2)))
     np.testing.assert_allclose(zoomed, 4 + (rows - 4) / 2, atol=1e-6)
-    shrunk = np.asarray(warp(jnp.asarray(rows + 1), jnp.float32(0), jnp.float32(0.5)))
+    shrunk = np.asarray(jitted_warp(jnp.asarray(rows + 1), jnp.float32(0), jnp.float32(0.5)))
     assert np.all(shrunk[0] == 0) and np.all(shrunk[:, 0] == 0)  # zeros where the source lies outside
     # float32: values up to 13 (an ulp of 1e-6), and the source coordinates round before the bilinear weights
     np.testing.assert_allclose(shrunk[2:7, 2:7], 5 + 2 * (rows[2:7, 2:7] - 4), atol=1e-5)
@@ -163,7 +168,7 @@ def test_angles_and_zooms_are_uniform_within_the_bounds():
     n, r, s = 600, 15.0, 0.2
     marked = np.zeros((n, 21, 21, 1), np.float32)
     marked[:, 2, 10] = 1.0
-    out = np.asarray(augment(jax.random.key(8), jnp.asarray(marked), rotate=r, scale=s))[..., 0]
+    out = np.asarray(jitted_augment(jax.random.key(8), jnp.asarray(marked), rotate=r, scale=s))[..., 0]
     rows, cols = np.mgrid[:21, :21]
     mass = out.sum(axis=(1, 2))
     dy = (out * (rows - 10)).sum(axis=(1, 2)) / mass
@@ -180,9 +185,9 @@ def test_angles_and_zooms_are_uniform_within_the_bounds():
 
 def test_warp_same_key_same_bits_other_key_other_bits():
     x = images(n=10, size=8, channels=1)
-    a = augment(jax.random.key(9), x, translate=1, rotate=12.0, scale=0.1)
-    b = augment(jax.random.key(9), x, translate=1, rotate=12.0, scale=0.1)
-    c = augment(jax.random.key(10), x, translate=1, rotate=12.0, scale=0.1)
+    a = jitted_augment(jax.random.key(9), x, translate=1, rotate=12.0, scale=0.1)
+    b = jitted_augment(jax.random.key(9), x, translate=1, rotate=12.0, scale=0.1)
+    c = jitted_augment(jax.random.key(10), x, translate=1, rotate=12.0, scale=0.1)
     assert np.array_equal(a, b) and not np.allclose(a, c)
     jitted = jax.jit(lambda k, v: augment(k, v, rotate=12.0, scale=0.1))(jax.random.key(9), x)
     # float32: jit fuses the warp's arithmetic, which rounds otherwise than the eager call
