@@ -135,3 +135,16 @@ def load_file(relative: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture
+def tiny():
+    """A tiny CNN registered as "bench_tiny" (every benchmark contender has its layers), for tests of the bench
+    harness and its options: the harness, not the model, is under test, and compiling lenet5 three ways took most
+    of their time."""
+    from jaxcnn import models, nn
+
+    build = lambda: nn.Sequential([nn.Conv2D(2, 3), nn.ReLU(), nn.Flatten(), nn.Dense(3)])  # noqa: E731
+    models.register("bench_tiny", build, input_shape=(6, 6, 1))
+    yield "bench_tiny"
+    models.unregister("bench_tiny")

@@ -5,17 +5,7 @@ import json
 import jax
 import pytest
 
-from jaxcnn import bench, cli, models, nn
-
-
-@pytest.fixture
-def tiny():
-    """A tiny CNN registered as "bench_tiny" (every contender has its layers): the harness, not the model, is
-    under test, and compiling lenet5 three ways took most of this file's time."""
-    build = lambda: nn.Sequential([nn.Conv2D(2, 3), nn.ReLU(), nn.Flatten(), nn.Dense(3)])
-    models.register("bench_tiny", build, input_shape=(6, 6, 1))
-    yield "bench_tiny"
-    models.unregister("bench_tiny")
+from jaxcnn import bench, cli
 
 
 def test_bench_runs_contenders_and_reports_medians_and_ratios(tiny):

@@ -203,9 +203,9 @@ def test_config_and_cli_take_dtype_and_remat(tmp_path, capsys):
     assert "unknown --dtype 'float64'" in capsys.readouterr().err
 
 
-def test_bench_options_reach_every_contender_and_the_settings():
+def test_bench_options_reach_every_contender_and_the_settings(tiny):
     result = bench.run(
-        ["lenet5"], batch_size=4, rounds=2, steps=2, warmup=0, dtype="bfloat16", steps_per_call=2, remat=True,
+        [tiny], batch_size=4, rounds=2, steps=2, warmup=0, dtype="bfloat16", steps_per_call=2, remat=True,
         contenders=["jaxcnn-manual", "jaxcnn-engine", "flax"], log=None,
     )  # fmt: skip
     settings = result["settings"]
@@ -216,6 +216,6 @@ def test_bench_options_reach_every_contender_and_the_settings():
             assert row["memory"]["temp_bytes"] >= 0 and row["memory"]["argument_bytes"] > 0
     assert "2 steps per JAX call (lax.scan)" in bench.markdown(result)
     with pytest.raises(ValueError, match=r"steps_per_call must be an int >= 1 dividing steps \(=3\)"):
-        bench.run(["lenet5"], steps=3, steps_per_call=2, log=None)
+        bench.run([tiny], steps=3, steps_per_call=2, log=None)
     with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16"):
-        bench.run(["lenet5"], dtype="float16", log=None)
+        bench.run([tiny], dtype="float16", log=None)
