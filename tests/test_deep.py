@@ -423,10 +423,10 @@ def test_dropout_gradients_agree_in_all_three_modes():
     results = three_way(model, params, state, x, y, key=key)
     assert_three_way_agree(results, 1e-12)
     # the mask matters: another key, or no dropout, gives other gradients
-    other = jax.grad(
-        lambda p: F.softmax_cross_entropy(model.apply(p, state, x, train=True, key=jax.random.key(12))[0], y)
-    )
-    no_dropout = jax.grad(lambda p: F.softmax_cross_entropy(model.apply(p, state, x)[0], y))
+    other = jax.jit(
+        jax.grad(lambda p: F.softmax_cross_entropy(model.apply(p, state, x, train=True, key=jax.random.key(12))[0], y))
+    )  # jitted: eagerly, every primitive would compile on its own
+    no_dropout = jax.jit(jax.grad(lambda p: F.softmax_cross_entropy(model.apply(p, state, x)[0], y)))
     for grads in (other(params), no_dropout(params)):
         assert relative_error(grads["Dense_0"]["kernel"], results["autodiff"][2]["Dense_0"]["kernel"]) > 1e-3
 
