@@ -112,7 +112,11 @@ class _Modes:
         self.loss64 = loss64
 
     def __call__(self, mode: str, params: Any, x: jax.Array) -> backprop.ReversePass:
-        return self.all_modes(params, self.state, x, self.y, self.key)[mode]
+        return self.every(params, x)[mode]
+
+    def every(self, params: Any, x: jax.Array) -> dict[str, backprop.ReversePass]:
+        """Every mode's result at ``(params, x)``, from one run of the one program."""
+        return self.all_modes(params, self.state, x, self.y, self.key)
 
     def finite(self, point: tuple[Any, jax.Array]) -> bool:
         """Whether autodiff's loss and gradients are finite at ``point = (params, x)``."""
@@ -123,8 +127,9 @@ class _Modes:
 def _exact_rows(modes: _Modes, params: Any, x: jax.Array, point: str, settings: Settings) -> None:
     """The loss and every parameter's gradient of each hand mode (:data:`HAND_MODES`) against autodiff's."""
     tolerance, rows = settings.tolerance, settings.rows
-    reference = modes("autodiff", params, x)
-    results = {mode: modes(mode, params, x) for mode in HAND_MODES}
+    every = modes.every(params, x)  # one run gives all three modes
+    reference = every["autodiff"]
+    results = {mode: every[mode] for mode in HAND_MODES}
     for mode, result in results.items():
         where = ("model", "-", "loss", f"{mode} vs autodiff")
         rows.add(array_check(where, result.loss, reference.loss, tolerance, point=point))
