@@ -35,6 +35,7 @@ from jaxcnn.train.progress import (
     CHECK_EVERY,
     LossWatch,
     ProgressBar,
+    diverged,
     early_stopping_epoch,
     json_number,
     mean_or_none,
@@ -219,9 +220,8 @@ def _train(
             started = time.perf_counter()
             state, train = _train_epoch(run, driver, state, epoch, bar, session)
             if not all_finite((state.params, state.model_state, state.opt_state)):
-                LossWatch(epoch, step_number(state), session.checkpointer).fail(
-                    f"the parameters or optimizer state turned non-finite in epoch {epoch}", step_number(state)
-                )
+                what = f"the parameters or optimizer state turned non-finite in epoch {epoch}"
+                diverged(what, epoch, step_number(state), session.checkpointer)
             record = _record(run, epoch, step_number(state), train, driver.evaluate(state), started)
             history.append(record)
             session.save(run, state, record, history, first=epoch == first_epoch)

@@ -129,10 +129,15 @@ class LossWatch:
         return result
 
     def fail(self, what: str, step: int) -> None:
-        kept = "no checkpoint was written"
-        if self.checkpointer is not None and self.checkpointer.latest_step() is not None:
-            kept = f"the last good checkpoint (step {self.checkpointer.latest_step()}) is kept"
-        raise NonFiniteError(f"training diverged: {what}; stopped, {kept}", self.epoch, step)
+        diverged(what, self.epoch, step, self.checkpointer)
+
+
+def diverged(what: str, epoch: int, step: int, checkpointer: Checkpointer | None) -> None:
+    """Raise :class:`NonFiniteError`: ``what`` went non-finite, and which checkpoint is kept."""
+    kept = "no checkpoint was written"
+    if checkpointer is not None and checkpointer.latest_step() is not None:
+        kept = f"the last good checkpoint (step {checkpointer.latest_step()}) is kept"
+    raise NonFiniteError(f"training diverged: {what}; stopped, {kept}", epoch, step)
 
 
 class ProgressBar:
