@@ -18,7 +18,7 @@ STEPS = 45  # steps per epoch of the digits at the default batch size
 def script(monkeypatch, losses):
     """Replace the test-set evaluation of ``fit`` by the scripted ``losses``, one per epoch."""
     scripted = iter(losses)
-    monkeypatch.setattr(train.loop._Replicas, "evaluate", lambda self, state: {"loss": next(scripted), "count": 1})
+    monkeypatch.setattr(train.feed.Replicas, "evaluate", lambda self, state: {"loss": next(scripted), "count": 1})
 
 
 def leaves(state):

@@ -57,7 +57,7 @@ REFUSED = {
     "data path with mnist": (["--dataset", "mnist", "--data-dir", "{dir}", "--data-path", "{npz}"], "--data-path is"),
     "data dir alone": (
         ["--data-dir", "{dir}"],
-        "--data-dir is for --dataset cifar10, fashion_mnist or mnist, not --dataset digits (the default)",
+        "--data-dir is for --dataset cifar10, fashion_mnist, folder or mnist, not --dataset digits (the default)",
     ),
     "data dir with digits": (["--dataset", "digits", "--data-dir", "{dir}"], "not --dataset digits"),
     "data dir with synthetic": (["--dataset", "synthetic", "--data-dir", "{dir}"], "not --dataset synthetic"),
@@ -116,7 +116,7 @@ def test_a_resumed_run_keeps_its_files_when_a_flag_is_refused(tmp_path, capsys, 
     npz = write_npz(tmp_path / "mine.npz")
     cases = {
         "--data-path is for --dataset npz, not --dataset digits (the run in this workdir)": ["--data-path", str(npz)],
-        "--data-dir is for --dataset cifar10, fashion_mnist or mnist, not --dataset digits (the run in this": [
+        "--data-dir is for --dataset cifar10, fashion_mnist, folder or mnist, not --dataset digits (the run in this": [
             "--data-dir",
             str(tmp_path),
         ],

@@ -32,7 +32,7 @@ BAD_CONFIGS = [
     ({"decay_rate": 0.0}, "decay_rate must be a number in (0, 1]"),
     ({"model": "resnet9000"}, "unknown model 'resnet9000'; known: conv_autoencoder, digits_cnn, lenet5, mnist_cnn"),
     ({"model": "conv_autoencoder"}, "model 'conv_autoencoder' reconstructs its input (mean squared error)"),
-    ({"dataset": "imagenet"}, "unknown dataset 'imagenet'; known: cifar10, digits, fashion_mnist, mnist, npz"),
+    ({"dataset": "imagenet"}, "unknown dataset 'imagenet'; known: cifar10, digits, fashion_mnist, folder, mnist, npz"),
     ({"optimizer": "lbfgs"}, "unknown optimizer 'lbfgs'; known: adam, adamw, momentum, nesterov, rmsprop, sgd"),
     ({"schedule": "step"}, "unknown schedule 'step'; known: constant, cosine, exponential, warmup_cosine"),
     ({"gradients": "numeric"}, "unknown gradients 'numeric'; known: autodiff, engine, manual"),

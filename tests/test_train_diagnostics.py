@@ -42,7 +42,7 @@ def test_fit_stops_early_and_a_resumed_run_stays_stopped(tmp_path, monkeypatch):
     def fake_evaluate(self, state):
         return {"loss": next(scripted), "accuracy": 0.5, "count": 1}
 
-    monkeypatch.setattr(train.loop._Replicas, "evaluate", fake_evaluate)
+    monkeypatch.setattr(train.feed.Replicas, "evaluate", fake_evaluate)
     config = train.Config(epochs=7, early_stopping=3, learning_rate=0.01)
     lines = []
     state, history = train.fit(config, tmp_path, log=lines.append)

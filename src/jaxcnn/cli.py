@@ -54,6 +54,9 @@ _TRAIN_FLAGS: dict[str, tuple[type, str]] = {
     "augment_rotate": (float, "rotate training images by a random angle within +- this many degrees"),
     "augment_scale": (float, "zoom training images by a random factor within 1 +- this (in [0, 1))"),
     "keep": (int, "checkpoints to keep"),
+    "image_size": (int, "side of the square images an image folder is cropped and resized to"),
+    "data_workers": (int, "processes decoding an image folder (0: in the training process)"),
+    "checkpoint_every": (int, "also checkpoint every this many steps within an epoch (exact mid-epoch resume)"),
 }
 
 # on/off Config fields: --name / --no-name
@@ -62,9 +65,17 @@ _SWITCHES = {
     "remat": "recompute each block's activations in the backward pass to save memory (autodiff, manual)",
     "augment_flip": "mirror training images left-right with probability 1/2",
     "log_grad_norms": "record each layer's gradient norm and update/weight ratio per epoch in metrics.jsonl",
+    "skip_bad_files": "leave out image files that fail the header check or do not decode (counted in the log)",
 }
 
-_DEFAULT_TEXT = {"data_dir": "none", "data_path": "none", "schedule_epochs": "--epochs", "early_stopping": "off"}
+_DEFAULT_TEXT = {
+    "data_dir": "none",
+    "data_path": "none",
+    "schedule_epochs": "--epochs",
+    "early_stopping": "off",
+    "data_workers": "one per CPU but one",
+    "checkpoint_every": "off",
+}
 
 
 def _default_workdir() -> Path:

@@ -15,13 +15,14 @@ from jaxcnn.train.preprocess import Preprocess
 from jaxcnn.train.progress import NonFiniteError
 from jaxcnn.train.restored import evaluate_workdir, load_model, restore, restore_run
 from jaxcnn.train.state import TrainState, create_train_state
-from jaxcnn.train.step import StepOptions, make_train_step
+from jaxcnn.train.step import InputScaling, StepOptions, make_train_step
 from jaxcnn.train.workdir import WorkdirBusyError, read_config, read_metrics
 
 __all__ = [
     "GRADIENTS",
     "OPTIMIZERS",
     "SCHEDULES",
+    "InputScaling",
     "StepOptions",
     "CheckpointError",
     "Checkpointer",

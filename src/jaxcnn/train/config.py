@@ -24,7 +24,7 @@ from jaxcnn.backprop import GRADIENTS
 OPTIMIZERS = ("adam", "adamw", "momentum", "nesterov", "rmsprop", "sgd")
 SCHEDULES = ("constant", "cosine", "exponential", "warmup_cosine")
 DTYPES = ("float32", "bfloat16")
-DATASETS = ("cifar10", "digits", "fashion_mnist", "mnist", "npz", "synthetic")
+DATASETS = ("cifar10", "digits", "fashion_mnist", "folder", "mnist", "npz", "synthetic")
 
 # Fields a resumed run must share with the run it continues: its checkpoints hold this model's parameters for
 # this data set, in this optimizer's state; its random stream comes from this seed, and its data order and
@@ -38,7 +38,8 @@ RESUME_FIXED = ("model", "dataset", "optimizer", "seed", "batch_size", "ensemble
 MAX_ENSEMBLE = 1024
 
 # the data sets read from a directory (data_dir) and from a file (data_path)
-DIRECTORY_DATASETS = ("cifar10", "fashion_mnist", "mnist")
+DIRECTORY_DATASETS = ("cifar10", "fashion_mnist", "folder", "mnist")
+STREAMED_DATASETS = ("folder",)  # read from files as the run goes (jaxcnn.data.stream), not held in memory
 FILE_DATASETS = ("npz",)
 
 
@@ -84,8 +85,11 @@ class Config:
       model: a classifier's name from :func:`jaxcnn.models.names` (its class count follows the data set), or a
         user's factory as ``"package.module:factory"`` (imported on creation; called with ``num_classes=`` when
         it takes it; see :func:`jaxcnn.models.build`). ``fit(config, model=...)`` trains a model object instead.
-      dataset: ``"digits"``, ``"mnist"``, ``"fashion_mnist"``, ``"cifar10"``, ``"npz"`` or ``"synthetic"``.
-      data_dir: the directory holding the MNIST / Fashion-MNIST IDX files or the CIFAR-10 ``.bin`` batches.
+      dataset: ``"digits"``, ``"mnist"``, ``"fashion_mnist"``, ``"cifar10"``, ``"npz"``, ``"synthetic"``, or
+        ``"folder"``: an image folder ``data_dir/train/<class>/*``, ``data_dir/val/<class>/*`` streamed from disk
+        through Grain (see :mod:`jaxcnn.data.folder` and :mod:`jaxcnn.data.stream`).
+      data_dir: the directory holding the MNIST / Fashion-MNIST IDX files, the CIFAR-10 ``.bin`` batches, or
+        the image folder.
       data_path: the ``.npz`` file of the ``"npz"`` data set.
       optimizer: ``"sgd"``, ``"momentum"``, ``"nesterov"``, ``"adam"``, ``"adamw"`` or ``"rmsprop"`` (optax).
       learning_rate: the peak learning rate, finite and positive.
@@ -127,7 +131,16 @@ class Config:
       log_grad_norms: record each layer's gradient norm and update-to-weight ratio (the norm of the optimizer's
         update over the norm of the weights), averaged over each epoch's steps, in ``metrics.jsonl``.
       keep: how many of the latest checkpoints a workdir keeps (>= 1).
-      normalize: standardise images per channel with the training set's mean and standard deviation.
+      normalize: standardise images per channel with the training set's mean and standard deviation (an image
+        folder's estimated from a sample of 256 training images).
+      image_size: the side of the square RGB images an image folder is cropped and resized to (>= 8).
+      data_workers: processes decoding an image folder's files (0: in the training process); None: one per CPU
+        but one.
+      skip_bad_files: leave out image files that fail the header check or do not decode (counted in the log and
+        in ``metrics.jsonl``) instead of refusing the run.
+      checkpoint_every: also write a checkpoint every this many steps (>= 1) within an epoch, with the data
+        stream's position, so that a run stopped or killed mid-epoch resumes exactly where it was; None writes
+        one at the end of each epoch only.
     """
 
     model: str = "mnist_cnn"
@@ -159,6 +172,10 @@ class Config:
     log_grad_norms: bool = False
     keep: int = 3
     normalize: bool = True
+    image_size: int = 224
+    data_workers: int | None = None
+    skip_bad_files: bool = False
+    checkpoint_every: int | None = None
 
     def __post_init__(self) -> None:
         # numpy scalars (np.int64(3)) are accepted and stored as Python numbers, so the config stays JSON-able
@@ -209,6 +226,11 @@ class Config:
         _number("augment_scale", self.augment_scale, "a number in [0, 1)", lambda v: 0 <= v < 1)
         if self.early_stopping is not None:
             _integer("early_stopping", self.early_stopping, 1)
+        _integer("image_size", self.image_size, 8)
+        if self.data_workers is not None:
+            _integer("data_workers", self.data_workers, 0)
+        if self.checkpoint_every is not None:
+            _integer("checkpoint_every", self.checkpoint_every, 1)
         _integer("seed", self.seed, 0)
         if self.seed >= 2**32:
             raise ConfigError(f"seed must be an int in [0, 2**32), got {self.seed}", "seed")
@@ -216,7 +238,7 @@ class Config:
             raise ConfigError(
                 f"ensemble {self.ensemble} from seed {self.seed} needs seeds past 2**32 - 1", "ensemble", "seed"
             )
-        for name in ("normalize", "remat", "log_grad_norms", "augment_flip"):
+        for name in ("normalize", "remat", "log_grad_norms", "augment_flip", "skip_bad_files"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}", name)
 
@@ -234,6 +256,12 @@ class Config:
             raise ConfigError("dataset 'npz' needs data_path (an .npz file)", "dataset", "data_path")
         if self.dataset in DIRECTORY_DATASETS and self.data_dir is None:
             raise ConfigError(f"dataset {self.dataset!r} needs data_dir (a directory)", "dataset", "data_dir")
+        if self.checkpoint_every is not None and self.ensemble > 1:
+            raise ConfigError(
+                "checkpoint_every writes mid-epoch checkpoints of one model; an ensemble checkpoints after each epoch",
+                "checkpoint_every",
+                "ensemble",
+            )
 
     def replace(self, **changes: Any) -> Config:
         """A copy with ``changes`` applied (and validated)."""
@@ -376,4 +404,6 @@ def ignored_fields(config: Config) -> dict[str, str]:
         ignored["schedule_epochs"] = "schedule"
     if config.schedule != "exponential":
         ignored["decay_rate"] = "schedule"
+    if config.dataset not in STREAMED_DATASETS:
+        ignored.update(dict.fromkeys(("image_size", "data_workers", "skip_bad_files"), "dataset"))
     return ignored

@@ -19,7 +19,7 @@ from jaxcnn.functional import softmax_cross_entropy
 from jaxcnn.nn.layer import Layer
 from jaxcnn.train.evaluate import eval_step_function
 from jaxcnn.train.state import TrainState
-from jaxcnn.train.step import LossFn, Metrics, StepOptions, train_step_function
+from jaxcnn.train.step import InputScaling, LossFn, Metrics, StepOptions, train_step_function
 
 __all__ = ["make_data_parallel_eval_step", "make_data_parallel_train_step"]
 
@@ -40,6 +40,15 @@ def make_data_parallel_train_step(
     return jax.jit(lambda state, x, y: step(state, x, y), donate_argnums=0, out_shardings=(placed, placed))
 
 
-def make_data_parallel_eval_step(model: Layer, mesh: Mesh, *, loss_fn: LossFn = softmax_cross_entropy) -> Callable:
-    """:func:`jaxcnn.train.make_eval_step` compiled for ``mesh``: sharded batches in, replicated sums out."""
-    return jax.jit(eval_step_function(model, loss_fn=loss_fn), out_shardings=replicated(mesh))
+def make_data_parallel_eval_step(
+    model: Layer,
+    mesh: Mesh,
+    *,
+    loss_fn: LossFn = softmax_cross_entropy,
+    input_scaling: InputScaling | None = None,
+    masked: bool = False,
+) -> Callable:
+    """:func:`jaxcnn.train.make_eval_step` compiled for ``mesh``: sharded batches in, replicated sums out
+    (``input_scaling`` and ``masked`` as there)."""
+    step = eval_step_function(model, loss_fn=loss_fn, input_scaling=input_scaling, masked=masked)
+    return jax.jit(step, out_shardings=replicated(mesh))

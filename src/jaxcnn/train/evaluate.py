@@ -11,27 +11,43 @@ import numpy as np
 
 from jaxcnn.functional import softmax_cross_entropy
 from jaxcnn.nn.layer import Layer, Params, State
-from jaxcnn.train.step import LossFn, Metrics, accuracy_of
+from jaxcnn.train.step import InputScaling, LossFn, Metrics, accuracy_of
 
 
 def make_eval_step(
-    model: Layer, *, loss_fn: LossFn = softmax_cross_entropy
+    model: Layer,
+    *,
+    loss_fn: LossFn = softmax_cross_entropy,
+    input_scaling: InputScaling | None = None,
+    masked: bool = False,
 ) -> Callable[[Params, State, jax.Array, jax.Array], Metrics]:
     """A jit-compiled ``eval_step(params, model_state, x, y) -> metrics`` in inference mode (``train=False``).
 
     ``metrics`` holds sums, so batches of any size add up exactly: ``"loss_sum"`` (the batch-mean loss times N),
     ``"correct"`` (integer labels only) and ``"count"`` (N).
+
+    ``input_scaling`` turns integer (uint8) batches into the model's input on the device (see
+    :class:`jaxcnn.train.step.InputScaling`). With ``masked``, integer labels ``< 0`` mark padding examples: they
+    count nowhere (the loss is then taken example by example, ``loss_fn`` on batches of one).
     """
-    return jax.jit(eval_step_function(model, loss_fn=loss_fn))
+    return jax.jit(eval_step_function(model, loss_fn=loss_fn, input_scaling=input_scaling, masked=masked))
 
 
 def eval_step_function(
-    model: Layer, *, loss_fn: LossFn = softmax_cross_entropy
+    model: Layer,
+    *,
+    loss_fn: LossFn = softmax_cross_entropy,
+    input_scaling: InputScaling | None = None,
+    masked: bool = False,
 ) -> Callable[[Params, State, jax.Array, jax.Array], Metrics]:
     """The eval step of :func:`make_eval_step` as a plain (not jit-compiled) function."""
 
     def eval_step(params: Params, model_state: State, x: jax.Array, y: jax.Array) -> Metrics:
+        if input_scaling is not None:
+            x = input_scaling(x)
         predictions, _ = model.apply(params, model_state, x, train=False)
+        if masked:
+            return _masked_sums(loss_fn, predictions, y)
         count = x.shape[0]
         metrics = {"loss_sum": loss_fn(predictions, y) * count, "count": jnp.asarray(count, jnp.int32)}
         accuracy = accuracy_of(predictions, y)
@@ -40,6 +56,19 @@ def eval_step_function(
         return metrics
 
     return eval_step
+
+
+def _masked_sums(loss_fn: LossFn, predictions: jax.Array, y: jax.Array) -> Metrics:
+    """The eval sums over the examples whose integer label is >= 0."""
+    keep = y >= 0
+    labels = jnp.where(keep, y, 0)
+    losses = jax.vmap(lambda p, t: loss_fn(p[None], t[None]))(predictions, labels)
+    hits = (jnp.argmax(predictions, axis=-1) == labels) & keep
+    return {
+        "loss_sum": jnp.sum(jnp.where(keep, losses, 0.0)),
+        "count": jnp.sum(keep, dtype=jnp.int32),
+        "correct": jnp.sum(hits, dtype=jnp.int32),
+    }
 
 
 def sum_metrics(eval_step: Callable[..., Metrics], params: Params, model_state: State, batched: Any) -> dict:

@@ -28,9 +28,9 @@ import jax
 from jaxcnn import data as data_lib
 from jaxcnn import distributed
 from jaxcnn.nn.layer import Layer
+from jaxcnn.train import feed
 from jaxcnn.train.checkpoint import all_finite, step_number
 from jaxcnn.train.config import Config
-from jaxcnn.train.evaluate import evaluate
 from jaxcnn.train.progress import (
     CHECK_EVERY,
     LossWatch,
@@ -41,9 +41,9 @@ from jaxcnn.train.progress import (
     mean_or_none,
     summary,
 )
-from jaxcnn.train.run import Run, compiled_steps
+from jaxcnn.train.run import Run
 from jaxcnn.train.session import Session, check_workdir, stop_if_interrupted
-from jaxcnn.train.state import TrainState, data_key
+from jaxcnn.train.state import TrainState
 from jaxcnn.train.step import layer_order
 from jaxcnn.train.workdir import WorkdirLock
 
@@ -134,74 +134,32 @@ def _fit(
         WorkdirLock(directory).acquire_and_release()  # another run writing it: say so before anything else
     if directory is not None:
         check_workdir(directory, config)
-    run = Run(config, data, model)
+    run = Run(config, data, model, log=say)
     for warning in run.warnings if primary else ():
         warnings.warn(warning, stacklevel=3)
     state = run.initial_state()
     stop_if_interrupted("while starting, before any step; nothing was written", collective=True)
     session = Session(directory, config, primary, say)
+    driver = feed.Ensemble(run) if config.ensemble > 1 else feed.Stream(run, mesh, say) if run.streamed else None
+    driver = driver or feed.Replicas(run, mesh)
     try:
-        state, history, first_epoch = session.open(run, state)
-        driver = _Ensemble(run) if config.ensemble > 1 else _Replicas(run, mesh)
+        check = None
+        if isinstance(driver, feed.Stream):
+            session.extra_meta["stream"] = driver.manifest()
+            check = lambda meta: feed.check_manifest(meta.get("stream"), driver.manifest(), "its checkpoint")  # noqa: E731
+        state, history, first_epoch = session.open(run, state, check)
+        if isinstance(driver, feed.Stream):
+            driver.open(session.position)
         state = _train(run, driver, state, history, first_epoch, session, progress and primary)
     finally:
+        driver.close()
         session.close()
     return state, history
 
 
-class _Replicas:
-    """One model's steps, on the default device or (with a mesh) data-parallel over the mesh's devices."""
-
-    def __init__(self, run: Run, mesh: Any):
-        self.run, self.mesh = run, mesh
-        self.train_step, self.eval_step = compiled_steps(run, mesh)
-        self.order_key: jax.Array | None = None
-
-    def place(self, state: TrainState) -> TrainState:
-        self.order_key = data_key(state.key)
-        return state if self.mesh is None else distributed.replicate(state, self.mesh)
-
-    def batches(self, epoch: int):
-        x, y = self.run.data.train
-        key = jax.random.fold_in(self.order_key, epoch)
-        if self.mesh is None:
-            return data_lib.batches(x, y, self.run.config.batch_size, key=key)
-        return distributed.sharded_batches(x, y, self.run.config.batch_size, self.mesh, key=key)
-
-    def evaluate(self, state: TrainState) -> dict[str, Any]:
-        x, y = self.run.data.test
-        return evaluate(self.run.model, state.params, state.model_state, x, y, eval_step=self.eval_step, mesh=self.mesh)
-
-
-class _Ensemble:
-    """K models in one vmapped step, member ``k`` fed the batches of the run with seed ``seed + k``."""
-
-    def __init__(self, run: Run):
-        self.run = run
-        self.train_step, self.eval_step = compiled_steps(run, None)
-        self.order_keys: list[jax.Array] = []
-
-    def place(self, state: TrainState) -> TrainState:
-        self.order_keys = [data_key(state.key[k]) for k in range(state.key.shape[0])]
-        return state
-
-    def batches(self, epoch: int):
-        x, y = self.run.data.train
-        keys = [jax.random.fold_in(key, epoch) for key in self.order_keys]
-        from jaxcnn.train.ensemble import ensemble_batches
-
-        return ensemble_batches(x, y, self.run.config.batch_size, keys)
-
-    def evaluate(self, state: TrainState) -> dict[str, Any]:
-        x, y = self.run.data.test
-        from jaxcnn.train.ensemble import evaluate_ensemble
-
-        return evaluate_ensemble(self.run.model, state.params, state.model_state, x, y, eval_step=self.eval_step)
-
-
 def _train(
     run: Run,
-    driver: _Replicas | _Ensemble,
+    driver: feed.Replicas,
     state: TrainState,
     history: list[dict[str, Any]],
     first_epoch: int,
@@ -216,15 +174,21 @@ def _train(
         say(f"early stopping: the run already stopped at epoch {stopped}; nothing more to train")
         return state
     try:
+        resume = session.position if session.position and session.position["epoch"] == first_epoch else None
         for epoch in range(first_epoch, config.epochs + 1):
             started = time.perf_counter()
-            state, train = _train_epoch(run, driver, state, epoch, bar, session)
+            state, train = _train_epoch(
+                run, driver, state, epoch, bar, session, resume if epoch == first_epoch else None
+            )
             if not all_finite((state.params, state.model_state, state.opt_state)):
                 what = f"the parameters or optimizer state turned non-finite in epoch {epoch}"
                 diverged(what, epoch, step_number(state), session.checkpointer)
             record = _record(run, epoch, step_number(state), train, driver.evaluate(state), started)
+            if isinstance(driver, feed.Stream) and config.skip_bad_files:
+                record["bad_files_skipped"] = {"index": len(run.data.bad_files), **driver.take_skipped()}
             history.append(record)
-            session.save(run, state, record, history, first=epoch == first_epoch)
+            position = driver.position if isinstance(driver, feed.Stream) else None
+            session.save(run, state, record, history, first=epoch == first_epoch, position=position)
             say(summary(record, config.epochs))
             if _stops_early(history, config.early_stopping, epoch, session):
                 break
@@ -235,14 +199,29 @@ def _train(
 
 
 def _train_epoch(
-    run: Run, driver: _Replicas | _Ensemble, state: TrainState, epoch: int, bar: ProgressBar, session: Session
+    run: Run,
+    driver: feed.Replicas,
+    state: TrainState,
+    epoch: int,
+    bar: ProgressBar,
+    session: Session,
+    resume: dict[str, Any] | None,
 ) -> tuple[TrainState, dict[str, Any]]:
-    """One epoch's steps: ``(state, train metrics)``, the loss read back every :data:`CHECK_EVERY` steps."""
+    """One epoch's steps, from batch ``resume["batch"]`` of a mid-epoch checkpoint (with its metrics so far):
+    ``(state, train metrics)``, the loss read back every :data:`CHECK_EVERY` steps, a checkpoint every
+    ``config.checkpoint_every`` steps."""
     losses = LossWatch(epoch, step_number(state), session.checkpointer)
+    start = resume["batch"] if resume is not None else 0
+    if resume is not None and "metrics" in resume:
+        losses.resume(resume["metrics"])
+    every = run.config.checkpoint_every if session.directory is not None else None
     bar.start(epoch, run.config.epochs, run.steps_per_epoch)
-    for x, y in driver.batches(epoch):
+    for x, y in driver.batches(epoch, start):
         state, metrics = driver.train_step(state, x, y)  # the first call compiles
         losses.add(metrics)
+        if every is not None and (losses.step + losses.pending) % every == 0:
+            if driver.position["batch"] < run.steps_per_epoch:  # the epoch's end has its own checkpoint
+                _save_step(run, driver, state, epoch, losses, session)
         if losses.pending >= CHECK_EVERY:
             bar.update(losses.check())
         else:
@@ -257,6 +236,16 @@ def _train_epoch(
         lambda: f"at epoch {epoch}, step {losses.step}; {session.kept()}", collective=True
     )  # a signal from here on lets the epoch finish: it is evaluated and checkpointed, then the run stops
     return state, train
+
+
+def _save_step(
+    run: Run, driver: feed.Replicas, state: TrainState, epoch: int, losses: LossWatch, session: Session
+) -> None:
+    """A mid-epoch checkpoint (``--checkpoint-every``), once the losses so far and the state are known finite."""
+    snapshot = losses.snapshot()  # reads the losses back: a non-finite one stops the run before the save
+    if not all_finite((state.params, state.model_state, state.opt_state)):
+        diverged(f"the parameters or optimizer state turned non-finite in epoch {epoch}", epoch, losses.step, None)
+    session.save_step(run, state, epoch, dict(driver.position, metrics=snapshot))
 
 
 def _record(

@@ -117,6 +117,20 @@ class LossWatch:
                     sums[name] = sums.get(name, 0.0) + float(np.mean(value))  # an ensemble: the members' mean
         return last
 
+    def snapshot(self) -> dict[str, Any]:
+        """The epoch's sums so far, JSON-able (after :meth:`check`): a mid-epoch checkpoint keeps them, so that
+        the resumed epoch's metrics line is the uninterrupted one's. One model only (scalar losses)."""
+        self.check()
+        totals = {name: float(value) if name != "count" else int(value) for name, value in self.totals.items()}
+        return {"totals": totals, "has_accuracy": self.has_accuracy, "layers": self.layers, "steps": self.steps}
+
+    def resume(self, snapshot: dict[str, Any]) -> None:
+        """Continue from a :meth:`snapshot`."""
+        self.totals = dict(snapshot["totals"])
+        self.has_accuracy = bool(snapshot["has_accuracy"])
+        self.layers = {kind: dict(sums) for kind, sums in snapshot["layers"].items()}
+        self.steps = int(snapshot["steps"])
+
     def finish(self) -> dict[str, Any]:
         """The epoch's mean loss (and accuracy): floats, or arrays of one per ensemble member."""
         self.check()

@@ -24,13 +24,24 @@ from jaxcnn.train.config import Config, make_optimizer
 from jaxcnn.train.evaluate import make_eval_step
 from jaxcnn.train.preprocess import Preprocess
 from jaxcnn.train.state import TrainState, create_train_state
-from jaxcnn.train.step import StepOptions, make_train_step
+from jaxcnn.train.step import InputScaling, StepOptions, make_train_step
 
 USER_MODEL = "user model"  # what a checkpoint's metadata says of a model object given to fit(model=...)
 
 
-def load_data(config: Config) -> data_lib.Dataset:
-    """The data set ``config`` names (synthetic data is seeded by ``config.seed``)."""
+def load_data(config: Config, log: Callable[[str], None] | None = None) -> Any:
+    """The data set ``config`` names (synthetic data is seeded by ``config.seed``): a :class:`jaxcnn.data.Dataset`,
+    or for ``"folder"`` an indexed :class:`jaxcnn.data.folder.ImageFolder` (its files are read as the run goes)."""
+    if config.dataset == "folder":
+        from jaxcnn.data.folder import image_folder
+
+        return image_folder(
+            config.data_dir,
+            image_size=config.image_size,
+            skip_bad_files=config.skip_bad_files,
+            normalize=config.normalize,
+            log=log,
+        )
     return data_lib.load(
         config.dataset,
         data_dir=config.data_dir,
@@ -109,15 +120,29 @@ class Run:
     """A run's parts, built from its config: data, model, optimizer, schedule, the initial state and the
     compiled steps."""
 
-    def __init__(self, config: Config, dataset: data_lib.Dataset | None = None, model: Layer | None = None):
+    def __init__(
+        self,
+        config: Config,
+        dataset: Any = None,
+        model: Layer | None = None,
+        log: Callable[[str], None] | None = None,
+    ):
+        from jaxcnn.data.folder import ImageFolder
+
         self.config = config
         self.user_model = model is not None
-        self.data = dataset if dataset is not None else load_data(config)
+        self.data = dataset if dataset is not None else load_data(config, log)
+        self.streamed = isinstance(self.data, ImageFolder)  # read from files through Grain as the run goes
         self.input_shape = tuple(self.data.input_shape)
         self.model = build_model(config, self.input_shape, self.data.num_classes, model)
         check_labels(self.data, self.model.output_shape(self.input_shape)[-1])
         self.warnings = limits.check_augmentation(config, self.input_shape)  # refuses, or warnings for fit
-        self.steps_per_epoch = data_lib.num_batches(len(self.data.y_train), config.batch_size)
+        if self.streamed:
+            from jaxcnn.data.stream import train_steps
+
+            self.steps_per_epoch = train_steps(len(self.data.train), config.batch_size)
+        else:
+            self.steps_per_epoch = data_lib.num_batches(len(self.data.y_train), config.batch_size)
         if config.epochs * self.steps_per_epoch >= 2**31:
             raise ValueError(
                 f"epochs ({config.epochs}) x steps per epoch ({self.steps_per_epoch}) exceeds the int32 step counter"
@@ -128,7 +153,10 @@ class Run:
 
     @property
     def fingerprint(self) -> str:
-        """A SHA-256 of the (normalised) train and test arrays: a resumed run must see the same data."""
+        """A SHA-256 of the (normalised) train and test arrays, or of an image folder's file index: a resumed run
+        must see the same data."""
+        if self._fingerprint is None and self.streamed:
+            self._fingerprint = self.data.digest()
         if self._fingerprint is None:
             digest = hashlib.sha256()
             for array in (self.data.x_train, self.data.y_train, self.data.x_test, self.data.y_test):
@@ -137,6 +165,13 @@ class Run:
                 digest.update(memoryview(array).cast("B"))
             self._fingerprint = digest.hexdigest()
         return self._fingerprint
+
+    @functools.cached_property
+    def input_scaling(self) -> InputScaling | None:
+        """How the steps turn the host's uint8 batches into the model's input (streamed data), or None."""
+        if not self.streamed:
+            return None
+        return InputScaling(self.data.raw_scale, self.data.mean, self.data.std)
 
     @functools.cached_property
     def signature(self) -> list[str]:
@@ -180,8 +215,8 @@ def augmentation_of(config: Config) -> dict[str, Any]:
     return {name: value for name, value in options.items() if value}
 
 
-def step_options(config: Config) -> StepOptions:
-    """The :class:`StepOptions` of ``config``'s train step."""
+def step_options(config: Config, input_scaling: InputScaling | None = None) -> StepOptions:
+    """The :class:`StepOptions` of ``config``'s train step (``input_scaling`` for uint8 batches)."""
     dtype = None if config.dtype == "float32" else config.dtype
     return StepOptions(
         gradients=config.gradients,
@@ -189,6 +224,7 @@ def step_options(config: Config) -> StepOptions:
         remat=config.remat,
         log_grad_norms=config.log_grad_norms,
         augmentation=augmentation_of(config),
+        input_scaling=input_scaling,
     )
 
 
@@ -209,6 +245,9 @@ NONCOMPILING = (
     "schedule_epochs",
     "early_stopping",
     "keep",
+    "data_workers",
+    "skip_bad_files",
+    "checkpoint_every",
 )
 _CACHE: dict[tuple, Any] = {}
 _CACHE_KEPT = 8
@@ -246,12 +285,12 @@ def cached_optimizer(config: Config, steps_per_epoch: int) -> tuple[Any, Any]:
 def compiled_steps(run: Run, mesh: Any) -> tuple[Callable, Callable]:
     """The jitted train and eval steps of ``run``, shared by every run in this process with the same
     :func:`compile_key` (so a resumed or repeated run compiles nothing again)."""
-    key = ("steps", *compile_key(run.config, run.model, run.steps_per_epoch, mesh))
+    key = ("steps", *compile_key(run.config, run.model, run.steps_per_epoch, mesh), run.input_scaling)
     return _cached(key, lambda: _make_steps(run, mesh))
 
 
 def _make_steps(run: Run, mesh: Any) -> tuple[Callable, Callable]:
-    options = step_options(run.config)
+    options = step_options(run.config, run.input_scaling)
     if run.config.ensemble > 1:
         from jaxcnn.train.ensemble import make_ensemble_eval_step, make_ensemble_train_step
 
@@ -259,5 +298,10 @@ def _make_steps(run: Run, mesh: Any) -> tuple[Callable, Callable]:
     if mesh is not None:
         from jaxcnn.train.data_parallel import make_data_parallel_eval_step, make_data_parallel_train_step
 
-        return make_data_parallel_train_step(run.model, mesh, options), make_data_parallel_eval_step(run.model, mesh)
+        evaluation = make_data_parallel_eval_step(run.model, mesh, input_scaling=run.input_scaling, masked=run.streamed)
+        return make_data_parallel_train_step(run.model, mesh, options), evaluation
+    if run.streamed:
+        return make_train_step(run.model, options), make_eval_step(
+            run.model, input_scaling=run.input_scaling, masked=True
+        )
     return make_train_step(run.model, options), make_eval_step(run.model)

@@ -38,9 +38,15 @@ class Session:
         self.directory, self.config, self.primary, self.say = directory, config, primary, say
         self.checkpointer: Checkpointer | None = None
         self.lock: WorkdirLock | None = None
+        self.position: dict[str, Any] | None = None  # where the resumed checkpoint left the data stream
+        self.extra_meta: dict[str, Any] = {}  # saved with every checkpoint (a streamed run's manifest)
 
-    def open(self, run: Run, state: TrainState) -> tuple[TrainState, list[dict[str, Any]], int]:
-        """Lock the workdir and resume it: ``(state, history, first_epoch)``."""
+    def open(
+        self, run: Run, state: TrainState, check: Callable[[dict[str, Any]], None] | None = None
+    ) -> tuple[TrainState, list[dict[str, Any]], int]:
+        """Lock the workdir and resume it: ``(state, history, first_epoch)``; ``check(meta)`` may refuse the
+        checkpoint before anything is written. A mid-epoch checkpoint leaves :attr:`position` (its epoch is
+        ``first_epoch``, its ``"batch"`` the batches of it already taken)."""
         directory, config = self.directory, self.config
         if directory is None:
             return state, [], 1
@@ -52,11 +58,19 @@ class Session:
         history: list[dict[str, Any]] = []
         first_epoch = 1
         if checkpointer.latest_step() is not None:
-            check_meta(checkpointer.read_meta(checkpointer.latest_step()), run, checkpointer)
+            meta = checkpointer.read_meta(checkpointer.latest_step())
+            check_meta(meta, run, checkpointer)
+            if check is not None:
+                check(meta)
             state, meta = checkpointer.restore(state)
             first_epoch = int(meta["epoch"]) + 1
             history = [r for r in read_metrics(directory) if r["epoch"] <= meta["epoch"]]
-            self.say(f"resuming {directory} from epoch {meta['epoch']} (step {step_number(state)})")
+            self.position = meta.get("position")
+            if self.position is not None and self.position["batch"] < run.steps_per_epoch:
+                where = f"epoch {self.position['epoch']}, batch {self.position['batch']} of {run.steps_per_epoch}"
+            else:
+                where = f"epoch {meta['epoch']}"
+            self.say(f"resuming {directory} from {where} (step {step_number(state)})")
         stop_if_interrupted(f"while starting, before any step; {self.kept()}", collective=True)
         barrier("jaxcnn-fit-start")  # every process has read the workdir before the first one writes to it
         if self.primary:
@@ -71,16 +85,36 @@ class Session:
         """What an interrupted run leaves: its last checkpoint, or nothing."""
         return kept(self.checkpointer)
 
-    def save(self, run: Run, state: TrainState, record: dict[str, Any], history: list, first: bool) -> None:
-        """The epoch's metrics line, the config (after a run's first good epoch) and the checkpoint."""
+    def save(
+        self,
+        run: Run,
+        state: TrainState,
+        record: dict[str, Any],
+        history: list,
+        first: bool,
+        position: dict[str, Any] | None = None,
+    ) -> None:
+        """The epoch's metrics line, the config (after a run's first good epoch) and the checkpoint (with the
+        data stream's ``position`` when it has one to keep)."""
         if self.directory is None:
             return
         if self.primary:
             append_line(self.directory / METRICS_FILE, json.dumps(record) + "\n", metrics_text(history))
             if first:  # the first good epoch of this invocation: its config becomes the run's
                 write_atomically(self.directory / CONFIG_FILE, self.config.to_json())
+        meta = dict(run.meta(record["epoch"]), **self.extra_meta)
+        if position is not None:
+            meta["position"] = position
         # every process takes part; orbax writes it once
-        self.checkpointer.save(state, run.meta(record["epoch"]), metrics={"test_loss": record["test_loss"]})
+        self.checkpointer.save(state, meta, metrics={"test_loss": record["test_loss"]})
+
+    def save_step(self, run: Run, state: TrainState, epoch: int, position: dict[str, Any]) -> None:
+        """A mid-epoch checkpoint: the state after batch ``position["batch"]`` of ``epoch``, with the stream's
+        position and the epoch's metrics so far (``position["metrics"]``), so that a resume continues exactly."""
+        if self.directory is None:
+            return
+        meta = dict(run.meta(epoch - 1), **self.extra_meta, position=position)
+        self.checkpointer.save(state, meta)
 
     def close(self) -> None:
         if self.checkpointer is not None:

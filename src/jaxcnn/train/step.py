@@ -50,6 +50,41 @@ def cast_floating(tree: Any, dtype: Any) -> Any:
 
 
 @dataclasses.dataclass(frozen=True)
+class InputScaling:
+    """How a step turns integer batches (uint8 pixels from the host) into the model's input, on the device:
+    ``x / scale``, then ``(x - mean) / std`` per channel when ``mean`` and ``std`` are given, in float32 (a
+    mixed-precision step casts the result to its compute dtype next). Floating-point batches pass unchanged.
+
+    Attributes:
+      scale: the raw value of full intensity (255 for 8-bit pixels).
+      mean, std: per-channel ``(C,)`` statistics in the scaled units, or None.
+    """
+
+    scale: float = 255.0
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("InputScaling needs both mean and std, or neither")
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, tuple(float(v) for v in value))
+        if self.std is not None and min(self.std) <= 0:
+            raise ValueError(f"InputScaling std must be positive, got {self.std}")
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """``x`` ``(N, H, W, C)`` as the model's float32 input (unchanged when already floating point)."""
+        if not jnp.issubdtype(x.dtype, jnp.integer):
+            return x
+        x = x.astype(jnp.float32) / jnp.float32(self.scale)
+        if self.mean is None:
+            return x
+        return (x - jnp.asarray(self.mean, jnp.float32)) / jnp.asarray(self.std, jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
 class StepOptions:
     """How a train step computes its update, as one value (validated on creation).
 
@@ -69,6 +104,8 @@ class StepOptions:
       augmentation: options of :func:`jaxcnn.data.augment.augment` (``translate``, ``flip``, ``noise``,
         ``rotate``, ``scale``) applied to every batch on the device, from the step's key; ``{}`` trains on the
         batches as given.
+      input_scaling: an :class:`InputScaling` applied first to integer (uint8) batches, on the device; None
+        leaves batches as given.
     """
 
     loss_fn: LossFn = softmax_cross_entropy
@@ -77,6 +114,7 @@ class StepOptions:
     remat: bool = False
     log_grad_norms: bool = False
     augmentation: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    input_scaling: InputScaling | None = None
 
     def __post_init__(self) -> None:
         if not callable(self.loss_fn):
@@ -94,6 +132,8 @@ class StepOptions:
 
             check_augmentation(**augmentation)
         object.__setattr__(self, "augmentation", augmentation)
+        if not isinstance(self.input_scaling, InputScaling | None):
+            raise ValueError(f"input_scaling must be an InputScaling or None, got {self.input_scaling!r}")
 
     @classmethod
     def of(cls, options: StepOptions | None = None, **fields: Any) -> StepOptions:
@@ -162,12 +202,14 @@ def train_step_function(model: Layer, options: StepOptions | None = None) -> Cal
     loss_and_grads = loss_and_grads_fn(
         model, options.loss_fn, options.gradients, dtype=options.dtype, remat=options.remat
     )
-    augmentation = options.augmentation
+    augmentation, scaling = options.augmentation, options.input_scaling
     if augmentation:
         from jaxcnn.data.augment import augment
 
     def step(state: TrainState, x: jax.Array, y: jax.Array, scale: Any = None) -> tuple[TrainState, Metrics]:
         key = jax.random.fold_in(state.key, state.step)
+        if scaling is not None:
+            x = scaling(x)
         if augmentation:  # its own stream: the model's (dropout) key stays that of an unaugmented run
             x = augment(jax.random.fold_in(key, 1), x, **augmentation)
         result = loss_and_grads(state.params, state.model_state, x, y, key)

@@ -1,0 +1,238 @@
+"""How batches reach a run's compiled steps, and where the run's data stream stands.
+
+Three feeds share one interface for :mod:`jaxcnn.train.loop`: ``place(state)``, ``batches(epoch, start)`` (the
+epoch's batches from its ``start``-th on, each put on the device ahead of use), ``position`` (where the stream
+stands after the last batch handed out: a JSON-able record a checkpoint keeps) and ``evaluate(state)``.
+
+* :class:`Replicas`: an in-memory data set, one model, on the default device or data-parallel over a mesh.
+* :class:`Ensemble`: an in-memory data set, K models in one vmapped step.
+* :class:`Stream`: an image folder read through Grain (:mod:`jaxcnn.data.stream`); uint8 batches, normalised
+  on the device; in a multi-process run each process reads its slice and the global batch is assembled with
+  ``jax.make_array_from_process_local_data``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxcnn import data as data_lib
+from jaxcnn import distributed
+from jaxcnn.train.evaluate import evaluate
+from jaxcnn.train.run import Run, compiled_steps
+from jaxcnn.train.state import TrainState, data_key
+
+PREFETCH = 2  # batches transferred ahead of the one being consumed
+
+
+class Replicas:
+    """One model's steps, on the default device or (with a mesh) data-parallel over the mesh's devices."""
+
+    def __init__(self, run: Run, mesh: Any):
+        self.run, self.mesh = run, mesh
+        self.train_step, self.eval_step = compiled_steps(run, mesh)
+        self.order_key: jax.Array | None = None
+        self.position: dict[str, Any] | None = None
+
+    def place(self, state: TrainState) -> TrainState:
+        self.order_key = data_key(state.key)
+        return state if self.mesh is None else distributed.replicate(state, self.mesh)
+
+    def batches(self, epoch: int, start: int = 0) -> Iterator[tuple[jax.Array, jax.Array]]:
+        x, y = self.run.data.train
+        key = jax.random.fold_in(self.order_key, epoch)
+        size = self.run.config.batch_size
+        order = data_lib.epoch_order(key, len(x))[start * size :]
+        indices = [order[i : i + size] for i in range(0, len(order), size)]
+        if self.mesh is None:
+            placed = ((jax.device_put(x[i]), jax.device_put(y[i])) for i in indices)
+        else:
+            placed = (
+                (distributed.shard_batch(x, self.mesh, i), distributed.shard_batch(y, self.mesh, i)) for i in indices
+            )
+        for k, batch in enumerate(data_lib.ahead(placed, PREFETCH), start=start + 1):
+            self.position = {"epoch": epoch, "batch": k}
+            yield batch
+
+    def evaluate(self, state: TrainState) -> dict[str, Any]:
+        x, y = self.run.data.test
+        return evaluate(self.run.model, state.params, state.model_state, x, y, eval_step=self.eval_step, mesh=self.mesh)
+
+    def close(self) -> None:
+        pass
+
+
+class Ensemble(Replicas):
+    """K models in one vmapped step, member ``k`` fed the batches of the run with seed ``seed + k``."""
+
+    def __init__(self, run: Run):
+        super().__init__(run, None)
+        self.order_keys: list[jax.Array] = []
+
+    def place(self, state: TrainState) -> TrainState:
+        self.order_keys = [data_key(state.key[k]) for k in range(state.key.shape[0])]
+        return state
+
+    def batches(self, epoch: int, start: int = 0) -> Iterator[tuple[jax.Array, jax.Array]]:
+        from jaxcnn.train.ensemble import ensemble_batches
+
+        if start:
+            raise ValueError("an ensemble resumes at the start of an epoch")
+        x, y = self.run.data.train
+        keys = [jax.random.fold_in(key, epoch) for key in self.order_keys]
+        return ensemble_batches(x, y, self.run.config.batch_size, keys)
+
+    def evaluate(self, state: TrainState) -> dict[str, Any]:
+        from jaxcnn.train.ensemble import evaluate_ensemble
+
+        x, y = self.run.data.test
+        return evaluate_ensemble(self.run.model, state.params, state.model_state, x, y, eval_step=self.eval_step)
+
+
+class Stream(Replicas):
+    """An image folder's steps: Grain reads and decodes in worker processes, the device normalises.
+
+    Files that fail to decode (with ``skip_bad_files``) are counted per epoch in :attr:`skipped` and named once
+    each through ``say``; without it the first raises :class:`jaxcnn.data.folder.BadFilesError`.
+    """
+
+    def __init__(self, run: Run, mesh: Any, say: Callable[[str], None]):
+        super().__init__(run, mesh)
+        from jaxcnn.data.stream import StreamSpec, default_workers
+
+        config = run.config
+        self.say = say
+        self.workers = config.data_workers if config.data_workers is not None else default_workers()
+        self.spec = StreamSpec(
+            image_size=config.image_size,
+            batch_size=config.batch_size,
+            seed=config.seed,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            skip_bad_files=config.skip_bad_files,
+        )
+        self.train_batches: Any = None
+        self.val_batches: Any = None
+        self.skipped = {"train": 0, "val": 0}
+        self._named: set[str] = set()
+
+    def manifest(self) -> dict[str, Any]:
+        """What fixes the stream, saved with every checkpoint and compared on resume (see :func:`manifest`)."""
+        return manifest(self.run, self.spec, self.workers)
+
+    def open(self, position: dict[str, Any] | None) -> None:
+        """Start the training stream, at a checkpoint's ``position`` (its Grain iterator state) or at the start."""
+        from jaxcnn.data.stream import Batches
+
+        state = None if position is None else position.get("iterator")
+        self.train_batches = Batches(
+            self.run.data.train, self.spec, train=True, epochs=self.run.config.epochs, workers=self.workers, state=state
+        )
+
+    def batches(self, epoch: int, start: int = 0) -> Iterator[tuple[jax.Array, jax.Array]]:
+        stream = self.train_batches
+
+        def placed():
+            for k in range(start + 1, self.run.steps_per_epoch + 1):
+                host = next(stream)
+                bad = stream.check(host)
+                yield k, stream.state(), bad, self._put(host["image"]), self._put(host["label"])
+
+        for k, state, bad, x, y in data_lib.ahead(placed(), PREFETCH):
+            self._count("train", bad)
+            self.position = {"epoch": epoch, "batch": k, "iterator": state}
+            yield x, y
+
+    def evaluate(self, state: TrainState) -> dict[str, Any]:
+        from jaxcnn.data.stream import Batches
+
+        if self.val_batches is None:
+            self.val_batches = Batches(
+                self.run.data.val, self.spec, train=False, epochs=self.run.config.epochs, workers=self.workers
+            )
+        stream, totals = self.val_batches, {}
+
+        def placed():
+            for _ in range(stream.steps):
+                host = next(stream)
+                yield stream.check(host), self._put(host["image"]), self._put(host["label"])
+
+        for bad, x, y in data_lib.ahead(placed(), PREFETCH):
+            self._count("val", bad)
+            for name, value in self.eval_step(state.params, state.model_state, x, y).items():
+                totals[name] = totals[name] + value if name in totals else value
+        totals = jax.device_get(totals)
+        count = int(totals["count"])
+        if count == 0:
+            raise data_lib.DataError("no val image could be evaluated (every file failed to decode)")
+        return {"loss": float(totals["loss_sum"]) / count, "accuracy": float(totals["correct"]) / count, "count": count}
+
+    def take_skipped(self) -> dict[str, int]:
+        """The files skipped since the last call, by split (for the epoch's metrics line)."""
+        skipped, self.skipped = self.skipped, {"train": 0, "val": 0}
+        return skipped
+
+    def _count(self, split: str, bad: list[tuple[str, int]]) -> None:
+        for path, times in bad:
+            self.skipped[split] += times
+            if path not in self._named:
+                self._named.add(path)
+                self.say(f"skipping {path}: it does not decode ({split})")
+
+    def _put(self, local: np.ndarray) -> jax.Array:
+        if self.mesh is None:
+            return jax.device_put(local)
+        sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(distributed.AXIS))
+        return jax.make_array_from_process_local_data(sharding, local)
+
+    def close(self) -> None:
+        for batches in (self.train_batches, self.val_batches):
+            if batches is not None:
+                batches.close()
+        self.train_batches = self.val_batches = None
+
+
+def manifest(run: Run, spec: Any, workers: int) -> dict[str, Any]:
+    """A streamed run's manifest: the file index's hash, the seed, the batch and image sizes, the worker and
+    process counts, and the versions of the packages that shape the stream (Grain, NumPy, Pillow, simplejpeg).
+    A mid-epoch resume continues Grain's iterator state, so every field must match."""
+    from importlib import metadata
+
+    versions = {}
+    for package in ("grain", "numpy", "pillow", "simplejpeg"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return {
+        "index_sha256": run.fingerprint,
+        "seed": spec.seed,
+        "batch_size": spec.batch_size,
+        "image_size": spec.image_size,
+        "workers": workers,
+        "processes": spec.process_count,
+        "versions": versions,
+    }
+
+
+def check_manifest(saved: dict[str, Any] | None, current: dict[str, Any], where: str) -> None:
+    """Raise ValueError naming each difference between a checkpoint's stream manifest and this run's."""
+    if saved is None:
+        return
+    differences = []
+    for name, value in current.items():
+        old = saved.get(name)
+        if name == "versions":
+            differences += [
+                f"{p} {old.get(p) if old else None} -> {v}" for p, v in value.items() if (old or {}).get(p) != v
+            ]
+        elif old != value:
+            differences.append(f"{name} {old} -> {value}" if name != "index_sha256" else "the image files changed")
+    if differences:
+        raise ValueError(
+            f"the data stream differs from the one {where} was written with ({'; '.join(differences)}), so it cannot "
+            "continue exactly; resume with the same files, --data-workers and processes, or use a new workdir"
+        )
