@@ -81,7 +81,9 @@ class InputScaling:
         x = x.astype(jnp.float32) / jnp.float32(self.scale)
         if self.mean is None:
             return x
-        return (x - jnp.asarray(self.mean, jnp.float32)) / jnp.asarray(self.std, jnp.float32)
+        shape = (1,) * (x.ndim - 1) + (-1,)
+        mean = jnp.asarray(self.mean, jnp.float32).reshape(shape)
+        return (x - mean) / jnp.asarray(self.std, jnp.float32).reshape(shape)
 
 
 @dataclasses.dataclass(frozen=True)
