@@ -335,3 +335,16 @@ def test_the_cli_names_bad_files_and_counts_skipped_ones(folder, tmp_path, capsy
     assert "skipping 4 bad image files" in capsys.readouterr().out
     record = json.loads((tmp_path / "skipped" / "metrics.jsonl").read_text().splitlines()[-1])
     assert record["bad_files_skipped"] == {"index": 4, "train": 0, "val": 0}
+
+
+def test_eval_streams_the_val_files_of_a_folder_run(straight, capsys):
+    from jaxcnn import cli
+
+    workdir, _, history = straight
+    result = train.evaluate_workdir(workdir)
+    assert result["count"] == 6 and result["dataset"] == "folder"
+    assert result["accuracy"] == history[-1]["test_accuracy"]
+    assert result["loss"] == pytest.approx(history[-1]["test_loss"], rel=1e-6)
+    assert train.evaluate_workdir(workdir, split="train", batch_size=5)["count"] == 18
+    assert cli.main(["eval", "--workdir", str(workdir)]) == 0
+    assert f"test accuracy {history[-1]['test_accuracy']:.4f}" in capsys.readouterr().out

@@ -23,6 +23,11 @@ Formats (:data:`DATASETS`):
 * ``synthetic`` -- learnable random images (a random prototype per class plus noise), deterministic from
   ``seed``, for benchmarks and smoke tests.
 
+Image folders of any size (``ROOT/train/<class>/*``, ``ROOT/val/<class>/*``, JPEG, PNG and whatever Pillow
+reads) are not loaded into memory: :func:`image_folder` indexes them (:mod:`jaxcnn.data.folder`) and
+:class:`Batches` streams them through Grain as uint8 batches (:mod:`jaxcnn.data.stream`), decoded and augmented
+by :mod:`jaxcnn.data.images`; ``jaxcnn.train.fit(config, data=image_folder(...))`` trains on one.
+
 Every problem with the input -- a missing file or directory, a malformed file, NaN or Inf images, labels
 out of range, mismatched counts or shapes, an empty split -- raises :class:`DataError` (a ``ValueError``)
 with a one-line message naming the problem and the file or directory.
@@ -35,17 +40,25 @@ from jaxcnn.data._batching import ahead, batches, epoch_order, num_batches
 from jaxcnn.data._dataset import DataError, Dataset, channel_stats, check_labels, standardize, standardize_with
 from jaxcnn.data._loaders import DATASETS, load
 from jaxcnn.data.augment import augment
+from jaxcnn.data.folder import BadFilesError, FolderIndex, ImageFolder, image_folder
+from jaxcnn.data.stream import Batches, StreamSpec
 
 __all__ = [
     "DATASETS",
+    "BadFilesError",
+    "Batches",
     "DataError",
     "Dataset",
+    "FolderIndex",
+    "ImageFolder",
+    "StreamSpec",
     "ahead",
     "augment",
     "batches",
     "channel_stats",
     "check_labels",
     "epoch_order",
+    "image_folder",
     "load",
     "num_batches",
     "standardize",

@@ -153,22 +153,8 @@ class Stream(Replicas):
             self.val_batches = Batches(
                 self.run.data.val, self.spec, train=False, epochs=self.run.config.epochs, workers=self.workers
             )
-        stream, totals = self.val_batches, {}
-
-        def placed():
-            for _ in range(stream.steps):
-                host = next(stream)
-                yield stream.check(host), self._put(host["image"]), self._put(host["label"])
-
-        for bad, x, y in data_lib.ahead(placed(), PREFETCH):
-            self._count("val", bad)
-            for name, value in self.eval_step(state.params, state.model_state, x, y).items():
-                totals[name] = totals[name] + value if name in totals else value
-        totals = jax.device_get(totals)
-        count = int(totals["count"])
-        if count == 0:
-            raise data_lib.DataError("no val image could be evaluated (every file failed to decode)")
-        return {"loss": float(totals["loss_sum"]) / count, "accuracy": float(totals["correct"]) / count, "count": count}
+        counted = lambda bad: self._count("val", bad)  # noqa: E731
+        return evaluate_stream(self.eval_step, state.params, state.model_state, self.val_batches, self._put, counted)
 
     def take_skipped(self) -> dict[str, int]:
         """The files skipped since the last call, by split (for the epoch's metrics line)."""
@@ -193,6 +179,36 @@ class Stream(Replicas):
             if batches is not None:
                 batches.close()
         self.train_batches = self.val_batches = None
+
+
+def evaluate_stream(
+    eval_step: Callable[..., dict[str, jax.Array]],
+    params: Any,
+    model_state: Any,
+    stream: Any,
+    put: Callable[[np.ndarray], jax.Array] = jax.device_put,
+    on_bad: Callable[[list[tuple[str, int]]], None] = lambda bad: None,
+) -> dict[str, Any]:
+    """Mean loss and accuracy over one pass of an evaluation :class:`jaxcnn.data.stream.Batches` (``stream.steps``
+    batches), summed on the device by a masked ``eval_step`` (:func:`jaxcnn.train.make_eval_step` with
+    ``masked=True``) and read back once: ``{"loss", "accuracy", "count"}``. Files that fail to decode raise
+    (``BadFilesError``) or, when the stream skips them, go to ``on_bad``."""
+    totals: dict[str, Any] = {}
+
+    def placed():
+        for _ in range(stream.steps):
+            host = next(stream)
+            yield stream.check(host), put(host["image"]), put(host["label"])
+
+    for bad, x, y in data_lib.ahead(placed(), PREFETCH):
+        on_bad(bad)
+        for name, value in eval_step(params, model_state, x, y).items():
+            totals[name] = totals[name] + value if name in totals else value
+    totals = jax.device_get(totals)
+    count = int(totals["count"])
+    if count == 0:
+        raise data_lib.DataError("no image could be evaluated (every file failed to decode)")
+    return {"loss": float(totals["loss_sum"]) / count, "accuracy": float(totals["correct"]) / count, "count": count}
 
 
 def manifest(run: Run, spec: Any, workers: int) -> dict[str, Any]:

@@ -223,6 +223,9 @@ def evaluate_workdir(
     config, state, model, meta = restore_run(workdir, step=step)
     with jax.enable_x64(False):
         preprocess = preprocess_of(config, meta)
+        if config.dataset == "folder" and dataset in (None, "folder") and data_path is None:
+            result = _evaluate_folder(config, state, model, preprocess, split, batch_size, data_dir)
+            return dict(result, epoch=meta["epoch"], step=step_number(state), split=split, chosen=meta["chosen"])
         name, other = _other_data(config, dataset, data_path, data_dir)
         if list(other.input_shape) != list(meta["input_shape"]):
             raise ValueError(
@@ -239,6 +242,38 @@ def evaluate_workdir(
         else:
             result = evaluate(model, state.params, state.model_state, x, np.asarray(y), batch_size=batch_size)
     return dict(result, epoch=meta["epoch"], step=step_number(state), split=split, chosen=meta["chosen"], dataset=name)
+
+
+def _evaluate_folder(
+    config: Config,
+    state: Any,
+    model: Any,
+    preprocess: Preprocess,
+    split: str,
+    batch_size: int,
+    data_dir: str | os.PathLike | None,
+) -> dict[str, Any]:
+    """A folder run's checkpoint on the folder's ``val`` (split ``"test"``) or ``train`` files, streamed through
+    Grain with the evaluation transform and the checkpoint's standardisation, on the device."""
+    from jaxcnn.data.folder import image_folder
+    from jaxcnn.data.stream import Batches, StreamSpec, default_workers
+    from jaxcnn.train.evaluate import make_eval_step
+    from jaxcnn.train.feed import evaluate_stream
+    from jaxcnn.train.step import InputScaling
+
+    root = str(data_dir) if data_dir is not None else config.data_dir
+    folder = image_folder(root, image_size=config.image_size, skip_bad_files=config.skip_bad_files, normalize=False)
+    index = folder.val if split == "test" else folder.train
+    scaling = InputScaling(255.0, preprocess.mean, preprocess.std)
+    spec = StreamSpec(config.image_size, batch_size, config.seed, skip_bad_files=config.skip_bad_files)
+    workers = config.data_workers if config.data_workers is not None else default_workers()
+    stream = Batches(index, spec, train=False, epochs=1, workers=workers)
+    try:
+        step = make_eval_step(model, input_scaling=scaling, masked=True)
+        result = evaluate_stream(step, state.params, state.model_state, stream)
+    finally:
+        stream.close()
+    return dict(result, dataset="folder")
 
 
 def _other_data(
