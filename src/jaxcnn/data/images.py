@@ -1,0 +1,506 @@
+"""One image file at a time: the index-time header check, decoding to RGB, and the ImageNet augmentations.
+
+Everything here is NumPy, Pillow and simplejpeg (libjpeg-turbo), with plain top-level functions, so that the
+input pipeline's worker processes can call it. JPEG goes through simplejpeg, scaled down in the DCT domain
+(by 1/2, 1/4 or 1/8) when the requested output allows it; CMYK and YCCK JPEG, PNG and every other format go
+through Pillow (a JPEG through Pillow is scaled with ``Image.draft``, the same libjpeg scaling). Any problem with
+a file is a :class:`BadImageError`, never another exception type.
+
+EXIF orientation is not applied (neither torchvision's ``ImageFolder`` nor libjpeg applies it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
+
+import numpy as np
+import simplejpeg
+from PIL import Image, UnidentifiedImageError
+
+from jaxcnn.data._dataset import DataError
+
+_JPEG_MAGIC = b"\xff\xd8\xff"
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_PNG_IEND = b"IEND\xaeB`\x82"  # the IEND chunk's type and its (fixed) CRC
+_HEAD = 1 << 16  # bytes read first from the front of a file; a JPEG header reaching further is read on
+_TAIL = 1 << 14  # bytes from the end searched for the end-of-image marker / the IEND chunk
+_JPEG_MODES = {"Gray": "L", "YCbCr": "RGB", "RGB": "RGB", "CMYK": "CMYK", "YCCK": "CMYK"}
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_PROBE_BLOCK = 256  # files per task of probe_many's thread pool (one future per file would not scale to 1M)
+
+
+class BadImageError(DataError):
+    """A file that is not a usable image: unreadable, empty, not an image, corrupt or truncated.
+
+    Attributes:
+        path: The file (``"<bytes>"`` when the bytes came without a path).
+        reason: What is wrong, in a few words (``"empty file"``, ``"truncated JPEG (no end-of-image marker)"``).
+    """
+
+    def __init__(self, path: str | os.PathLike, reason: str) -> None:
+        self.path = os.fspath(path)
+        self.reason = " ".join(str(reason).split())
+        super().__init__(f"{self.path}: {self.reason}")
+
+    def __reduce__(self):  # pickles across worker processes with both attributes
+        return BadImageError, (self.path, self.reason)
+
+
+class ImageInfo(NamedTuple):
+    """What the header check learned about a file without decoding it.
+
+    Attributes:
+        height: Rows, > 0.
+        width: Columns, > 0.
+        format: ``"JPEG"``, ``"PNG"`` or another Pillow format name (``"GIF"``, ``"BMP"``, ``"WEBP"``...).
+        mode: The colour mode in Pillow's names (``"RGB"``, ``"L"``, ``"CMYK"``, ``"P"``, ``"RGBA"``, ``"I;16"``...).
+    """
+
+    height: int
+    width: int
+    format: str
+    mode: str
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the header check
+
+
+def probe(path: str | os.PathLike) -> ImageInfo:
+    """Check one file's header and ending without decoding its pixels (the index-time check).
+
+    Reads the first 64 KiB (more only for a JPEG whose header is longer) and the last 16 KiB. A JPEG's header
+    is parsed by libjpeg-turbo up to its first scan, and an end-of-image marker (``FF D9``) must follow the scan
+    start within the last 16 KiB (trailing padding or other bytes after it are accepted); a PNG must hold its
+    ``IEND`` chunk within the last 16 KiB. Other formats get Pillow's lazy header parse only.
+
+    Returns:
+        The file's :class:`ImageInfo`.
+
+    Raises:
+        BadImageError: The file is unreadable, empty, not an image, has a corrupt header, is truncated or has a
+            zero dimension; ``reason`` says which.
+    """
+    try:
+        with open(path, "rb") as file:
+            size = os.fstat(file.fileno()).st_size
+            if size == 0:
+                raise BadImageError(path, "empty file")
+            head = file.read(_HEAD)
+            if head.startswith(_JPEG_MAGIC):
+                info = _probe_jpeg(file, head, size, path)
+            else:
+                info = _probe_pillow(file, head, size, path)
+    except OSError as error:  # the file's own I/O; Pillow's OSErrors are turned into reasons where they arise
+        raise BadImageError(path, f"unreadable: {error.strerror or error}") from None
+    if info.height <= 0 or info.width <= 0:
+        raise BadImageError(path, f"zero dimensions ({info.height}x{info.width})")
+    return info
+
+
+def _probe_jpeg(file, head: bytes, size: int, path) -> ImageInfo:
+    data, pos = head, 2
+    while True:  # walk the marker segments up to the first start-of-scan (SOS)
+        if pos + 4 > len(data):
+            data += file.read(pos + 4 - len(data) + _HEAD)
+            if pos + 4 > len(data):
+                raise BadImageError(path, "truncated JPEG (ends inside the header)")
+        if data[pos] != 0xFF:
+            raise BadImageError(path, f"corrupt JPEG header (no marker at byte {pos})")
+        marker = data[pos + 1]
+        if marker == 0xFF:  # a fill byte before a marker
+            pos += 1
+        elif marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            pos += 2
+        elif marker == 0xD9:
+            raise BadImageError(path, "corrupt JPEG header (end-of-image marker before any scan)")
+        else:
+            pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+            if marker == 0xDA:
+                break
+    if pos > len(data):
+        data += file.read(pos - len(data))
+        if pos > len(data):
+            raise BadImageError(path, "truncated JPEG (ends inside the header)")
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data[:pos])
+    except (ValueError, RuntimeError) as error:
+        raise BadImageError(path, f"corrupt JPEG header ({error})") from None
+    file.seek(max(pos, size - _TAIL))
+    if b"\xff\xd9" not in file.read():
+        raise BadImageError(path, "truncated JPEG (no end-of-image marker)")
+    return ImageInfo(int(height), int(width), "JPEG", _JPEG_MODES.get(colorspace, colorspace))
+
+
+def _probe_pillow(file, head: bytes, size: int, path) -> ImageInfo:
+    file.seek(0)
+    with _pillow_errors(path, "PNG" if head.startswith(_PNG_MAGIC) else None):
+        image = Image.open(file)
+        info = ImageInfo(image.height, image.width, str(image.format), image.mode)
+    if info.format == "PNG":
+        file.seek(max(0, size - _TAIL))
+        if _PNG_IEND not in file.read():
+            raise BadImageError(path, "truncated PNG (no IEND chunk)")
+    return info
+
+
+@contextlib.contextmanager
+def _pillow_errors(path, kind: str | None):
+    """Whatever Pillow raises inside the block becomes a one-line :class:`BadImageError`."""
+    try:
+        yield
+    except BadImageError:
+        raise
+    except UnidentifiedImageError:
+        raise BadImageError(path, "not an image (unrecognised header)") from None
+    except Image.DecompressionBombError as error:
+        raise BadImageError(path, f"too large to decode ({error})") from None
+    except Exception as error:  # Pillow raises OSError, SyntaxError, ValueError, struct.error, EOFError...
+        message = str(error) or type(error).__name__
+        what = "truncated" if isinstance(error, OSError) and "truncated" in message else "corrupt"
+        raise BadImageError(path, f"{what} {kind or 'image'} ({message})") from None
+
+
+def _probe_or_error(path) -> ImageInfo | BadImageError:
+    try:
+        return probe(path)
+    except BadImageError as error:
+        return error
+
+
+def _probe_block(paths) -> list[ImageInfo | BadImageError]:
+    return [_probe_or_error(path) for path in paths]
+
+
+def probe_many(paths, *, threads: int | None = None) -> list[ImageInfo | BadImageError]:
+    """:func:`probe` every file in a thread pool (the work is mostly waiting on the disk), in order.
+
+    Args:
+        paths: A sequence of file paths, N of them.
+        threads: Threads to use; None means ``min(32, 4 * CPU count)``.
+
+    Returns:
+        A list of N entries, each the file's :class:`ImageInfo` or the :class:`BadImageError` it raised.
+    """
+    paths = list(paths)
+    threads = threads or min(32, 4 * (os.cpu_count() or 1))
+    blocks = [paths[start : start + _PROBE_BLOCK] for start in range(0, len(paths), _PROBE_BLOCK)]
+    if threads <= 1 or len(blocks) <= 1:
+        return _probe_block(paths)
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        return [info for block in pool.map(_probe_block, blocks) for info in block]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# decoding
+
+
+def read_file(path: str | os.PathLike) -> bytes:
+    """The bytes of ``path``; an unreadable or empty file raises :class:`BadImageError`."""
+    try:
+        with open(path, "rb") as file:
+            data = file.read()
+    except OSError as error:
+        raise BadImageError(path, f"unreadable: {error.strerror or error}") from None
+    if not data:
+        raise BadImageError(path, "empty file")
+    return data
+
+
+def _header(data: bytes, path) -> tuple[int, int, Image.Image | None]:
+    """``(height, width, image)``: ``image`` is Pillow's lazily opened file, or None for simplejpeg's JPEG."""
+    if not data:
+        raise BadImageError(path, "empty file")
+    if data[:3] == _JPEG_MAGIC:
+        try:
+            height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+        except (ValueError, RuntimeError):
+            colorspace = None  # Pillow below names the problem, or reads what libjpeg-turbo's header call refused
+        if colorspace is not None and colorspace not in ("CMYK", "YCCK"):
+            return int(height), int(width), None
+    with _pillow_errors(path, "PNG" if data[:8] == _PNG_MAGIC else None):
+        image = Image.open(io.BytesIO(data))
+        return image.height, image.width, image
+
+
+def _decode_scaled(data: bytes, path, height: int, width: int, factor: int, image: Image.Image | None) -> np.ndarray:
+    """Decode at ``factor / 8`` of the size (``factor`` in 1, 2, 4, 8; JPEG only, others at full size)."""
+    if image is None:
+        rows, cols = (0, 0) if factor == 8 else (-(-height * factor // 8), -(-width * factor // 8))
+        try:
+            return simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=rows, min_width=cols)
+        except (ValueError, RuntimeError):  # e.g. a recoverable libjpeg warning: Pillow decides (and names it)
+            with _pillow_errors(path, "JPEG"):
+                image = Image.open(io.BytesIO(data))
+    kind = image.format or "image"
+    with _pillow_errors(path, kind):
+        if image.format == "JPEG" and factor < 8:
+            image.draft("RGB", (width * factor // 8, height * factor // 8))
+        image.load()
+        return _to_rgb(image, path)
+
+
+def _to_rgb(image: Image.Image, path) -> np.ndarray:
+    """``(H, W, 3)`` uint8 from any Pillow mode; see :func:`decode` for the conversions."""
+    mode = image.mode
+    if mode in _SIXTEEN_BIT:
+        levels = np.clip(np.asarray(image).astype(np.int64), 0, 65535)
+        gray = ((levels * 255 + 32767) // 65535).astype(np.uint8)  # round(v * 255 / 65535)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if mode == "F":
+        image = image.convert("L")
+    elif mode in ("P", "PA") and "transparency" in image.info:
+        image = image.convert("RGBA")  # Pillow asks for this route for palettes with a transparency entry
+    try:
+        return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
+    except ValueError as error:
+        raise BadImageError(path, f"unsupported colour mode {mode} ({error})") from None
+
+
+def _dct_factor(height: int, width: int, min_height: int, min_width: int) -> int:
+    """The smallest ``factor`` in 1, 2, 4 (else 8) with ``height * factor / 8 >= min_height`` and likewise width."""
+    for factor in (1, 2, 4):
+        if height * factor >= 8 * min_height and width * factor >= 8 * min_width:
+            return factor
+    return 8
+
+
+def decode(
+    data: bytes, *, path: str | os.PathLike = "<bytes>", min_height: int | None = None, min_width: int | None = None
+) -> np.ndarray:
+    """Decode an image file's bytes to RGB, scaled down in the DCT domain where ``min_height``/``min_width`` allow.
+
+    A JPEG is decoded at the smallest of 1/8, 1/4, 1/2 or 1 of its size that leaves at least ``min_height`` rows
+    and ``min_width`` columns (libjpeg's scaled IDCT; never enlarged; the other scales libjpeg-turbo offers are
+    slower than a full decode). Other formats are decoded at full size. Colour modes: grayscale (``L``, ``1``,
+    ``LA``) is repeated over the three channels; palettes are looked up; CMYK uses Pillow's conversion; an alpha
+    channel (``RGBA``, ``LA``, ``PA``) is dropped, leaving the stored colour under transparent pixels, as
+    torchvision's loader does; 16-bit (``I;16``, and ``I``, which Pillow uses for 16-bit data) is scaled by
+    255/65535 and rounded; ``F`` is clipped to 0-255 as Pillow's own ``convert("L")`` does. Animated formats
+    give their first frame.
+
+    Args:
+        data: The file's bytes.
+        path: The file's name, for error messages.
+        min_height: Rows the result must keep at least (None: full size).
+        min_width: Columns the result must keep at least (None: full size).
+
+    Returns:
+        ``(H', W', 3)`` uint8 RGB, ``H' = ceil(H * f)`` and ``W' = ceil(W * f)`` for the scale ``f`` chosen.
+
+    Raises:
+        BadImageError: The bytes are empty, not an image, corrupt or truncated.
+    """
+    height, width, image = _header(data, path)
+    factor = _dct_factor(height, width, min_height or 0, min_width or 0)
+    return _decode_scaled(data, path, height, width, factor, image)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# augmentation
+
+
+def example_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """The random generator of one example: a function of ``(seed, epoch, index)`` only.
+
+    NumPy's ``default_rng`` (PCG64) seeded through a ``SeedSequence`` of four 32-bit words: the seed's low and
+    high halves (taken modulo 2**64, so negative seeds work), the epoch and the file's index. Fixed-width words
+    keep distinct triples distinct (a plain ``[seed, epoch, index]`` list splits ints above 2**32 into several
+    words, so two triples could give the same list); the hash in SeedSequence makes neighbouring triples
+    independent streams. Which worker runs the example does not enter, so the stream is the same for any
+    worker count. (NumPy does not promise the same Generator bits across its versions.)
+
+    Raises:
+        DataError: ``epoch`` or ``index`` is not an int in ``[0, 2**32)``, or ``seed`` is not an int.
+    """
+    for name, value in (("seed", seed), ("epoch", epoch), ("index", index)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise DataError(f"example_rng {name} must be an int, got {value!r}")
+    if not (0 <= epoch < 2**32 and 0 <= index < 2**32):
+        raise DataError(f"example_rng epoch and index must be in [0, 2**32), got epoch={epoch} index={index}")
+    seed = int(seed) % 2**64
+    return np.random.default_rng([seed & 0xFFFFFFFF, seed >> 32, int(epoch), int(index)])
+
+
+def random_resized_crop_box(
+    height: int,
+    width: int,
+    rng: np.random.Generator,
+    *,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> tuple[int, int, int, int]:
+    """torchvision's ``RandomResizedCrop.get_params``, drawing from a NumPy generator.
+
+    Up to 10 tries: an area fraction uniform in ``scale`` and a log aspect ratio (width / height) uniform in
+    ``log(ratio)`` give ``w = round(sqrt(area * aspect))`` and ``h = round(sqrt(area / aspect))``; the first
+    try with ``0 < w <= width`` and ``0 < h <= height`` is taken, with ``top`` uniform in ``[0, height - h]``
+    and then ``left`` uniform in ``[0, width - w]``. If all 10 fail: the centre crop of the whole image, cut to
+    the nearest allowed aspect ratio (at least 1 pixel each way).
+
+    Args:
+        height: Image rows, > 0.
+        width: Image columns, > 0.
+        rng: The example's generator (each try draws two uniforms; an accepted try two integers more).
+        scale: ``(low, high)`` fraction of the image area, ``0 < low <= high``.
+        ratio: ``(low, high)`` aspect ratios (width / height), ``0 < low <= high``.
+
+    Returns:
+        ``(top, left, h, w)`` in pixels, inside the image.
+    """
+    if not (0 < scale[0] <= scale[1]) or not (0 < ratio[0] <= ratio[1]):
+        raise DataError(f"random_resized_crop_box needs 0 < low <= high, got scale={scale} ratio={ratio}")
+    if height <= 0 or width <= 0:
+        raise DataError(f"random_resized_crop_box needs a non-empty image, got {height}x{width}")
+    area = height * width
+    log_low, log_high = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_low, log_high))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return top, left, h, w
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, max(1, int(round(width / ratio[0])))
+    elif in_ratio > ratio[1]:
+        h, w = height, max(1, int(round(height * ratio[1])))
+    else:
+        h, w = height, width
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def _check_size(image_size: int) -> None:
+    if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or image_size <= 0:
+        raise DataError(f"image_size must be a positive int, got {image_size!r}")
+
+
+def _resize_box(array: np.ndarray, box: tuple[float, float, float, float], size: int, flip: bool) -> np.ndarray:
+    """The region ``box = (left, top, right, bottom)`` of ``array`` resized to ``(size, size)``, bilinear with
+    Pillow's antialiasing (its filter widens with the reduction), optionally mirrored left-right."""
+    out = Image.fromarray(array).resize((size, size), Image.Resampling.BILINEAR, box=box)
+    if flip:
+        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return np.asarray(out)
+
+
+def _scales(array: np.ndarray, height: int, width: int, factor: int) -> tuple[float, float]:
+    """Decoded pixels per original pixel, ``(rows, columns)``: ``factor / 8`` when libjpeg's ``ceil(n * factor / 8)``
+    sizes came out (a DCT block of 8 becomes ``factor`` pixels), else the ratio of the sizes."""
+    rows, cols = array.shape[:2]
+    if rows == -(-height * factor // 8) and cols == -(-width * factor // 8):
+        return factor / 8, factor / 8
+    return rows / height, cols / width
+
+
+def train_image(
+    data: bytes,
+    image_size: int,
+    rng: np.random.Generator,
+    *,
+    path: str | os.PathLike = "<bytes>",
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> np.ndarray:
+    """One training example: RandomResizedCrop to ``image_size``, then a horizontal flip with probability 1/2.
+
+    The crop box is drawn in the original image's coordinates (:func:`random_resized_crop_box`, from the header
+    size); the image is decoded at the smallest DCT scale (1/8, 1/4, 1/2 or 1) that keeps the box at least
+    ``image_size`` pixels on both axes; the box, mapped to the decoded image in floating point, is resized to
+    ``(image_size, image_size)`` with Pillow's antialiased bilinear filter; then ``rng.random() < 0.5`` mirrors it.
+
+    Args:
+        data: The file's bytes.
+        image_size: S, the output's side.
+        rng: The example's generator (:func:`example_rng`); the crop draws come first, then the flip.
+        path: The file's name, for error messages.
+        scale: Area fraction range of the crop.
+        ratio: Aspect ratio range of the crop.
+
+    Returns:
+        ``(S, S, 3)`` uint8 RGB.
+
+    Raises:
+        BadImageError: The bytes are not a decodable image.
+    """
+    _check_size(image_size)
+    height, width, image = _header(data, path)
+    top, left, h, w = random_resized_crop_box(height, width, rng, scale=scale, ratio=ratio)
+    flip = bool(rng.random() < 0.5)
+    factor = _dct_factor(h, w, image_size, image_size)
+    array = _decode_scaled(data, path, height, width, factor, image)
+    sy, sx = _scales(array, height, width, factor)
+    return _resize_box(array, (left * sx, top * sy, (left + w) * sx, (top + h) * sy), image_size, flip)
+
+
+def eval_image(
+    data: bytes, image_size: int, *, path: str | os.PathLike = "<bytes>", crop_fraction: float = 0.875
+) -> np.ndarray:
+    """One evaluation example: torchvision's ``Resize(int(S / 0.875))`` then ``CenterCrop(S)``, in one resize.
+
+    The shorter side goes to ``R = int(image_size / crop_fraction)`` and the longer to ``int(R * long / short)``
+    (torchvision's sizes); the centre crop starts at ``round((size - S) / 2)`` on each axis. Both steps become
+    one antialiased bilinear resize of the matching box of the original (same sampling positions and filter
+    widths as the two steps), from a DCT-scaled decode when the resized image is at most half the original.
+
+    Args:
+        data: The file's bytes.
+        image_size: S, the output's side.
+        path: The file's name, for error messages.
+        crop_fraction: The centre crop's share of the resized shorter side.
+
+    Returns:
+        ``(S, S, 3)`` uint8 RGB.
+
+    Raises:
+        BadImageError: The bytes are not a decodable image.
+    """
+    _check_size(image_size)
+    height, width, image = _header(data, path)
+    resize = int(image_size / crop_fraction)
+    if width <= height:
+        new_w, new_h = resize, int(resize * height / width)
+    else:
+        new_h, new_w = resize, int(resize * width / height)
+    top, left = int(round((new_h - image_size) / 2)), int(round((new_w - image_size) / 2))
+    factor = _dct_factor(height, width, new_h, new_w)
+    array = _decode_scaled(data, path, height, width, factor, image)
+    sy, sx = _scales(array, height, width, factor)
+    sy, sx = sy * height / new_h, sx * width / new_w  # decoded pixels per resized pixel
+    box = (left * sx, top * sy, (left + image_size) * sx, (top + image_size) * sy)
+    return _resize_box(array, box, image_size, False)
+
+
+def load_train(path: str | os.PathLike, image_size: int, seed: int, epoch: int, index: int) -> np.ndarray:
+    """:func:`train_image` of the file at ``path`` with :func:`example_rng` ``(seed, epoch, index)``:
+    ``(S, S, 3)`` uint8. Raises :class:`BadImageError` for an unreadable or undecodable file."""
+    return train_image(read_file(path), image_size, example_rng(seed, epoch, index), path=path)
+
+
+def load_eval(path: str | os.PathLike, image_size: int) -> np.ndarray:
+    """:func:`eval_image` of the file at ``path``: ``(S, S, 3)`` uint8. Raises :class:`BadImageError`."""
+    return eval_image(read_file(path), image_size, path=path)
+
+
+__all__ = [
+    "BadImageError",
+    "ImageInfo",
+    "decode",
+    "eval_image",
+    "example_rng",
+    "load_eval",
+    "load_train",
+    "probe",
+    "probe_many",
+    "random_resized_crop_box",
+    "read_file",
+    "train_image",
+]
