@@ -139,7 +139,7 @@ def _probe_jpeg(file, head: bytes, size: int, path) -> ImageInfo:
 
 def _probe_pillow(file, head: bytes, size: int, path) -> ImageInfo:
     file.seek(0)
-    with _pillow_errors(path, "PNG" if head.startswith(_PNG_MAGIC) else None):
+    with _pillow_errors(path, _kind(head)):
         image = Image.open(file)
         info = ImageInfo(image.height, image.width, str(image.format), image.mode)
     if info.format == "PNG":
@@ -147,6 +147,11 @@ def _probe_pillow(file, head: bytes, size: int, path) -> ImageInfo:
         if _PNG_IEND not in file.read():
             raise BadImageError(path, "truncated PNG (no IEND chunk)")
     return info
+
+
+def _kind(head: bytes) -> str | None:
+    """ "JPEG" or "PNG" by the magic bytes, else None."""
+    return "JPEG" if head[:3] == _JPEG_MAGIC else "PNG" if head[:8] == _PNG_MAGIC else None
 
 
 @contextlib.contextmanager
@@ -157,7 +162,8 @@ def _pillow_errors(path, kind: str | None):
     except BadImageError:
         raise
     except UnidentifiedImageError:
-        raise BadImageError(path, "not an image (unrecognised header)") from None
+        reason = f"corrupt {kind} header (unreadable by Pillow)" if kind else "not an image (unrecognised header)"
+        raise BadImageError(path, reason) from None
     except Image.DecompressionBombError as error:
         raise BadImageError(path, f"too large to decode ({error})") from None
     except Exception as error:  # Pillow raises OSError, SyntaxError, ValueError, struct.error, EOFError...
@@ -223,7 +229,7 @@ def _header(data: bytes, path) -> tuple[int, int, Image.Image | None]:
             colorspace = None  # Pillow below names the problem, or reads what libjpeg-turbo's header call refused
         if colorspace is not None and colorspace not in ("CMYK", "YCCK"):
             return int(height), int(width), None
-    with _pillow_errors(path, "PNG" if data[:8] == _PNG_MAGIC else None):
+    with _pillow_errors(path, _kind(data)):
         image = Image.open(io.BytesIO(data))
         return image.height, image.width, image
 
@@ -287,8 +293,8 @@ def decode(
     Args:
         data: The file's bytes.
         path: The file's name, for error messages.
-        min_height: Rows the result must keep at least (None: full size).
-        min_width: Columns the result must keep at least (None: full size).
+        min_height: Rows the result must keep at least (None: no bound on rows).
+        min_width: Columns the result must keep at least (None: no bound on columns; both None: full size).
 
     Returns:
         ``(H', W', 3)`` uint8 RGB, ``H' = ceil(H * f)`` and ``W' = ceil(W * f)`` for the scale ``f`` chosen.
@@ -297,7 +303,10 @@ def decode(
         BadImageError: The bytes are empty, not an image, corrupt or truncated.
     """
     height, width, image = _header(data, path)
-    factor = _dct_factor(height, width, min_height or 0, min_width or 0)
+    if min_height is None and min_width is None:
+        factor = 8
+    else:
+        factor = _dct_factor(height, width, min_height or 0, min_width or 0)
     return _decode_scaled(data, path, height, width, factor, image)
 
 
