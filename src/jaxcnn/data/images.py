@@ -27,7 +27,7 @@ from jaxcnn.data._dataset import DataError
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _PNG_IEND = b"IEND\xaeB`\x82"  # the IEND chunk's type and its (fixed) CRC
-_HEAD = 1 << 16  # bytes read first from the front of a file; a JPEG header reaching further is read on
+_HEAD = 1 << 13  # bytes read first from the front of a file; a JPEG header reaching further is read on
 _TAIL = 1 << 14  # bytes from the end searched for the end-of-image marker / the IEND chunk
 _JPEG_MODES = {"Gray": "L", "YCbCr": "RGB", "RGB": "RGB", "CMYK": "CMYK", "YCCK": "CMYK"}
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
@@ -67,14 +67,10 @@ class ImageInfo(NamedTuple):
     mode: str
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# the header check
-
-
 def probe(path: str | os.PathLike) -> ImageInfo:
     """Check one file's header and ending without decoding its pixels (the index-time check).
 
-    Reads the first 64 KiB (more only for a JPEG whose header is longer) and the last 16 KiB. A JPEG's header
+    Reads the first 8 KiB (more only for a JPEG whose header is longer) and the last 16 KiB. A JPEG's header
     is parsed by libjpeg-turbo up to its first scan, and an end-of-image marker (``FF D9``) must follow the scan
     start within the last 16 KiB (trailing padding or other bytes after it are accepted); a PNG must hold its
     ``IEND`` chunk within the last 16 KiB. Other formats get Pillow's lazy header parse only.
@@ -172,26 +168,23 @@ def _pillow_errors(path, kind: str | None):
         raise BadImageError(path, f"{what} {kind or 'image'} ({message})") from None
 
 
-def _probe_or_error(path) -> ImageInfo | BadImageError:
-    try:
-        return probe(path)
-    except BadImageError as error:
-        return error
-
-
 def _probe_block(paths) -> list[ImageInfo | BadImageError]:
-    return [_probe_or_error(path) for path in paths]
+    results = []
+    for path in paths:
+        try:
+            results.append(probe(path))
+        except BadImageError as error:
+            results.append(error)
+    return results
 
 
 def probe_many(paths, *, threads: int | None = None) -> list[ImageInfo | BadImageError]:
     """:func:`probe` every file in a thread pool (the work is mostly waiting on the disk), in order.
 
-    Args:
-        paths: A sequence of file paths, N of them.
-        threads: Threads to use; None means ``min(32, 4 * CPU count)``.
+    ``threads`` None means ``min(32, 4 * CPU count)``; files go to the threads in blocks of 256.
 
     Returns:
-        A list of N entries, each the file's :class:`ImageInfo` or the :class:`BadImageError` it raised.
+        A list as long as ``paths``: each file's :class:`ImageInfo` or the :class:`BadImageError` it raised.
     """
     paths = list(paths)
     threads = threads or min(32, 4 * (os.cpu_count() or 1))
@@ -200,10 +193,6 @@ def probe_many(paths, *, threads: int | None = None) -> list[ImageInfo | BadImag
         return _probe_block(paths)
     with ThreadPoolExecutor(max_workers=threads) as pool:
         return [info for block in pool.map(_probe_block, blocks) for info in block]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# decoding
 
 
 def read_file(path: str | os.PathLike) -> bytes:
@@ -290,11 +279,8 @@ def decode(
     255/65535 and rounded; ``F`` is clipped to 0-255 as Pillow's own ``convert("L")`` does. Animated formats
     give their first frame.
 
-    Args:
-        data: The file's bytes.
-        path: The file's name, for error messages.
-        min_height: Rows the result must keep at least (None: no bound on rows).
-        min_width: Columns the result must keep at least (None: no bound on columns; both None: full size).
+    ``min_height``/``min_width`` None bound nothing on their axis (both None: full size); ``path`` names the
+    file in errors.
 
     Returns:
         ``(H', W', 3)`` uint8 RGB, ``H' = ceil(H * f)`` and ``W' = ceil(W * f)`` for the scale ``f`` chosen.
@@ -308,10 +294,6 @@ def decode(
     else:
         factor = _dct_factor(height, width, min_height or 0, min_width or 0)
     return _decode_scaled(data, path, height, width, factor, image)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# augmentation
 
 
 def example_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
@@ -352,15 +334,11 @@ def random_resized_crop_box(
     and then ``left`` uniform in ``[0, width - w]``. If all 10 fail: the centre crop of the whole image, cut to
     the nearest allowed aspect ratio (at least 1 pixel each way).
 
-    Args:
-        height: Image rows, > 0.
-        width: Image columns, > 0.
-        rng: The example's generator (each try draws two uniforms; an accepted try two integers more).
-        scale: ``(low, high)`` fraction of the image area, ``0 < low <= high``.
-        ratio: ``(low, high)`` aspect ratios (width / height), ``0 < low <= high``.
+    Each try draws two uniforms from ``rng``, an accepted one two integers more. ``scale`` (area fractions) and
+    ``ratio`` (width / height) are ``(low, high)`` with ``0 < low <= high``.
 
     Returns:
-        ``(top, left, h, w)`` in pixels, inside the image.
+        ``(top, left, h, w)`` in pixels, inside the ``height x width`` image.
     """
     if not (0 < scale[0] <= scale[1]) or not (0 < ratio[0] <= ratio[1]):
         raise DataError(f"random_resized_crop_box needs 0 < low <= high, got scale={scale} ratio={ratio}")
@@ -392,22 +370,26 @@ def _check_size(image_size: int) -> None:
         raise DataError(f"image_size must be a positive int, got {image_size!r}")
 
 
-def _resize_box(array: np.ndarray, box: tuple[float, float, float, float], size: int, flip: bool) -> np.ndarray:
-    """The region ``box = (left, top, right, bottom)`` of ``array`` resized to ``(size, size)``, bilinear with
-    Pillow's antialiasing (its filter widens with the reduction), optionally mirrored left-right."""
-    out = Image.fromarray(array).resize((size, size), Image.Resampling.BILINEAR, box=box)
-    if flip:
-        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return np.asarray(out)
+def _region_resized(data: bytes, path, header, region, size: int, flip: bool) -> np.ndarray:
+    """``region = (top, left, h, w)`` of the original (fractional pixels allowed) as ``(size, size, 3)`` uint8.
 
-
-def _scales(array: np.ndarray, height: int, width: int, factor: int) -> tuple[float, float]:
-    """Decoded pixels per original pixel, ``(rows, columns)``: ``factor / 8`` when libjpeg's ``ceil(n * factor / 8)``
-    sizes came out (a DCT block of 8 becomes ``factor`` pixels), else the ratio of the sizes."""
+    Decodes at the smallest DCT scale ``factor / 8`` that keeps the region at least ``size`` pixels each way,
+    maps the region into the decoded image (``factor / 8`` decoded pixels per original pixel: libjpeg turns
+    each 8-pixel block into ``factor`` pixels, ``ceil(n * factor / 8)`` in all), and resizes it with Pillow's
+    antialiased bilinear filter (its support widens with the reduction); then mirrors it left-right if ``flip``.
+    """
+    height, width, image = header
+    top, left, h, w = region
+    factor = _dct_factor(h, w, size, size)
+    array = _decode_scaled(data, path, height, width, factor, image)
     rows, cols = array.shape[:2]
     if rows == -(-height * factor // 8) and cols == -(-width * factor // 8):
-        return factor / 8, factor / 8
-    return rows / height, cols / width
+        sy = sx = factor / 8
+    else:  # a size libjpeg's rule does not give (tiny images): the plain ratio
+        sy, sx = rows / height, cols / width
+    box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
+    out = Image.fromarray(array).resize((size, size), Image.Resampling.BILINEAR, box=box)
+    return np.asarray(out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else out)
 
 
 def train_image(
@@ -421,71 +403,51 @@ def train_image(
 ) -> np.ndarray:
     """One training example: RandomResizedCrop to ``image_size``, then a horizontal flip with probability 1/2.
 
-    The crop box is drawn in the original image's coordinates (:func:`random_resized_crop_box`, from the header
-    size); the image is decoded at the smallest DCT scale (1/8, 1/4, 1/2 or 1) that keeps the box at least
-    ``image_size`` pixels on both axes; the box, mapped to the decoded image in floating point, is resized to
-    ``(image_size, image_size)`` with Pillow's antialiased bilinear filter; then ``rng.random() < 0.5`` mirrors it.
-
-    Args:
-        data: The file's bytes.
-        image_size: S, the output's side.
-        rng: The example's generator (:func:`example_rng`); the crop draws come first, then the flip.
-        path: The file's name, for error messages.
-        scale: Area fraction range of the crop.
-        ratio: Aspect ratio range of the crop.
+    The box is drawn from the header's size (:func:`random_resized_crop_box` with ``scale`` and ``ratio``), then
+    the flip (``rng.random() < 0.5``); the image is decoded at the smallest DCT scale (1/8, 1/4, 1/2, 1) that
+    keeps the box at least ``image_size`` pixels each way, and the box, mapped into it in floating point, is
+    resized to ``(S, S)`` with Pillow's antialiased bilinear filter. ``rng`` is the example's
+    (:func:`example_rng`); ``path`` names the file in errors.
 
     Returns:
-        ``(S, S, 3)`` uint8 RGB.
+        ``(S, S, 3)`` uint8 RGB, ``S = image_size``.
 
     Raises:
         BadImageError: The bytes are not a decodable image.
     """
     _check_size(image_size)
-    height, width, image = _header(data, path)
-    top, left, h, w = random_resized_crop_box(height, width, rng, scale=scale, ratio=ratio)
-    flip = bool(rng.random() < 0.5)
-    factor = _dct_factor(h, w, image_size, image_size)
-    array = _decode_scaled(data, path, height, width, factor, image)
-    sy, sx = _scales(array, height, width, factor)
-    return _resize_box(array, (left * sx, top * sy, (left + w) * sx, (top + h) * sy), image_size, flip)
+    header = _header(data, path)
+    region = random_resized_crop_box(header[0], header[1], rng, scale=scale, ratio=ratio)
+    return _region_resized(data, path, header, region, image_size, bool(rng.random() < 0.5))
 
 
 def eval_image(
     data: bytes, image_size: int, *, path: str | os.PathLike = "<bytes>", crop_fraction: float = 0.875
 ) -> np.ndarray:
-    """One evaluation example: torchvision's ``Resize(int(S / 0.875))`` then ``CenterCrop(S)``, in one resize.
+    """One evaluation example: torchvision's ``Resize(int(S / crop_fraction))`` then ``CenterCrop(S)``, as one resize.
 
-    The shorter side goes to ``R = int(image_size / crop_fraction)`` and the longer to ``int(R * long / short)``
-    (torchvision's sizes); the centre crop starts at ``round((size - S) / 2)`` on each axis. Both steps become
-    one antialiased bilinear resize of the matching box of the original (same sampling positions and filter
-    widths as the two steps), from a DCT-scaled decode when the resized image is at most half the original.
-
-    Args:
-        data: The file's bytes.
-        image_size: S, the output's side.
-        path: The file's name, for error messages.
-        crop_fraction: The centre crop's share of the resized shorter side.
+    torchvision's sizes: the shorter side goes to ``R = int(S / crop_fraction)``, the longer to
+    ``int(R * long / short)``, and the crop starts at ``round((resized - S) / 2)`` on each axis. The two steps are
+    done as one antialiased bilinear resize of the matching region of the original (the same sampling positions
+    and filter widths), from a DCT-scaled decode when the resized image is at most half the original's size.
 
     Returns:
-        ``(S, S, 3)`` uint8 RGB.
+        ``(S, S, 3)`` uint8 RGB, ``S = image_size``.
 
     Raises:
         BadImageError: The bytes are not a decodable image.
     """
     _check_size(image_size)
-    height, width, image = _header(data, path)
+    header = height, width, _ = _header(data, path)
     resize = int(image_size / crop_fraction)
     if width <= height:
         new_w, new_h = resize, int(resize * height / width)
     else:
         new_h, new_w = resize, int(resize * width / height)
     top, left = int(round((new_h - image_size) / 2)), int(round((new_w - image_size) / 2))
-    factor = _dct_factor(height, width, new_h, new_w)
-    array = _decode_scaled(data, path, height, width, factor, image)
-    sy, sx = _scales(array, height, width, factor)
-    sy, sx = sy * height / new_h, sx * width / new_w  # decoded pixels per resized pixel
-    box = (left * sx, top * sy, (left + image_size) * sx, (top + image_size) * sy)
-    return _resize_box(array, box, image_size, False)
+    ry, rx = height / new_h, width / new_w  # original pixels per resized pixel
+    region = (top * ry, left * rx, image_size * ry, image_size * rx)
+    return _region_resized(data, path, header, region, image_size, False)
 
 
 def load_train(path: str | os.PathLike, image_size: int, seed: int, epoch: int, index: int) -> np.ndarray:
@@ -497,19 +459,3 @@ def load_train(path: str | os.PathLike, image_size: int, seed: int, epoch: int, 
 def load_eval(path: str | os.PathLike, image_size: int) -> np.ndarray:
     """:func:`eval_image` of the file at ``path``: ``(S, S, 3)`` uint8. Raises :class:`BadImageError`."""
     return eval_image(read_file(path), image_size, path=path)
-
-
-__all__ = [
-    "BadImageError",
-    "ImageInfo",
-    "decode",
-    "eval_image",
-    "example_rng",
-    "load_eval",
-    "load_train",
-    "probe",
-    "probe_many",
-    "random_resized_crop_box",
-    "read_file",
-    "train_image",
-]
