@@ -31,16 +31,13 @@ _HEAD = 1 << 13  # bytes read first from the front of a file; a JPEG header reac
 _TAIL = 1 << 14  # bytes from the end searched for the end-of-image marker / the IEND chunk
 _JPEG_MODES = {"Gray": "L", "YCbCr": "RGB", "RGB": "RGB", "CMYK": "CMYK", "YCCK": "CMYK"}
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_Range = tuple[float, float]
 _PROBE_BLOCK = 256  # files per task of probe_many's thread pool (one future per file would not scale to 1M)
 
 
 class BadImageError(DataError):
-    """A file that is not a usable image: unreadable, empty, not an image, corrupt or truncated.
-
-    Attributes:
-        path: The file (``"<bytes>"`` when the bytes came without a path).
-        reason: What is wrong, in a few words (``"empty file"``, ``"truncated JPEG (no end-of-image marker)"``).
-    """
+    """A file that is not a usable image. ``path``: the file (``"<bytes>"`` for bytes without one); ``reason``:
+    what is wrong, in a few words (``"empty file"``, ``"truncated JPEG (no end-of-image marker)"``)."""
 
     def __init__(self, path: str | os.PathLike, reason: str) -> None:
         self.path = os.fspath(path)
@@ -52,14 +49,9 @@ class BadImageError(DataError):
 
 
 class ImageInfo(NamedTuple):
-    """What the header check learned about a file without decoding it.
-
-    Attributes:
-        height: Rows, > 0.
-        width: Columns, > 0.
-        format: ``"JPEG"``, ``"PNG"`` or another Pillow format name (``"GIF"``, ``"BMP"``, ``"WEBP"``...).
-        mode: The colour mode in Pillow's names (``"RGB"``, ``"L"``, ``"CMYK"``, ``"P"``, ``"RGBA"``, ``"I;16"``...).
-    """
+    """What the header check learned about a file without decoding it: its size (rows and columns, > 0), its
+    ``format`` (``"JPEG"``, ``"PNG"`` or another Pillow format name) and colour ``mode`` in Pillow's names
+    (``"RGB"``, ``"L"``, ``"CMYK"``, ``"P"``, ``"RGBA"``, ``"I;16"``...)."""
 
     height: int
     width: int
@@ -75,12 +67,8 @@ def probe(path: str | os.PathLike) -> ImageInfo:
     start within the last 16 KiB (trailing padding or other bytes after it are accepted); a PNG must hold its
     ``IEND`` chunk within the last 16 KiB. Other formats get Pillow's lazy header parse only.
 
-    Returns:
-        The file's :class:`ImageInfo`.
-
-    Raises:
-        BadImageError: The file is unreadable, empty, not an image, has a corrupt header, is truncated or has a
-            zero dimension; ``reason`` says which.
+    Returns the file's :class:`ImageInfo`; raises :class:`BadImageError` for a file that is unreadable, empty,
+    not an image, truncated, or has a corrupt header or a zero dimension (``reason`` says which).
     """
     try:
         with open(path, "rb") as file:
@@ -100,8 +88,8 @@ def probe(path: str | os.PathLike) -> ImageInfo:
 
 
 def _probe_jpeg(file, head: bytes, size: int, path) -> ImageInfo:
-    data, pos = head, 2
-    while True:  # walk the marker segments up to the first start-of-scan (SOS)
+    data, pos, marker = head, 2, 0
+    while marker != 0xDA:  # walk the marker segments to the end of the first start-of-scan (SOS) header
         if pos + 4 > len(data):
             data += file.read(pos + 4 - len(data) + _HEAD)
             if pos + 4 > len(data):
@@ -117,12 +105,7 @@ def _probe_jpeg(file, head: bytes, size: int, path) -> ImageInfo:
             raise BadImageError(path, "corrupt JPEG header (end-of-image marker before any scan)")
         else:
             pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
-            if marker == 0xDA:
-                break
-    if pos > len(data):
-        data += file.read(pos - len(data))
-        if pos > len(data):
-            raise BadImageError(path, "truncated JPEG (ends inside the header)")
+    data += file.read(max(0, pos - len(data)))  # a file that ends inside the SOS header fails just below
     try:
         height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data[:pos])
     except (ValueError, RuntimeError) as error:
@@ -279,8 +262,7 @@ def decode(
     255/65535 and rounded; ``F`` is clipped to 0-255 as Pillow's own ``convert("L")`` does. Animated formats
     give their first frame.
 
-    ``min_height``/``min_width`` None bound nothing on their axis (both None: full size); ``path`` names the
-    file in errors.
+    A None bound leaves its axis free (both None: full size); ``path`` names the file in errors.
 
     Returns:
         ``(H', W', 3)`` uint8 RGB, ``H' = ceil(H * f)`` and ``W' = ceil(W * f)`` for the scale ``f`` chosen.
@@ -306,8 +288,7 @@ def example_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     independent streams. Which worker runs the example does not enter, so the stream is the same for any
     worker count. (NumPy does not promise the same Generator bits across its versions.)
 
-    Raises:
-        DataError: ``epoch`` or ``index`` is not an int in ``[0, 2**32)``, or ``seed`` is not an int.
+    Raises DataError unless ``seed`` is an int and ``epoch`` and ``index`` ints in ``[0, 2**32)``.
     """
     for name, value in (("seed", seed), ("epoch", epoch), ("index", index)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
@@ -319,12 +300,7 @@ def example_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
 
 
 def random_resized_crop_box(
-    height: int,
-    width: int,
-    rng: np.random.Generator,
-    *,
-    scale: tuple[float, float] = (0.08, 1.0),
-    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    height: int, width: int, rng: np.random.Generator, *, scale: _Range = (0.08, 1.0), ratio: _Range = (3 / 4, 4 / 3)
 ) -> tuple[int, int, int, int]:
     """torchvision's ``RandomResizedCrop.get_params``, drawing from a NumPy generator.
 
@@ -393,17 +369,11 @@ def _region_resized(data: bytes, path, header, region, size: int, flip: bool) ->
 
 
 def train_image(
-    data: bytes,
-    image_size: int,
-    rng: np.random.Generator,
-    *,
-    path: str | os.PathLike = "<bytes>",
-    scale: tuple[float, float] = (0.08, 1.0),
-    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    data: bytes, image_size: int, rng: np.random.Generator, *, path: str | os.PathLike = "<bytes>"
 ) -> np.ndarray:
     """One training example: RandomResizedCrop to ``image_size``, then a horizontal flip with probability 1/2.
 
-    The box is drawn from the header's size (:func:`random_resized_crop_box` with ``scale`` and ``ratio``), then
+    The box is drawn from the header's size (:func:`random_resized_crop_box`, area 0.08-1, aspect 3/4-4/3), then
     the flip (``rng.random() < 0.5``); the image is decoded at the smallest DCT scale (1/8, 1/4, 1/2, 1) that
     keeps the box at least ``image_size`` pixels each way, and the box, mapped into it in floating point, is
     resized to ``(S, S)`` with Pillow's antialiased bilinear filter. ``rng`` is the example's
@@ -417,7 +387,7 @@ def train_image(
     """
     _check_size(image_size)
     header = _header(data, path)
-    region = random_resized_crop_box(header[0], header[1], rng, scale=scale, ratio=ratio)
+    region = random_resized_crop_box(header[0], header[1], rng)
     return _region_resized(data, path, header, region, image_size, bool(rng.random() < 0.5))
 
 
