@@ -4,9 +4,8 @@ Everything here is NumPy, Pillow and simplejpeg (libjpeg-turbo), with plain top-
 input pipeline's worker processes can call it. JPEG goes through simplejpeg, scaled down in the DCT domain
 (by 1/2, 1/4 or 1/8) when the requested output allows it; CMYK and YCCK JPEG, PNG and every other format go
 through Pillow (a JPEG through Pillow is scaled with ``Image.draft``, the same libjpeg scaling). Any problem with
-a file is a :class:`BadImageError`, never another exception type.
-
-EXIF orientation is not applied (neither torchvision's ``ImageFolder`` nor libjpeg applies it).
+a file is a :class:`BadImageError`, never another exception type. EXIF orientation is not applied (neither
+torchvision's ``ImageFolder`` nor libjpeg applies it).
 """
 
 from __future__ import annotations
@@ -128,8 +127,7 @@ def _probe_pillow(file, head: bytes, size: int, path) -> ImageInfo:
     return info
 
 
-def _kind(head: bytes) -> str | None:
-    """ "JPEG" or "PNG" by the magic bytes, else None."""
+def _kind(head: bytes) -> str | None:  # "JPEG" or "PNG" by the magic bytes, else None
     return "JPEG" if head[:3] == _JPEG_MAGIC else "PNG" if head[:8] == _PNG_MAGIC else None
 
 
@@ -138,7 +136,7 @@ def _pillow_errors(path, kind: str | None):
     """Whatever Pillow raises inside the block becomes a one-line :class:`BadImageError`."""
     try:
         yield
-    except BadImageError:
+    except (BadImageError, MemoryError):
         raise
     except UnidentifiedImageError:
         reason = f"corrupt {kind} header (unreadable by Pillow)" if kind else "not an image (unrecognised header)"
