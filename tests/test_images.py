@@ -42,6 +42,12 @@ def _png(width: int, height: int, mode_bytes: tuple[int, int]) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
 
 
+def _resampled(jpeg: bytes, sampling: int) -> bytes:
+    """``jpeg`` with its first component's sampling factors byte (in the baseline frame header) replaced."""
+    at = jpeg.index(b"\xff\xc0") + 11
+    return jpeg[:at] + bytes([sampling]) + jpeg[at + 1 :]
+
+
 _RGB = Image.fromarray(_picture(48, 64))
 _RGBA = _picture(48, 64, 1)
 _SIXTEEN = (np.arange(48 * 64).reshape(48, 64) * 21).astype(np.uint16)  # 0 .. 64491
@@ -52,6 +58,8 @@ GOOD = {
     "progressive.jpg": (_encode(_RGB, "JPEG", quality=90, progressive=True), "JPEG", "RGB"),
     "gray.jpg": (_encode(_RGB.convert("L"), "JPEG", quality=90), "JPEG", "L"),
     "cmyk.jpg": (_encode(_RGB.convert("CMYK"), "JPEG", quality=95), "JPEG", "CMYK"),
+    # luma sampled 3x1 (the header edited): libjpeg reads it, TurboJPEG's header call refuses it
+    "odd-sampling.jpg": (_resampled(_encode(_RGB, "JPEG", quality=90, subsampling=0), 0x31), "JPEG", "RGB"),
     "rgb.png": (_encode(_RGB, "PNG"), "PNG", "RGB"),
     "l.png": (_encode(_RGB.convert("L"), "PNG"), "PNG", "L"),
     "p.png": (_encode(_RGB.convert("P"), "PNG"), "PNG", "P"),

@@ -107,12 +107,15 @@ def _probe_jpeg(file, head: bytes, size: int, path) -> ImageInfo:
     data += file.read(max(0, pos - len(data)))  # a file that ends inside the SOS header fails just below
     try:
         height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data[:pos])
-    except (ValueError, RuntimeError) as error:
-        raise BadImageError(path, f"corrupt JPEG header ({error})") from None
+        mode = _JPEG_MODES.get(colorspace, colorspace)
+    except (ValueError, RuntimeError):  # TurboJPEG refuses some valid headers (odd subsampling): ask Pillow
+        with _pillow_errors(path, "JPEG"):
+            image = Image.open(io.BytesIO(data[:pos]))
+            height, width, mode = image.height, image.width, image.mode
     file.seek(max(pos, size - _TAIL))
     if b"\xff\xd9" not in file.read():
         raise BadImageError(path, "truncated JPEG (no end-of-image marker)")
-    return ImageInfo(int(height), int(width), "JPEG", _JPEG_MODES.get(colorspace, colorspace))
+    return ImageInfo(int(height), int(width), "JPEG", mode)
 
 
 def _probe_pillow(file, head: bytes, size: int, path) -> ImageInfo:
