@@ -125,17 +125,26 @@ def test_probe_names_each_bad_kind(folder, name):
     assert str(caught.value) == f"{folder / name}: {caught.value.reason}" and "\n" not in str(caught.value)
 
 
-def test_probe_unreadable_paths(folder, tmp_path):
+def test_probe_unreadable_paths(folder, tmp_path, monkeypatch):
     for path, reason in ((folder, "unreadable: Is a directory"), (folder / "nope.jpg", "unreadable: No such file")):
         with pytest.raises(BadImageError, match=reason):
             images.probe(path)
-    if os.geteuid() == 0:
-        pytest.skip("root reads files without read permission")
-    locked = tmp_path / "locked.jpg"
+    locked = tmp_path / "locked" / "a.jpg"
+    locked.parent.mkdir()
     locked.write_bytes(_JPEG)
-    locked.chmod(0)
-    with pytest.raises(BadImageError, match="unreadable: Permission denied"):
-        images.probe(locked)
+    locked.parent.chmod(0)  # a folder without read or search permission
+    try:
+        if os.geteuid() == 0:  # root passes permission checks: refuse the open as the kernel would for a user
+
+            def refuse(*args, **kwargs):
+                raise PermissionError(13, "Permission denied", str(locked))
+
+            monkeypatch.setattr(images, "open", refuse, raising=False)
+        for call in (images.probe, images.read_file):
+            with pytest.raises(BadImageError, match="unreadable: Permission denied"):
+                call(locked)
+    finally:
+        locked.parent.chmod(0o755)
 
 
 def test_probe_accepts_padding_after_the_end_and_headers_longer_than_the_first_read(tmp_path):
