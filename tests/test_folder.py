@@ -348,3 +348,17 @@ def test_eval_streams_the_val_files_of_a_folder_run(straight, capsys):
     assert train.evaluate_workdir(workdir, split="train", batch_size=5)["count"] == 18
     assert cli.main(["eval", "--workdir", str(workdir)]) == 0
     assert f"test accuracy {history[-1]['test_accuracy']:.4f}" in capsys.readouterr().out
+
+
+def test_data_bench_prints_one_json_object(folder, capsys):
+    from jaxcnn import cli
+
+    flags = ["--data-dir", str(folder), "--image-size", "8", "--data-workers", "0", "--batch-size", "4"]
+    assert cli.main(["data-bench", *flags, "--batches", "3", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["images"] == 12 and result["images_per_second"] > 0 and result["cpu_ms_per_image"] > 0
+    assert cli.main(["data-bench", *flags, "--batches", "2", "--model", "image_folders:tiny"]) == 0
+    out = capsys.readouterr().out
+    assert "images/s" in out and "the step waits for data" in out
+    assert cli.main(["data-bench", "--data-dir", str(folder / "nowhere")]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -169,7 +169,69 @@ def _add_bench(commands) -> None:
     parser.set_defaults(run=_bench)
 
 
+def _data_bench(args: argparse.Namespace) -> int:
+    """Time the input pipeline alone on an image folder: the training stream of jaxcnn train (Grain; decode,
+    RandomResizedCrop and flip in --data-workers processes; uint8 batches). Prints images/s and CPU milliseconds
+    per image (this process and its workers), and with --model the share of the loop's time spent waiting for
+    data while that model trains. --json prints one JSON object instead."""
+    import json
+
+    from jaxcnn.bench.data import data_bench
+
+    if args.dataset != "folder":
+        raise ValueError(f"data-bench reads image folders: --dataset folder, not {args.dataset!r}")
+    if args.data_dir is None:
+        raise ValueError("data-bench needs --data-dir (an image folder: ROOT/train/<class>/*, ROOT/val/<class>/*)")
+    for name in ("image_size", "batch_size", "batches"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.data_workers is not None and args.data_workers < 0:
+        raise ValueError(f"--data-workers must be >= 0, got {args.data_workers}")
+    log = None if args.json else (lambda line: print(line, file=sys.stderr, flush=True))
+    result = data_bench(
+        args.data_dir,
+        image_size=args.image_size,
+        workers=args.data_workers,
+        batch_size=args.batch_size,
+        batches=args.batches,
+        model=args.model,
+        seed=args.seed,
+        skip_bad_files=args.skip_bad_files,
+        log=log,
+    )
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    cpu = "" if result["cpu_counts_workers"] else " (this process only: worker CPU time not readable here)"
+    print(
+        f"{result['images_per_second']:.1f} images/s, {result['cpu_ms_per_image']:.2f} CPU ms per image{cpu} "
+        f"({result['workers']} workers, {result['images']} images of {result['image_size']}px)"
+    )
+    if "data_wait_share" in result:
+        print(f"with {result['model']}: the step waits for data {100 * result['data_wait_share']:.1f}% of the time")
+    return 0
+
+
+def _add_data_bench(commands) -> None:
+    parser = commands.add_parser(
+        "data-bench", help="time the image-folder input pipeline alone", description=_data_bench.__doc__
+    )
+    parser.add_argument("--dataset", default="folder", help="the data set kind (folder)")
+    parser.add_argument("--data-dir", default=None, help="the image folder")
+    parser.add_argument("--image-size", type=int, default=224, help="side of the images made (default: 224)")
+    parser.add_argument("--data-workers", type=int, default=None, help="decode processes (default: CPUs but one)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per batch (default: 64)")
+    parser.add_argument("--batches", type=int, default=20, help="batches timed after 2 warm-up ones (default: 20)")
+    parser.add_argument("--model", default=None, help="also train this model on each batch and time the data waits")
+    parser.add_argument("--seed", type=int, default=0, help="the stream's seed (default: 0)")
+    parser.add_argument("--skip-bad-files", action="store_true", help="leave out files that fail to decode")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.set_defaults(run=_data_bench)
+
+
 def add_bench_and_gradcheck(commands, model_names: list[str]) -> None:
-    """Add the ``bench`` and ``gradcheck`` subcommands (``gradcheck --model`` takes one of ``model_names``)."""
+    """Add the ``bench``, ``data-bench`` and ``gradcheck`` subcommands (``gradcheck --model`` takes one of
+    ``model_names``)."""
     _add_bench(commands)
+    _add_data_bench(commands)
     _add_gradcheck(commands, model_names)

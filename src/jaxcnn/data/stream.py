@@ -161,6 +161,20 @@ def _quiet_absl() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
+def _quiet_resource_tracker() -> None:
+    # Grain's workers hand batches over in shared memory that the main process unlinks; Python's resource
+    # tracker (started here, before the workers) still counts those blocks and warns at exit of "leaked
+    # shared_memory objects" that are gone (/dev/shm is empty). The tracker takes its warning filters from
+    # sys.warnoptions when it starts: this one silences that message alone.
+    import sys
+    from multiprocessing import resource_tracker
+
+    option = "ignore:resource_tracker:UserWarning"
+    if option not in sys.warnoptions:
+        sys.warnoptions.append(option)
+    resource_tracker.ensure_running()
+
+
 class Batches:
     """An iterator of host batches ``{"image": (b, S, S, 3) uint8, "label": (b,) int32, "bad": (b,) int32,
     "bad_count": (b,) int32}`` (``b`` this process's share of the batch), read by Grain.
@@ -193,6 +207,7 @@ class Batches:
         examples = _Examples(index, spec, self.steps, epochs, train)
         dataset = grain.MapDataset.source(examples).batch(spec.local_batch, drop_remainder=True).to_iter_dataset()
         if workers > 0:
+            _quiet_resource_tracker()
             options = grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2)
             dataset = dataset.mp_prefetch(options)
         self._iterator = iter(dataset)
