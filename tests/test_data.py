@@ -22,7 +22,17 @@ from data_files import (
     write_npz,
 )
 from jaxcnn import data
-from jaxcnn.data import DATASETS, DataError, Dataset, batches, epoch_order, load, num_batches, standardize
+from jaxcnn.data import (
+    DATASETS,
+    DataError,
+    Dataset,
+    batches,
+    epoch_order,
+    load,
+    num_batches,
+    standardize,
+    standardize_with,
+)
 
 # ---------------------------------------------------------------------------------------------- IDX
 
@@ -533,6 +543,12 @@ def test_datasets_constant():
     assert DATASETS == ("digits", "mnist", "fashion_mnist", "cifar10", "npz", "synthetic")
     assert sorted(data.__all__) == sorted(
         [
+            "BadFilesError",
+            "Batches",
+            "FolderIndex",
+            "ImageFolder",
+            "StreamSpec",
+            "image_folder",
             "DATASETS",
             "DataError",
             "Dataset",
@@ -698,3 +714,16 @@ def test_bad_batching_raises_eagerly(call, message):
     with pytest.raises(DataError) as info:
         call()  # raised at the call, before any iteration
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_8_bit_sets_can_stay_uint8_with_their_statistics_recorded(tmp_path):
+    path = write_npz(tmp_path / "bytes.npz")
+    floats = load("npz", data_path=path)
+    raw = load("npz", data_path=path, uint8=True)
+    assert raw.x_train.dtype == np.uint8 and raw.raw_scale == 255.0
+    assert raw.mean == pytest.approx(floats.mean, rel=1e-6) and raw.std == pytest.approx(floats.std, rel=1e-6)
+    standardized = standardize_with(raw.x_train / np.float32(255), np.asarray(raw.mean), np.asarray(raw.std))
+    np.testing.assert_allclose(standardized, floats.x_train, atol=1e-5)
+    plain = load("npz", data_path=path, uint8=True, normalize=False)
+    assert plain.mean is None and np.array_equal(plain.x_test, raw.x_test)
+    assert load("digits", uint8=True).x_train.dtype == np.float32  # 0..16: not 8-bit pixels

@@ -204,11 +204,19 @@ def test_ignored_fields_follow_make_optimizer_and_make_schedule():
         "data_dir": "dataset",
         "schedule_epochs": "schedule",
         "warmup_epochs": "schedule",
+        **dict.fromkeys(("image_size", "data_workers", "skip_bad_files"), "dataset"),  # image folders only
     }
     assert "momentum" in ignored_fields(Config(optimizer="adam")) and "data_path" not in ignored_fields(
         Config(dataset="npz", data_path="x.npz")
     )
-    assert set(ignored_fields(Config(schedule="warmup_cosine"))) == {"data_path", "data_dir", "decay_rate"}
+    assert set(ignored_fields(Config(schedule="warmup_cosine"))) - {"image_size", "data_workers", "skip_bad_files"} == {
+        "data_path",
+        "data_dir",
+        "decay_rate",
+    }
+    assert not {"image_size", "data_workers", "skip_bad_files", "data_dir"} & set(
+        ignored_fields(Config(dataset="folder", data_dir="images"))
+    )
 
 
 # -- in a real process ---------------------------------------------------------------------------------------

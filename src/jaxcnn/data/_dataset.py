@@ -153,7 +153,7 @@ def _validate(
     Args:
         name: The data set's name, stored in the result.
         source: What the data came from (a data set name, a file or directory), prefixed to error messages.
-        x_train: Training images ``(N, H, W, C)``, floating point (cast to float32 here).
+        x_train: Training images ``(N, H, W, C)``, floating point (cast to float32 here) or uint8 (kept).
         y_train: Training labels ``(N,)``, any integer dtype (range-checked before the cast to int32).
         x_test: Test images ``(M, H, W, C)``, floating point.
         y_test: Test labels ``(M,)``, any integer dtype.
@@ -171,8 +171,11 @@ def _validate(
     for split, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
         x, y = np.asarray(x), np.asarray(y)
         _check_split(source, split, x, y)
-        with np.errstate(over="ignore", invalid="ignore"):
-            x = np.ascontiguousarray(x, dtype=np.float32)
+        if x.dtype == np.uint8:  # 8-bit pixels kept as they are (load(..., uint8=True))
+            x = np.ascontiguousarray(x)
+        else:
+            with np.errstate(over="ignore", invalid="ignore"):
+                x = np.ascontiguousarray(x, dtype=np.float32)
         splits[split] = x, y
     if isinstance(num_classes, bool) or not isinstance(num_classes, int | np.integer) or num_classes < 1:
         raise DataError(f"{source}: num_classes must be a positive integer, got {num_classes!r}")
@@ -190,6 +193,15 @@ def _validate(
         x_test=x_test,
         y_test=np.ascontiguousarray(y_test, dtype=np.int32),
         num_classes=int(num_classes),
+    )
+
+
+def with_stats(dataset: Dataset) -> Dataset:
+    """A uint8 data set with the per-channel ``mean`` and ``std`` (in ``[0, 1]`` units, of the training images
+    divided by 255) recorded but not applied: the consumer standardises, e.g. a train step on the device."""
+    mean, std = channel_stats(dataset.x_train)
+    return dataclasses.replace(
+        dataset, mean=tuple(float(v) for v in mean / 255), std=tuple(float(v) for v in std / 255)
     )
 
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from jaxcnn._memory import device_bytes, too_large
 from jaxcnn.data import _formats
-from jaxcnn.data._dataset import DataError, Dataset, _validate, standardize
+from jaxcnn.data._dataset import DataError, Dataset, _validate, standardize, with_stats
 
 DATASETS: tuple[str, ...] = ("digits", "mnist", "fashion_mnist", "cifar10", "npz", "synthetic")
 
@@ -40,6 +40,7 @@ def load(
     shape: tuple[int, int, int] = (28, 28, 1),
     num_classes: int = 10,
     sizes: tuple[int, int] = (1024, 256),
+    uint8: bool = False,
 ) -> Dataset:
     """Loads a data set by name, from local files or from data shipped with scikit-learn; never the network.
 
@@ -71,6 +72,11 @@ def load(
         shape: Image shape ``(H, W, C)`` of the ``synthetic`` set.
         num_classes: Number of classes of the ``synthetic`` set (at least 2).
         sizes: ``(n_train, n_test)`` of the ``synthetic`` set.
+        uint8: keep 8-bit images (MNIST, Fashion-MNIST, CIFAR-10, uint8 npz) as uint8 ``0..255``, a quarter of
+            the memory: nothing is divided or standardized on the host, ``raw_scale`` is 255 and, with
+            ``normalize``, ``mean`` and ``std`` hold the statistics (in ``[0, 1]`` units) for the consumer to
+            apply: ``(x / 255 - mean) / std`` (what :class:`jaxcnn.train.step.InputScaling` does in a train
+            step). Other images come out as without it.
 
     Returns:
         The :class:`Dataset`.
@@ -83,13 +89,15 @@ def load(
     if name == "digits":
         dataset = _load_digits()
     elif name in ("mnist", "fashion_mnist"):
-        dataset = _load_idx(name, data_dir)
+        dataset = _load_idx(name, data_dir, uint8)
     elif name == "cifar10":
-        dataset = _load_cifar10(data_dir)
+        dataset = _load_cifar10(data_dir, uint8)
     elif name == "npz":
-        dataset = _load_npz(data_path)
+        dataset = _load_npz(data_path, uint8)
     else:
         dataset = _load_synthetic(seed, shape, num_classes, sizes)
+    if dataset.x_train.dtype == np.uint8:
+        return with_stats(dataset) if normalize else dataset
     return standardize(dataset) if normalize else dataset
 
 
@@ -138,7 +146,7 @@ def _load_digits() -> Dataset:
     return dataclasses.replace(dataset, raw_scale=16.0)
 
 
-def _load_idx(name: str, data_dir: str | os.PathLike | None) -> Dataset:
+def _load_idx(name: str, data_dir: str | os.PathLike | None, uint8: bool = False) -> Dataset:
     needs = "the four IDX files (raw or .gz): " + ", ".join(f for pair in _IDX_FILES.values() for f in pair)
     directory = _formats.check_directory(name, data_dir, needs)
     splits = {}
@@ -151,36 +159,37 @@ def _load_idx(name: str, data_dir: str | os.PathLike | None) -> Dataset:
             raise DataError(
                 f"{name}: '{images_path}' holds {len(images)} images but '{labels_path}' holds {len(labels)} labels"
             )
-        splits[split] = images[..., None].astype(np.float32) / 255, labels
+        splits[split] = (images[..., None] if uint8 else images[..., None].astype(np.float32) / 255), labels
     (x_train, y_train), (x_test, y_test) = splits["train"], splits["test"]
     return dataclasses.replace(
         _validate(name, f"{name} in '{directory}'", x_train, y_train, x_test, y_test, 10), raw_scale=255.0
     )
 
 
-def _load_cifar10(data_dir: str | os.PathLike | None) -> Dataset:
+def _load_cifar10(data_dir: str | os.PathLike | None, uint8: bool = False) -> Dataset:
     directory = _formats.check_directory(
         "cifar10", data_dir, f"data_batch_K.bin and test_batch.bin (or a {_formats.CIFAR_SUBDIR} subdirectory)"
     )
     directory = _formats.find_cifar_dir(directory)
     parts = [_formats.read_cifar_batch(path) for path in _formats.cifar_train_files(directory)]
-    x_train = np.concatenate([images for images, _ in parts]).astype(np.float32) / 255
+    x_train = np.concatenate([images for images, _ in parts])
     y_train = np.concatenate([labels for _, labels in parts])
     x_test, y_test = _formats.read_cifar_batch(directory / "test_batch.bin")
-    dataset = _validate(
-        "cifar10", f"cifar10 in '{directory}'", x_train, y_train, x_test.astype(np.float32) / 255, y_test, 10
-    )
+    if not uint8:
+        x_train, x_test = x_train.astype(np.float32) / 255, x_test.astype(np.float32) / 255
+    dataset = _validate("cifar10", f"cifar10 in '{directory}'", x_train, y_train, x_test, y_test, 10)
     return dataclasses.replace(dataset, raw_scale=255.0)
 
 
-def _npz_images(path: Path, key: str, x: np.ndarray) -> np.ndarray:
-    """``(N, H, W)`` or ``(N, H, W, C)`` uint8 or floating images as float32 ``(N, H, W, C)``."""
+def _npz_images(path: Path, key: str, x: np.ndarray, uint8: bool = False) -> np.ndarray:
+    """``(N, H, W)`` or ``(N, H, W, C)`` uint8 or floating images as float32 ``(N, H, W, C)`` (uint8 kept with
+    ``uint8``)."""
     if x.ndim == 3:
         x = x[..., None]
     elif x.ndim != 4:
         raise DataError(f"'{path}': {key} has shape {x.shape}; expected (N, H, W) or (N, H, W, C)")
     if x.dtype == np.uint8:
-        return x.astype(np.float32) / 255
+        return x if uint8 else x.astype(np.float32) / 255
     if np.issubdtype(x.dtype, np.floating):
         with np.errstate(over="ignore"):  # a float64 beyond float32's range becomes Inf, reported by _validate
             return x.astype(np.float32)
@@ -222,12 +231,14 @@ def _npz_num_classes(path: Path, value: np.ndarray) -> int:
     return int(value.flat[0])
 
 
-def _load_npz(data_path: str | os.PathLike | None) -> Dataset:
+def _load_npz(data_path: str | os.PathLike | None, uint8: bool = False) -> Dataset:
     if data_path is None:
         raise DataError("npz needs data_path: an .npz file with arrays x_train, y_train, x_test, y_test")
     path = Path(data_path)
     arrays = _formats.read_npz(path, _NPZ_ARRAYS, optional=("num_classes",))
-    x_train, x_test = (_npz_images(path, key, arrays[key]) for key in ("x_train", "x_test"))
+    if arrays["x_train"].dtype != arrays["x_test"].dtype:
+        uint8 = False  # one split of bytes and one of floats: both as float32
+    x_train, x_test = (_npz_images(path, key, arrays[key], uint8) for key in ("x_train", "x_test"))
     y_train, y_test = (_npz_labels(path, key, arrays[key]) for key in ("y_train", "y_test"))
     if "num_classes" in arrays:
         num_classes = _npz_num_classes(path, arrays["num_classes"])

@@ -21,7 +21,7 @@ from jaxcnn.functional import softmax_cross_entropy
 from jaxcnn.nn.layer import Layer, Params, Shape, State
 from jaxcnn.train.evaluate import check_class_labels, sum_metrics
 from jaxcnn.train.state import TrainState, create_train_state
-from jaxcnn.train.step import LossFn, Metrics, StepOptions, train_step_function
+from jaxcnn.train.step import InputScaling, LossFn, Metrics, StepOptions, train_step_function
 
 __all__ = [
     "create_ensemble_state",
@@ -127,9 +127,11 @@ def ensemble_predictions(model: Layer, params: Params, state: State, x: jax.Arra
     return probs, jnp.mean(probs, axis=0)
 
 
-def make_ensemble_eval_step(model: Layer, *, loss_fn: LossFn = softmax_cross_entropy) -> Callable[..., Metrics]:
+def make_ensemble_eval_step(
+    model: Layer, *, loss_fn: LossFn = softmax_cross_entropy, input_scaling: InputScaling | None = None
+) -> Callable[..., Metrics]:
     """A jit-compiled ``eval_step(params, state, x, y) -> sums`` for an ensemble (leading member axis) and a
-    shared batch, in inference mode.
+    shared batch, in inference mode (``input_scaling`` turns uint8 batches into the model's input).
 
     ``sums``: ``"member_loss_sum"`` and ``"member_correct"`` (each ``(K,)``: every member on its own),
     ``"loss_sum"`` (the ensemble's negative log-likelihood of the mean probabilities, summed), ``"correct"``
@@ -137,6 +139,8 @@ def make_ensemble_eval_step(model: Layer, *, loss_fn: LossFn = softmax_cross_ent
     """
 
     def eval_step(params: Params, state: State, x: jax.Array, y: jax.Array) -> Metrics:
+        if input_scaling is not None:
+            x = input_scaling(x)
         logits = jax.vmap(lambda p, s: model.apply(p, s, x, train=False)[0])(params, state)
         count = x.shape[0]
         member_loss = jax.vmap(lambda out: loss_fn(out, y))(logits) * count

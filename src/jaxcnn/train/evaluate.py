@@ -139,5 +139,6 @@ def check_class_labels(model: Layer, params: Params, model_state: State, x: np.n
     C found from the shape of the output for ``x[:1]`` (traced abstractly, nothing runs)."""
     from jaxcnn.data import check_labels
 
-    logits = jax.eval_shape(lambda p, s, xb: model.apply(p, s, xb, train=False)[0], params, model_state, x[:1])
+    probe = x[:1].astype(np.float32) if np.issubdtype(x.dtype, np.integer) else x[:1]  # uint8 pixels: scaled in a step
+    logits = jax.eval_shape(lambda p, s, xb: model.apply(p, s, xb, train=False)[0], params, model_state, probe)
     check_labels(y, int(logits.shape[-1]))

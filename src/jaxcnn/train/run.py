@@ -48,6 +48,7 @@ def load_data(config: Config, log: Callable[[str], None] | None = None) -> Any:
         data_path=config.data_path,
         normalize=config.normalize,
         seed=config.seed,
+        uint8=True,  # 8-bit sources stay uint8 on the host; the steps scale and standardise them on the device
     )
 
 
@@ -158,18 +159,31 @@ class Run:
         if self._fingerprint is None and self.streamed:
             self._fingerprint = self.data.digest()
         if self._fingerprint is None:
-            digest = hashlib.sha256()
-            for array in (self.data.x_train, self.data.y_train, self.data.x_test, self.data.y_test):
-                array = np.ascontiguousarray(array)
-                digest.update(f"{array.dtype.str}{array.shape}".encode())
-                digest.update(memoryview(array).cast("B"))
-            self._fingerprint = digest.hexdigest()
+            self._fingerprint = _digest_arrays(self.data.x_train, self.data.y_train, self.data.x_test, self.data.y_test)
         return self._fingerprint
+
+    def matches_data(self, digest: str) -> bool:
+        """Whether a checkpoint's ``data_sha256`` is this run's data: its :attr:`fingerprint`, or for an 8-bit
+        set now held as uint8, the fingerprint jaxcnn 0.1 took of the same set divided and standardised on the
+        host (loaded again only to check a checkpoint written that way)."""
+        if digest == self.fingerprint:
+            return True
+        if self.streamed or self.data.x_train.dtype != np.uint8 or self.config.dataset == "folder":
+            return False
+        legacy = data_lib.load(
+            self.config.dataset,
+            data_dir=self.config.data_dir,
+            data_path=self.config.data_path,
+            normalize=self.config.normalize,
+            seed=self.config.seed,
+        )
+        return digest == _digest_arrays(legacy.x_train, legacy.y_train, legacy.x_test, legacy.y_test)
 
     @functools.cached_property
     def input_scaling(self) -> InputScaling | None:
-        """How the steps turn the host's uint8 batches into the model's input (streamed data), or None."""
-        if not self.streamed:
+        """How the steps turn the host's uint8 batches into the model's input (an image folder, or an 8-bit data
+        set held as uint8), or None for floating-point images."""
+        if not self.streamed and self.data.x_train.dtype != np.uint8:
             return None
         return InputScaling(self.data.raw_scale, self.data.mean, self.data.std)
 
@@ -196,6 +210,15 @@ class Run:
             "config": self.config.to_dict(),
             "preprocess": Preprocess.of_dataset(self.data).to_dict(),  # what predict and eval do to new images
         }
+
+
+def _digest_arrays(*arrays: np.ndarray) -> str:
+    digest = hashlib.sha256()
+    for array in arrays:
+        array = np.ascontiguousarray(array)
+        digest.update(f"{array.dtype.str}{array.shape}".encode())
+        digest.update(memoryview(array).cast("B"))
+    return digest.hexdigest()
 
 
 def initial_state(config: Config, model: Layer, optimizer: Any, input_shape: tuple[int, ...]) -> TrainState:
@@ -294,14 +317,13 @@ def _make_steps(run: Run, mesh: Any) -> tuple[Callable, Callable]:
     if run.config.ensemble > 1:
         from jaxcnn.train.ensemble import make_ensemble_eval_step, make_ensemble_train_step
 
-        return make_ensemble_train_step(run.model, options), make_ensemble_eval_step(run.model)
+        evaluation = make_ensemble_eval_step(run.model, input_scaling=run.input_scaling)
+        return make_ensemble_train_step(run.model, options), evaluation
     if mesh is not None:
         from jaxcnn.train.data_parallel import make_data_parallel_eval_step, make_data_parallel_train_step
 
         evaluation = make_data_parallel_eval_step(run.model, mesh, input_scaling=run.input_scaling, masked=run.streamed)
         return make_data_parallel_train_step(run.model, mesh, options), evaluation
-    if run.streamed:
-        return make_train_step(run.model, options), make_eval_step(
-            run.model, input_scaling=run.input_scaling, masked=True
-        )
-    return make_train_step(run.model, options), make_eval_step(run.model)
+    return make_train_step(run.model, options), make_eval_step(
+        run.model, input_scaling=run.input_scaling, masked=run.streamed
+    )

@@ -202,7 +202,7 @@ def check_meta(meta: dict[str, Any], run: Run, checkpointer: Checkpointer) -> No
             f"checkpoint {where} was trained on images {tuple(meta.get('input_shape', ()))} with "
             f"{meta.get('num_classes')} classes, but the data now has {run.input_shape} and {run.data.num_classes}"
         )
-    if meta.get("data_sha256", run.fingerprint) != run.fingerprint:
+    if "data_sha256" in meta and not run.matches_data(meta["data_sha256"]):
         raise ValueError(
             f"the {run.config.dataset} data differ from those checkpoint {where} was trained on (other files, or "
             "normalisation switched); resume with the same data, or use a new workdir"
