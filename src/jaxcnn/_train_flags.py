@@ -38,7 +38,7 @@ def resolve(
     if "data_path" in given and "dataset" not in given and saved is None:
         given["dataset"] = FILE_DATASETS[0]
         say("jaxcnn train: note: --data-path implies --dataset npz")
-    layer = _preset_layer(preset, given, saved, say)  # the preset's values not given as flags; {} without one
+    layer = _preset_layer(preset, given, saved, say)  # the preset's values ({} without one), under the flags
     dataset = given.get("dataset", layer.get("dataset", base.dataset))
     where = "" if "dataset" in given else f" (preset {preset})" if "dataset" in layer else " (the default)"
     where = " (the run in this workdir)" if saved is not None and "dataset" not in given else where
@@ -46,7 +46,7 @@ def resolve(
         if field in given and dataset not in datasets:
             names = ", ".join(datasets[:-1]) + " or " + datasets[-1] if len(datasets) > 1 else datasets[0]
             raise ValueError(f"{flag_of(field)} is for --dataset {names}, not --dataset {dataset}{where}")
-    config = base.replace(**layer, **given)
+    config = base.replace(**{**layer, **given})
     ignored = ignored_fields(config)
     dropped = [field for field in given if field in ignored]  # typed flags only: a preset's values stay
     for field in dropped:
@@ -56,15 +56,15 @@ def resolve(
             "(ignored, not saved)"
         )
     if dropped:
-        config = base.replace(**layer, **{field: value for field, value in given.items() if field not in dropped})
+        config = base.replace(**{**layer, **{field: value for field, value in given.items() if field not in dropped}})
     return config
 
 
 def _preset_layer(
     name: str | None, given: Mapping[str, Any], saved: Config | None, say: Callable[[str], None]
 ) -> dict[str, Any]:
-    """The fields the preset ``name`` sets that ``given`` does not ({} for no preset); ValueError for an unknown
-    name or a workdir that holds a run."""
+    """The fields the preset ``name`` sets, its learning rate scaled to the batch size ``given`` ({} for no
+    preset); ValueError for an unknown name or a workdir that holds a run."""
     if name is None:
         return {}
     from jaxcnn.train import presets
@@ -84,4 +84,4 @@ def _preset_layer(
             f"jaxcnn train: note: --preset {name} scales the learning rate with the batch size: --learning-rate "
             f"{fields['learning_rate']:g} ({base_rate:g} x {given['batch_size']}/{reference})"
         )
-    return {field: value for field, value in fields.items() if field not in given}
+    return {field: fields[field] if field == "learning_rate" else value for field, value in preset.values.items()}
