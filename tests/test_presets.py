@@ -16,7 +16,6 @@ import jaxcnn as jc
 import jaxcnn.functional as F
 from conftest import DTYPES, assert_trees_close, normal, relative_error
 from jaxcnn import _train_flags, backprop, cli, gradcheck, train
-from jaxcnn.train import presets
 from jaxcnn.train.config import Config, ConfigError, decayed_leaves, ignored_fields, make_loss, make_optimizer
 from jaxcnn.train.run import step_options
 
@@ -53,7 +52,7 @@ def test_the_preset_is_the_recipe():
     config, notes = resolve({"data_dir": ROOT})
     assert {name: getattr(config, name) for name in RECIPE} == RECIPE and config.data_dir == ROOT
     assert notes == []  # nothing inferred, nothing dropped
-    assert presets.PRESETS[PRESET].config(data_dir=ROOT) == config  # the same in Python
+    assert jc.train.presets.PRESETS[PRESET].config(data_dir=ROOT) == config  # the same in Python
     untouched = set(Config.__dataclass_fields__) - set(RECIPE) - {"data_dir"}
     assert all(getattr(config, name) == getattr(Config(), name) for name in untouched)
 
