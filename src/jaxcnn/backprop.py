@@ -22,6 +22,7 @@ per-example gradients, DP-SGD and the gradient checker all call it. The modes, o
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -50,12 +51,17 @@ def loss_vjp_of(loss_fn: LossFn, loss_vjp: LossVJP | None = None) -> LossVJP:
     """The hand-derived VJP ``loss_vjp(predictions, targets, dloss) -> dpredictions`` of ``loss_fn``.
 
     Uses ``loss_vjp`` when given, else the rule registered for ``loss_fn`` in :mod:`jaxcnn.functional`
-    (``softmax_cross_entropy``, ``mean_squared_error``, or any op registered with ``F.register``).
+    (``softmax_cross_entropy``, ``mean_squared_error``, or any op registered with ``F.register``), also when
+    ``loss_fn`` binds options of such an op by keyword: ``functools.partial(F.softmax_cross_entropy,
+    label_smoothing=0.1)``.
     """
     if loss_vjp is not None:
         return loss_vjp
+    options: dict[str, Any] = {}
+    if isinstance(loss_fn, functools.partial) and not loss_fn.args:
+        loss_fn, options = loss_fn.func, dict(loss_fn.keywords)
     rule = hand_rule(loss_fn)
-    return lambda predictions, targets, dloss: rule.vjp((predictions, targets), dloss)[0]
+    return lambda predictions, targets, dloss: rule.vjp((predictions, targets), dloss, **options)[0]
 
 
 def manual_loss(loss_fn: LossFn, loss_vjp: LossVJP | None = None) -> LossFn:

@@ -37,6 +37,7 @@ _TRAIN_FLAGS: dict[str, tuple[type, str]] = {
     "learning_rate": (float, "peak learning rate"),
     "momentum": (float, "momentum of momentum, nesterov and rmsprop"),
     "weight_decay": (float, "weight decay (decoupled for adamw, L2 otherwise)"),
+    "label_smoothing": (float, "smooth the one-hot targets: (1 - E) onehot + E / classes, E in [0, 1)"),
     "schedule": (str, "learning-rate schedule"),
     "warmup_epochs": (int, "warm-up epochs of warmup_cosine"),
     "schedule_epochs": (int, "horizon of the cosine schedules in epochs"),
@@ -66,6 +67,7 @@ _SWITCHES = {
     "augment_flip": "mirror training images left-right with probability 1/2",
     "log_grad_norms": "record each layer's gradient norm and update/weight ratio per epoch in metrics.jsonl",
     "skip_bad_files": "leave out image files that fail the header check or do not decode (counted in the log)",
+    "decay_norms_and_biases": "weight decay on every parameter (--no-...: on kernels only, not on biases and norms)",
 }
 
 _DEFAULT_TEXT = {
@@ -115,7 +117,8 @@ def _train_run(args: argparse.Namespace) -> int:
     workdir = Path(args.workdir) if args.workdir else _default_workdir()
     saved = train.read_config(workdir) if (workdir / train.loop.CONFIG_FILE).exists() else None
     note = (lambda line: print(line, file=sys.stderr, flush=True)) if primary else (lambda line: None)
-    config = _train_flags.resolve(_overrides(args), saved, note)  # inferred, refused or dropped with a warning
+    # inferred, refused or dropped with a warning; a preset's values go under the flags given
+    config = _train_flags.resolve(_overrides(args), saved, note, preset=args.preset)
     if distributed and not args.workdir:
         raise ValueError("a multi-process run needs --workdir (the same directory for every process)")
     placement = ""
@@ -217,9 +220,23 @@ def _add_train(commands) -> None:
         )
     parser.add_argument("--workdir", default=None, help="run directory (default: a new runs/<timestamp>)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_preset_flag(parser)
     _add_data_parallel_flags(parser)
     parser.set_defaults(run=_train)
     assert {f.name for f in dataclasses.fields(config.Config)} == set(_TRAIN_FLAGS) | set(_SWITCHES)
+
+
+def _add_preset_flag(parser: argparse.ArgumentParser) -> None:
+    from jaxcnn.train.presets import PRESETS
+
+    listed = "; ".join(f"{name}: {preset.summary}" for name, preset in PRESETS.items())
+    parser.add_argument(
+        "--preset",
+        default=None,
+        metavar="NAME",
+        help="start a run from a named recipe; every flag given overrides its value, and with --batch-size but no "
+        f"--learning-rate the rate follows the recipe's scaling rule; new runs only. Presets: {listed}",
+    )
 
 
 def _add_data_parallel_flags(parser: argparse.ArgumentParser) -> None:

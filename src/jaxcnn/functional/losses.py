@@ -35,39 +35,59 @@ def log_softmax(logits: jax.Array) -> jax.Array:
     return shifted - jnp.log(jnp.sum(jnp.exp(shifted), axis=-1, keepdims=True))
 
 
-def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Mean cross-entropy between ``softmax(logits)`` and integer labels.
+def _check_smoothing(op: str, label_smoothing: float) -> float:
+    good = isinstance(label_smoothing, (int, float)) and not isinstance(label_smoothing, bool)
+    if not good or not 0 <= label_smoothing < 1:
+        raise ValueError(f"{op}: `label_smoothing` must be a number in [0, 1), got {label_smoothing!r}")
+    return float(label_smoothing)
+
+
+def softmax_cross_entropy(logits: jax.Array, labels: jax.Array, *, label_smoothing: float = 0.0) -> jax.Array:
+    """Mean cross-entropy between ``softmax(logits)`` and integer labels, optionally smoothed.
 
     Args:
       logits: ``(N, classes)``.
       labels: integer class indices ``(N,)``, each in ``[0, classes)`` (checked when the labels are concrete;
         inside ``jit`` an out-of-range label gives an undefined loss).
+      label_smoothing: ``e`` in [0, 1), a Python number: the target of example ``n`` is
+        ``(1 - e) onehot(labels_n) + e / classes`` instead of the one-hot vector (Szegedy et al. 2016); 0 is plain
+        cross-entropy.
 
     Returns:
-      A scalar: ``-mean_n log softmax(logits_n)[labels_n]``.
+      A scalar: ``-mean_n sum_k target_{n,k} log softmax(logits_n)_k``, which for ``e = 0`` is
+      ``-mean_n log softmax(logits_n)[labels_n]``.
     """
     _check_labels("softmax_cross_entropy", logits, labels)
-    picked = jnp.take_along_axis(log_softmax(logits), labels[:, None], axis=1)
-    return -jnp.mean(picked)
+    e = _check_smoothing("softmax_cross_entropy", label_smoothing)
+    log_probs = log_softmax(logits)
+    picked = jnp.take_along_axis(log_probs, labels[:, None], axis=1)
+    if e == 0:
+        return -jnp.mean(picked)
+    # sum_k target_k log p_k = (1 - e) log p_y + (e / K) sum_k log p_k
+    uniform = jnp.mean(log_probs, axis=1, keepdims=True)
+    return -jnp.mean((1 - e) * picked + e * uniform)
 
 
 def softmax_cross_entropy_vjp(
-    logits: jax.Array, labels: jax.Array, dy: jax.Array | float = 1.0
+    logits: jax.Array, labels: jax.Array, dy: jax.Array | float = 1.0, *, label_smoothing: float = 0.0
 ) -> tuple[jax.Array, None]:
     """Hand-derived VJP of :func:`softmax_cross_entropy`: ``(dlogits, None)``.
 
     Args:
-      logits, labels: as in the forward; dy: the cotangent of the (scalar) loss, 1 by default.
+      logits, labels, label_smoothing: as in the forward; dy: the cotangent of the (scalar) loss, 1 by default.
 
     Returns:
       ``dlogits`` ``(N, classes)`` and None for the integer ``labels`` (not differentiable).
     """
     _check_labels("softmax_cross_entropy_vjp", logits, labels)
-    # loss = -(1/N) sum_n (z_{n,y_n} - logsumexp(z_n)), and d logsumexp(z)/dz = softmax(z), so
-    # dloss/dz_n = (softmax(z_n) - onehot(y_n)) / N.
+    e = _check_smoothing("softmax_cross_entropy_vjp", label_smoothing)
+    # loss = -(1/N) sum_n sum_k t_{n,k} (z_{n,k} - logsumexp(z_n)) with targets t summing to 1 per example, and
+    # d logsumexp(z)/dz = softmax(z), so dloss/dz_n = (softmax(z_n) - t_n) / N; t_n = (1 - e) onehot(y_n) + e / K.
     probs = jnp.exp(log_softmax(logits))
-    onehot = (labels[:, None] == jnp.arange(logits.shape[1])[None, :]).astype(logits.dtype)
-    return (probs - onehot) * (jnp.asarray(dy, logits.dtype) / logits.shape[0]), None
+    targets = (labels[:, None] == jnp.arange(logits.shape[1])[None, :]).astype(logits.dtype)
+    if e != 0:
+        targets = (1 - e) * targets + e / logits.shape[1]
+    return (probs - targets) * (jnp.asarray(dy, logits.dtype) / logits.shape[0]), None
 
 
 def _check_same_shape(op: str, predictions: jax.Array, targets: jax.Array) -> None:

@@ -3,10 +3,11 @@
 ``fit(config, workdir)`` is the whole loop and resumes a workdir that holds a checkpoint; ``restore(workdir)``
 reads a checkpoint back (the best of an early-stopped run, else the latest); ``load_model(workdir)`` gives a
 trained model and the preprocessing of its inputs; ``make_train_step`` gives the compiled step for loops of
-your own.
+your own. ``presets.PRESETS`` holds the named recipes of ``jaxcnn train --preset`` (``"imagenet-resnet50"``).
 """
 
 from jaxcnn._signals import Interrupted, stop_on_signals
+from jaxcnn.train import presets  # jaxcnn.train.presets.PRESETS: the named recipes of jaxcnn train --preset
 from jaxcnn.train.checkpoint import Checkpointer, CheckpointError
 from jaxcnn.train.config import GRADIENTS, OPTIMIZERS, SCHEDULES, Config, make_optimizer, make_schedule
 from jaxcnn.train.evaluate import evaluate, make_eval_step
@@ -41,6 +42,7 @@ __all__ = [
     "make_optimizer",
     "make_schedule",
     "make_train_step",
+    "presets",
     "read_config",
     "read_metrics",
     "restore",

@@ -1,7 +1,8 @@
 """The run configuration: one frozen dataclass, validated on creation, saved as ``config.json`` in a workdir.
 
 Every field has a ``jaxcnn train`` flag of the same name (``learning_rate`` is ``--learning-rate``).
-:func:`make_optimizer` turns a config into an optax transform and its learning-rate schedule.
+:func:`make_optimizer` turns a config into an optax transform and its learning-rate schedule, :func:`make_loss`
+into its loss (both in :mod:`jaxcnn.train.optimizer`).
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
-import optax
 
 from jaxcnn._validate import is_int
 from jaxcnn.backprop import GRADIENTS
+
+# the optimizer, schedule and loss a config makes, importable from here as before they moved
+from jaxcnn.train.optimizer import decayed_leaves, make_loss, make_optimizer, make_schedule  # noqa: F401
 
 OPTIMIZERS = ("adam", "adamw", "momentum", "nesterov", "rmsprop", "sgd")
 SCHEDULES = ("constant", "cosine", "exponential", "warmup_cosine")
@@ -103,6 +105,9 @@ class Config:
         cosine run in stages (``epochs=3``, then 6, with ``schedule_epochs=6``) bit for bit like one of 6 epochs.
       decay_rate: the per-epoch factor of ``"exponential"``, in (0, 1].
       weight_decay: L2 weight decay; decoupled (AdamW-style) for ``"adamw"``, added to the gradient otherwise.
+      decay_norms_and_biases: apply ``weight_decay`` to every parameter; False leaves out the parameters of
+        fewer than 2 dimensions (biases and the scales and offsets of BatchNorm, GroupNorm and LayerNorm) and
+        decays only kernels (see :func:`decayed_leaves`).
       batch_size: examples per step (>= 1); the last batch of an epoch holds the remainder.
       epochs: passes over the training set (>= 1).
       seed: seeds initialisation, data order and every random draw (an int in [0, 2**32)).
@@ -117,6 +122,9 @@ class Config:
         of the members' probabilities.
       dropout: insert dropout of this rate before the model's last layer (its classifier), in [0, 1); 0 adds
         none. The parameters keep their names, so a checkpoint does not depend on it.
+      label_smoothing: train on the targets ``(1 - e) onehot + e / classes`` with ``e`` this, in [0, 1) (the
+        softmax cross-entropy's ``label_smoothing``, which has a hand-derived VJP); the test loss is the same
+        smoothed loss; 0 is plain cross-entropy.
       augment_translate: shift each training image by up to this many pixels (pad with zeros and crop at a
         random offset), on the device inside the train step; 0 is off.
       augment_flip: mirror training images left-right with probability 1/2.
@@ -155,6 +163,7 @@ class Config:
     schedule_epochs: int | None = None
     decay_rate: float = 0.9
     weight_decay: float = 5e-4
+    decay_norms_and_biases: bool = True
     batch_size: int = 32
     epochs: int = 40
     seed: int = 0
@@ -163,6 +172,7 @@ class Config:
     remat: bool = False
     ensemble: int = 1
     dropout: float = 0.0
+    label_smoothing: float = 0.0
     augment_translate: int = 0
     augment_flip: bool = False
     augment_noise: float = 0.0
@@ -220,6 +230,7 @@ class Config:
         if self.schedule_epochs is not None:
             _integer("schedule_epochs", self.schedule_epochs, 1)
         _number("dropout", self.dropout, "a number in [0, 1)", lambda v: 0 <= v < 1)
+        _number("label_smoothing", self.label_smoothing, "a number in [0, 1)", lambda v: 0 <= v < 1)
         _integer("augment_translate", self.augment_translate, 0)
         _number("augment_noise", self.augment_noise, "a finite number >= 0", lambda v: v >= 0)
         _number("augment_rotate", self.augment_rotate, "a number of degrees in [0, 180)", lambda v: 0 <= v < 180)
@@ -238,7 +249,8 @@ class Config:
             raise ConfigError(
                 f"ensemble {self.ensemble} from seed {self.seed} needs seeds past 2**32 - 1", "ensemble", "seed"
             )
-        for name in ("normalize", "remat", "log_grad_norms", "augment_flip", "skip_bad_files"):
+        switches = ("normalize", "remat", "log_grad_norms", "augment_flip", "skip_bad_files", "decay_norms_and_biases")
+        for name in switches:
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}", name)
 
@@ -343,50 +355,6 @@ def _integer(name: str, value: Any, minimum: int) -> None:
         raise ConfigError(f"{name} must be an int >= {minimum}, got {value!r}", name)
 
 
-def make_schedule(config: Config, steps_per_epoch: int) -> optax.Schedule:
-    """The learning rate as a function of the step count (always a function, so optimizer state has one shape).
-
-    ``"exponential"`` multiplies the rate by ``decay_rate`` after every epoch; ``"cosine"`` and
-    ``"warmup_cosine"`` decay to 0 over ``(schedule_epochs or epochs) * steps_per_epoch`` steps, the warm-up
-    capped below that. The rate comes out as float32 in every mode, so 64-bit mode cannot change the update.
-    """
-    total = (config.schedule_epochs or config.epochs) * steps_per_epoch
-    if config.schedule == "constant":
-        schedule = optax.constant_schedule(config.learning_rate)
-    elif config.schedule == "exponential":
-        schedule = optax.exponential_decay(
-            config.learning_rate, transition_steps=steps_per_epoch, decay_rate=config.decay_rate, staircase=True
-        )
-    elif config.schedule == "cosine":
-        schedule = optax.cosine_decay_schedule(config.learning_rate, decay_steps=total)
-    else:
-        warmup = min(config.warmup_epochs * steps_per_epoch, total - 1)
-        schedule = optax.warmup_cosine_decay_schedule(
-            init_value=0.0, peak_value=config.learning_rate, warmup_steps=warmup, decay_steps=total, end_value=0.0
-        )
-    return lambda count: jnp.asarray(schedule(count), jnp.float32)
-
-
-def make_optimizer(config: Config, steps_per_epoch: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """The optax transform named by ``config.optimizer`` with its schedule: ``(optimizer, schedule)``.
-
-    Weight decay is decoupled for ``"adamw"`` and an L2 term added to the gradient (``add_decayed_weights``)
-    for the others; it is always part of the chain, so the optimizer state keeps one structure whatever its value.
-    """
-    schedule = make_schedule(config, steps_per_epoch)
-    rate, momentum, decay = schedule, config.momentum, config.weight_decay
-    if config.optimizer == "adamw":
-        return optax.adamw(rate, weight_decay=decay), schedule
-    base = {
-        "sgd": lambda: optax.sgd(rate),
-        "momentum": lambda: optax.sgd(rate, momentum=momentum),
-        "nesterov": lambda: optax.sgd(rate, momentum=momentum, nesterov=True),
-        "adam": lambda: optax.adam(rate),
-        "rmsprop": lambda: optax.rmsprop(rate, momentum=momentum or None),
-    }[config.optimizer]()
-    return optax.chain(optax.add_decayed_weights(decay), base), schedule
-
-
 def ignored_fields(config: Config) -> dict[str, str]:
     """The fields whose values this config's run never reads, each mapped to the field that makes it so:
     ``{"momentum": "optimizer"}`` for Adam (see :func:`make_optimizer`, :func:`make_schedule` and
@@ -404,6 +372,8 @@ def ignored_fields(config: Config) -> dict[str, str]:
         ignored["schedule_epochs"] = "schedule"
     if config.schedule != "exponential":
         ignored["decay_rate"] = "schedule"
+    if config.weight_decay == 0:
+        ignored["decay_norms_and_biases"] = "weight_decay"
     if config.dataset not in STREAMED_DATASETS:
         ignored.update(dict.fromkeys(("image_size", "data_workers", "skip_bad_files"), "dataset"))
     return ignored

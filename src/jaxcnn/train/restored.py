@@ -23,7 +23,7 @@ from jaxcnn import data as data_lib
 from jaxcnn.data import channel_stats
 from jaxcnn.nn.layer import Layer
 from jaxcnn.train.checkpoint import Checkpointer, CheckpointError, step_number
-from jaxcnn.train.config import Config, make_optimizer
+from jaxcnn.train.config import Config, make_loss, make_optimizer
 from jaxcnn.train.evaluate import evaluate
 from jaxcnn.train.preprocess import Preprocess
 from jaxcnn.train.run import USER_MODEL, build_model, check_labels, check_signature, initial_state
@@ -235,12 +235,17 @@ def evaluate_workdir(
         check_labels(other, model.output_shape(tuple(other.input_shape))[-1])
         x, y = other.test if split == "test" else other.train
         x = preprocess.standardize(x)
+        loss_fn = make_loss(config)  # the run's loss (label smoothing included), as its test loss was
         if config.ensemble > 1:
-            from jaxcnn.train.ensemble import evaluate_ensemble
+            from jaxcnn.train.ensemble import evaluate_ensemble, make_ensemble_eval_step
 
-            result = evaluate_ensemble(model, state.params, state.model_state, x, y, batch_size=batch_size)
+            members = make_ensemble_eval_step(model, loss_fn=loss_fn)
+            result = evaluate_ensemble(
+                model, state.params, state.model_state, x, y, batch_size=batch_size, eval_step=members
+            )
         else:
-            result = evaluate(model, state.params, state.model_state, x, np.asarray(y), batch_size=batch_size)
+            y = np.asarray(y)
+            result = evaluate(model, state.params, state.model_state, x, y, batch_size=batch_size, loss_fn=loss_fn)
     return dict(result, epoch=meta["epoch"], step=step_number(state), split=split, chosen=meta["chosen"], dataset=name)
 
 

@@ -20,7 +20,7 @@ from jaxcnn import data as data_lib
 from jaxcnn import models
 from jaxcnn.nn.layer import Layer
 from jaxcnn.train import limits
-from jaxcnn.train.config import Config, make_optimizer
+from jaxcnn.train.config import Config, make_loss, make_optimizer
 from jaxcnn.train.evaluate import make_eval_step
 from jaxcnn.train.preprocess import Preprocess
 from jaxcnn.train.state import TrainState, create_train_state
@@ -242,6 +242,7 @@ def step_options(config: Config, input_scaling: InputScaling | None = None) -> S
     """The :class:`StepOptions` of ``config``'s train step (``input_scaling`` for uint8 batches)."""
     dtype = None if config.dtype == "float32" else config.dtype
     return StepOptions(
+        loss_fn=make_loss(config),
         gradients=config.gradients,
         dtype=dtype,
         remat=config.remat,
@@ -314,16 +315,19 @@ def compiled_steps(run: Run, mesh: Any) -> tuple[Callable, Callable]:
 
 def _make_steps(run: Run, mesh: Any) -> tuple[Callable, Callable]:
     options = step_options(run.config, run.input_scaling)
+    loss_fn = options.loss_fn  # the test loss is the training loss (label smoothing included)
     if run.config.ensemble > 1:
         from jaxcnn.train.ensemble import make_ensemble_eval_step, make_ensemble_train_step
 
-        evaluation = make_ensemble_eval_step(run.model, input_scaling=run.input_scaling)
+        evaluation = make_ensemble_eval_step(run.model, loss_fn=loss_fn, input_scaling=run.input_scaling)
         return make_ensemble_train_step(run.model, options), evaluation
     if mesh is not None:
         from jaxcnn.train.data_parallel import make_data_parallel_eval_step, make_data_parallel_train_step
 
-        evaluation = make_data_parallel_eval_step(run.model, mesh, input_scaling=run.input_scaling, masked=run.streamed)
+        evaluation = make_data_parallel_eval_step(
+            run.model, mesh, loss_fn=loss_fn, input_scaling=run.input_scaling, masked=run.streamed
+        )
         return make_data_parallel_train_step(run.model, mesh, options), evaluation
     return make_train_step(run.model, options), make_eval_step(
-        run.model, input_scaling=run.input_scaling, masked=run.streamed
+        run.model, loss_fn=loss_fn, input_scaling=run.input_scaling, masked=run.streamed
     )
