@@ -362,3 +362,31 @@ def test_data_bench_prints_one_json_object(folder, capsys):
     assert "images/s" in out and "the step waits for data" in out
     assert cli.main(["data-bench", "--data-dir", str(folder / "nowhere")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+# three training processes, two of them joined through jax.distributed (about 40 s)
+@pytest.mark.slow
+def test_two_processes_read_their_slices_and_match_one_process(folder, tmp_path):
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    flags = cli_flags(folder, tmp_path / "two")
+    processes = [
+        run_cli(*flags, "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(rank))
+        for rank in (0, 1)
+    ]
+    outputs = [process.communicate(timeout=300) for process in processes]
+    for process, (_, err) in zip(processes, outputs, strict=True):
+        assert process.returncode == 0, err[-3000:]
+    assert "data parallel over 2 devices in 2 processes" in outputs[0][0]
+    single = run_cli(*cli_flags(folder, tmp_path / "one"))
+    out, err = single.communicate(timeout=300)
+    assert single.returncode == 0, err[-3000:]
+    one, two = train.restore(tmp_path / "one"), train.restore(tmp_path / "two")
+    for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(two.params), strict=True):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
+    histories = [train.read_metrics(tmp_path / name) for name in ("one", "two")]
+    assert histories[1][-1]["test_accuracy"] == histories[0][-1]["test_accuracy"]
+    assert histories[1][-1]["test_loss"] == pytest.approx(histories[0][-1]["test_loss"], rel=1e-5)
