@@ -390,3 +390,10 @@ def test_two_processes_read_their_slices_and_match_one_process(folder, tmp_path)
     histories = [train.read_metrics(tmp_path / name) for name in ("one", "two")]
     assert histories[1][-1]["test_accuracy"] == histories[0][-1]["test_accuracy"]
     assert histories[1][-1]["test_loss"] == pytest.approx(histories[0][-1]["test_loss"], rel=1e-5)
+
+
+def test_an_ensemble_of_a_folder_is_refused(folder):
+    with pytest.raises(ValueError, match="an ensemble trains on a data set held in memory"):
+        config_for(folder, ensemble=2, checkpoint_every=None)
+    with pytest.raises(ValueError, match="an ensemble trains on a data set held in memory"):
+        train.fit(train.Config(ensemble=2, model="image_folders:tiny"), None, data=image_folder(folder, image_size=8))

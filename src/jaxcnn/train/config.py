@@ -268,6 +268,12 @@ class Config:
             raise ConfigError("dataset 'npz' needs data_path (an .npz file)", "dataset", "data_path")
         if self.dataset in DIRECTORY_DATASETS and self.data_dir is None:
             raise ConfigError(f"dataset {self.dataset!r} needs data_dir (a directory)", "dataset", "data_dir")
+        if self.dataset in STREAMED_DATASETS and self.ensemble > 1:
+            raise ConfigError(
+                "an ensemble trains on a data set held in memory; an image folder streams one model's batches",
+                "ensemble",
+                "dataset",
+            )
         if self.checkpoint_every is not None and self.ensemble > 1:
             raise ConfigError(
                 "checkpoint_every writes mid-epoch checkpoints of one model; an ensemble checkpoints after each epoch",

@@ -134,6 +134,8 @@ class Run:
         self.user_model = model is not None
         self.data = dataset if dataset is not None else load_data(config, log)
         self.streamed = isinstance(self.data, ImageFolder)  # read from files through Grain as the run goes
+        if self.streamed and config.ensemble > 1:
+            raise ValueError("an ensemble trains on a data set held in memory, not on a streamed image folder")
         self.input_shape = tuple(self.data.input_shape)
         self.model = build_model(config, self.input_shape, self.data.num_classes, model)
         check_labels(self.data, self.model.output_shape(self.input_shape)[-1])
