@@ -209,24 +209,6 @@ def test_check_model_works_without_global_x64(monkeypatch):
     assert max(c.max_rel for c in report.checks if "autodiff" in c.method) <= 1e-10
 
 
-class Center(nn.Layer):
-    """x - mean(x) over features: the gradient of a bias just before it is exactly zero."""
-
-    def forward(self, params, x):
-        return x - jnp.mean(x, axis=-1, keepdims=True), ()
-
-    def backward(self, params, residuals, dy):
-        return dy - jnp.mean(dy, axis=-1, keepdims=True), {}
-
-
-def test_exactly_zero_gradients_with_round_off_pass():
-    model = nn.Sequential([nn.Flatten(), nn.Dense(8), Center(), nn.Tanh(), nn.Dense(3)])
-    params, state = model.init(jax.random.key(0), (3, 3, 2))
-    x = jax.random.normal(jax.random.key(1), (5, 3, 3, 2))
-    report = jc.gradcheck.check_model(model, params, state, x, jnp.array([0, 1, 2, 1, 0]))
-    assert report.ok, report.table()
-
-
 @dataclass(frozen=True)
 class ConstantStatisticsBatchNorm(nn.BatchNorm):
     """BatchNorm with the classic mistake: dx treats the batch mean and variance as constants,
