@@ -13,7 +13,7 @@ import pytest
 import jaxcnn as jc
 import jaxcnn.functional as F
 from conftest import assert_trees_close, load_file, normal
-from models_for_tests import MODELS
+from models_for_tests import MODELS, random_variables
 
 
 def setup(name, dtype=jnp.float64, batch=3, seed=0):
@@ -109,6 +109,43 @@ def test_engine_vmaps_too():
     engine = jc.backprop.value_and_grad(model, F.softmax_cross_entropy)
     per_example = jax.vmap(lambda xi, yi: engine(params, state, xi[None], yi[None])[1])(x, y)
     assert per_example["Dense_0"]["kernel"].shape == (2, *params["Dense_0"]["kernel"].shape)
+
+
+def test_manual_mode_second_order_is_reverse_over_reverse_or_forward_over_reverse_only():
+    """The README's claim: in "manual" mode jax.hessian, jvp(grad) and grad(grad) differentiate the hand rules and
+    agree with autodiff's second derivatives; jvp, jacfwd and linearize of the loss itself raise (custom_vjp)."""
+    # no bias before the BatchNorm: its gradient, and so its Hessian rows, are round-off on both sides
+    layers = [jc.nn.Dense(4, use_bias=False), jc.nn.BatchNorm(), jc.nn.GELU(approximate=False), jc.nn.Tanh()]
+    model = jc.nn.Sequential([*layers, jc.nn.Dense(3)])
+    params, state = random_variables(model, (5,))  # numpy values: nothing compiled
+    x, y = normal(1, (6, 5)), jnp.arange(6) % 3
+    v = random_variables(model, (5,), seed=1)[0]
+
+    def loss(p, gradients):
+        out, _ = model.apply(p, state, x, train=True, gradients=gradients)
+        loss_fn = jc.backprop.manual_loss(F.softmax_cross_entropy) if gradients == "manual" else F.softmax_cross_entropy
+        return loss_fn(out, y)
+
+    def second_order(p, v, mode):
+        grad = jax.grad(lambda q: loss(q, mode))
+        forward_over_reverse = jax.jvp(grad, (p,), (v,))[1]
+        dot = lambda q: sum(jnp.vdot(a, b) for a, b in zip(jax.tree.leaves(grad(q)), jax.tree.leaves(v), strict=True))
+        with_bias = lambda b: loss({**p, "Dense_1": {**p["Dense_1"], "bias": b}}, mode)
+        return forward_over_reverse, jax.grad(dot)(p), jax.hessian(with_bias)(p["Dense_1"]["bias"])
+
+    # one compile for both modes and the three second-order paths
+    out = jax.jit(lambda p, v: {mode: second_order(p, v, mode) for mode in ("manual", "autodiff")})(params, v)
+    assert_trees_close(out["manual"], out["autodiff"], jnp.float64, "manual vs autodiff second order")
+    assert_trees_close(out["autodiff"][1], out["autodiff"][0], jnp.float64, "reverse vs forward over reverse")
+    assert out["manual"][2].shape == (3, 3)
+    manual = lambda p: loss(p, "manual")
+    for forward_mode in (
+        lambda p, v: jax.jvp(manual, (p,), (v,)),
+        lambda p, v: jax.jacfwd(manual)(p),
+        lambda p, v: jax.linearize(manual, p)[1](v),
+    ):
+        with pytest.raises(TypeError, match="can't apply forward-mode autodiff"):
+            jax.jit(forward_mode)(params, v)  # traced only: it raises before anything compiles
 
 
 DIFFERENTIATION = [

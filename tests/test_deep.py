@@ -301,6 +301,29 @@ def test_batchnorm_eval_mode_uses_running_statistics_and_keeps_state():
     np.testing.assert_array_equal(np.asarray(single), np.asarray(layer.apply(params, state, x, train=False)[0][:1]))
 
 
+def test_batchnorm_running_statistics_get_a_zero_gradient_in_manual_mode():
+    """As the docstring says: the hand rules treat the running statistics as state (zero cotangent), where
+    autodiff differentiates through them in inference mode."""
+    layer = nn.BatchNorm()
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal((3, 4)))
+    params = {"scale": jnp.asarray(rng.uniform(0.5, 2, 4)), "bias": jnp.asarray(rng.standard_normal(4))}
+    state = {"mean": jnp.asarray(rng.standard_normal(4)), "var": jnp.asarray(rng.uniform(0.5, 2, 4))}
+
+    @jax.jit
+    def state_grads(state):
+        out = {}
+        for gradients in ("manual", "autodiff"):
+            loss = lambda s, g=gradients: jnp.sum(layer.apply(params, s, x, train=False, gradients=g)[0] ** 2)
+            out[gradients] = jax.grad(loss)(state)
+        return out
+
+    grads = state_grads(state)
+    for name in ("mean", "var"):
+        np.testing.assert_array_equal(np.asarray(grads["manual"][name]), 0.0)
+        assert np.all(np.asarray(grads["autodiff"][name]) != 0)
+
+
 def test_batchnorm_single_value_per_channel_runs():
     """Batch 1 of dense features (N=1, C): the batch variance is 0, so y = bias and var decays by momentum."""
     layer = nn.BatchNorm(momentum=0.9)

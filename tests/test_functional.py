@@ -360,6 +360,35 @@ def test_activation_derivatives_keep_relative_precision_in_the_tails(name):
     assert relative.max() < 1e-12
 
 
+# exact GELU's float64 (float32) range: both tails down to where Phi(x) leaves the normal floats, and around 0;
+# not around gelu's minimum at x ~ -0.75, where gelu' = 0 and any formula loses its relative precision
+_EXACT_GELU_POINTS = {
+    jnp.float64: np.concatenate([np.linspace(-30, -3, 271), np.linspace(-0.5, 0.5, 101), np.linspace(3, 30, 28)]),
+    jnp.float32: np.concatenate([np.linspace(-12.5, -3, 96), np.linspace(-0.5, 0.5, 101), np.linspace(3, 30, 28)]),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float64", "float32"])
+def test_exact_gelu_and_its_derivative_keep_relative_precision_in_the_tails(dtype):
+    """Against 50-digit values at the very same inputs, elementwise: relative error within 2 (1 + x^2) eps, the
+    condition number of gelu (1 + erf(x / sqrt 2) gave gelu(-10) = -0.0 and a 1% wrong gelu'(-10))."""
+    import mpmath
+
+    mpmath.mp.dps = 50
+    x = jnp.asarray(_EXACT_GELU_POINTS[dtype], dtype)
+    xs = [mpmath.mpf(float(v)) for v in np.asarray(x)]
+    exact_forward = np.array([float(v * mpmath.ncdf(v)) for v in xs])
+    exact_slope = np.array([float(mpmath.ncdf(v) + v * mpmath.npdf(v)) for v in xs])
+    forward = np.asarray(F.gelu(x, approximate=False), np.float64)
+    slope = np.asarray(F.gelu_vjp(x, jnp.ones_like(x), approximate=False), np.float64)
+    allowed = 2 * (1 + np.asarray(x, np.float64) ** 2) * np.finfo(dtype).eps
+    for what, got, exact in [("gelu", forward, exact_forward), ("gelu'", slope, exact_slope)]:
+        nonzero = exact != 0  # gelu(0) = 0 exactly
+        assert np.all(got[~nonzero] == 0), what
+        worst = np.max(np.abs(got[nonzero] - exact[nonzero]) / np.abs(exact[nonzero]) / allowed[nonzero])
+        assert worst <= 1, f"{what}: relative error {worst:.3g} x the allowance 2 (1 + x^2) eps"
+
+
 def test_softplus_autodiff_is_exact_at_zero():
     assert float(jax.grad(F.softplus)(0.0)) == 0.5
     assert float(F.softplus_vjp(jnp.zeros(()), jnp.ones(()))) == 0.5

@@ -3,7 +3,10 @@
 import pathlib
 import re
 
+import jax
 import pytest
+
+from conftest import relative_error
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -69,6 +72,11 @@ def test_python_blocks_run():
     namespace = run_blocks(split_blocks()[0])
     assert namespace["report"].ok
     assert {"Swish_0", "Swish_1"} <= {c.layer for c in namespace["report"].checks}
+    # the Hessian-vector product of "Three ways to the same gradient": manual mode's equals autodiff's
+    for manual, autodiff in zip(
+        jax.tree.leaves(namespace["hv_manual"]), jax.tree.leaves(namespace["hv_autodiff"]), strict=True
+    ):
+        assert relative_error(manual, autodiff) < 1e-5
 
 
 def test_python_blocks_run_training():

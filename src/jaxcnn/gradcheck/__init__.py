@@ -39,11 +39,18 @@ float32     1e-4                              1e-2  (step 1e-6, in float64)     
 * A finite difference: ``(f(p + h v) - f(p - h v)) / 2h`` along a random unit direction ``v``, differenced
   elementwise and projected on the output cotangent, against ``<g, v>``; the error is divided by
   ``max(|fd|, |<g, v>|, |g| / sqrt(n))`` and errors below the float64 round-off of the evaluations pass.
+  That round-off is ``R = 5 eps |f| / h`` (each evaluation of ``f`` is good to a few eps, and the difference of
+  two is divided by ``2h``; for an array ``f``, ``sum |f| |cotangent|`` over the entries that changed, or over
+  all when none did); a directional derivative below it cannot be resolved. A row whose finite
+  difference and ``|<g, v>|`` are both below ``R`` (or ``<g, v>`` below the floor above, for the gradient's own
+  round-off in its dtype) passes as ``"zero gradient"``: the gradient of a bias feeding a BatchNorm is exactly
+  zero, the loss does not change by a bit under the step, and the hand rule's 1e-17 is round-off.
   Finite differences are always evaluated in float64 (in float32 they resolve only about three digits);
   the float32 tolerance reflects the accuracy of a float32 gradient itself. Layer-level ones are taken at
   the recorded input plus a little noise, so that ties and kinks (exact zeros after a ReLU, equal values in
   a max-pool window) do not sit under the step.
-* Check a gradient that is nonzero: one that is identically zero can only be checked against the floors.
+* A gradient that is identically zero can only be checked against the floors; its finite-difference rows
+  read "zero gradient" (in the ok column and the summary).
 
 A layer's ``backward`` that returns the wrong form (``dx`` of the wrong shape, parameter gradients under other
 keys, ``dx`` alone) raises :class:`jaxcnn.nn.BackwardError` naming the layer, here as in training.

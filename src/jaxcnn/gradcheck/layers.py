@@ -136,6 +136,7 @@ def _layer_fd_rows(call, point, seed, hand, output, y_shape, has_input, settings
     # the analytic side is the hand rule in the checked dtype, at the same (noisy) point
     p_d, state_d, x_d, dy_d = cast((params64, state64, x64_, jnp.asarray(dy64)), settings.dtype)
     dx_d, dparams_d = hand(p_d, state_d, x_d, dy_d)
+    scale = largest(dparams_d, dx_d if has_input else ())
     method = "hand vs finite diff"
     if has_input:
         settings.rows.add(
@@ -148,6 +149,7 @@ def _layer_fd_rows(call, point, seed, hand, output, y_shape, has_input, settings
                 tolerance,
                 point,
                 cotangent=dy64,
+                group_scale=scale,
             )
         )
     for index, ((_, quantity, leaf), grad) in enumerate(
@@ -163,5 +165,6 @@ def _layer_fd_rows(call, point, seed, hand, output, y_shape, has_input, settings
                 tolerance,
                 point,
                 cotangent=dy64,
+                group_scale=scale,
             )
         )

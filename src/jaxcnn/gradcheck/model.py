@@ -159,6 +159,7 @@ def _finite_difference_rows(
     params64, x64_ = cast((params, x), jnp.float64)
     params64 = jitter(params64, point_seed((seed, 1_000_002), index))
     grads = modes("engine", cast(params64, settings.dtype), x).grads
+    scale = largest(grads)
     for leaf_index, ((layer, quantity, leaf), grad) in enumerate(
         zip(leaves_with_names(params64), jax.tree.leaves(grads), strict=True)
     ):
@@ -171,5 +172,6 @@ def _finite_difference_rows(
                 point_seed((seed, 1_000_003, leaf_index), index),
                 tolerance,
                 point,
+                group_scale=scale,
             )
         )

@@ -100,6 +100,13 @@ def normal(seed: tuple[int, ...], shape: tuple[int, ...]) -> np.ndarray:
     return np.random.default_rng((_STREAM, *seed)).standard_normal(shape)
 
 
+# The relative round-off of one float64 evaluation of a checked function, a few eps: a loss or a layer output is
+# a short chain of sums, products, exps and logs of values of about its own size.
+EVALUATION_ROUNDOFF = 5 * float(np.finfo(np.float64).eps)
+
+OK, ZERO_GRADIENT, FAIL = "ok", "zero gradient", "FAIL"
+
+
 def finite_difference_check(
     f: Callable[[Any], Any],
     point: Any,
@@ -107,19 +114,29 @@ def finite_difference_check(
     seed: tuple[int, ...],
     tolerance: Tolerance,
     cotangent: Any = None,
-) -> tuple[float, float, bool]:
+    group_scale: float = 0.0,
+) -> tuple[float, float, str]:
     """Central difference of ``f`` at ``point`` along a random unit direction ``v``, against ``<gradient, v>``.
 
     ``f`` may return an array: the difference ``(f(p + h v) - f(p - h v)) / 2h`` is taken elementwise and then
     projected on ``cotangent`` (ones when None), so that large outputs which do not depend on ``p`` cannot swamp
     the change. The relative error divides by ``max(|fd|, |<g, v>|, |g| / sqrt(n))``: the last term is the
     typical size of ``<g, v>`` for a random direction, so a direction that happens to be nearly orthogonal to
-    ``g`` does not turn round-off into a failure. Errors below the float64 round-off of the evaluations,
-    ``1e-9 * sum |f(p)| |cotangent|`` over the output entries that changed, pass. A change smaller than the
-    round-off of the very entries it sits in cannot be resolved by any finite difference (that is what the
-    autodiff comparison is for). Everything is evaluated in float64.
+    ``g`` does not turn round-off into a failure. Everything is evaluated in float64.
 
-    Returns ``(abs error, rel error, ok)``.
+    Round-off. Each evaluation carries a relative error of about ``e = EVALUATION_ROUNDOFF`` (a few eps), so the
+    central difference of one output entry carries ``2 e |f| / 2h = e |f| / h``: the finite difference cannot
+    resolve a directional derivative below ``R = e / h * sum |f(p)| |cotangent|``, summed over the entries that
+    changed (the others are taken not to depend on ``p``), or over all entries when none changed at all.
+
+    * ``"zero gradient"`` (a pass): the finite difference is below ``R`` (often exactly 0: the loss did not
+      change by a single bit) and so is ``|<g, v>|``, or it is below the round-off ``tolerance.floor *
+      group_scale`` of a gradient computed in the checked dtype (as for the exact rows): a gradient that is zero,
+      such as that of a bias feeding a BatchNorm, within what either side can resolve;
+    * ``"ok"``: the relative error is within ``tolerance.finite_difference``, or the error is below ``R``;
+    * ``"FAIL"`` otherwise, or when anything is not finite.
+
+    Returns ``(abs error, rel error, verdict)``.
     """
     point = np.asarray(point, np.float64)
     v = normal(seed, point.shape)
@@ -135,11 +152,16 @@ def finite_difference_check(
     error = abs(numeric - analytic)
     scale = max(abs(numeric), abs(analytic), float(np.linalg.norm(g)) / math.sqrt(max(g.size, 1)))
     relative = error / scale if scale > 0 else 0.0
-    # round-off can only sit in the output entries that changed at all
     changed = plus != minus
-    roundoff = 1e-9 * float(np.sum(np.abs(center) * np.abs(weights) * changed))
-    ok = bool(np.isfinite(relative)) and (relative <= tolerance.finite_difference or error <= roundoff)
-    return error, relative, ok
+    sizes = np.abs(center) * np.abs(weights)
+    resolution = EVALUATION_ROUNDOFF / h * float(np.sum(sizes * changed if np.any(changed) else sizes))
+    if not (np.isfinite(relative) and np.isfinite(analytic)):
+        return error, relative, FAIL
+    if abs(numeric) <= resolution and abs(analytic) <= max(resolution, tolerance.floor * group_scale):
+        return error, relative, ZERO_GRADIENT
+    if relative <= tolerance.finite_difference or error <= resolution:
+        return error, relative, OK
+    return error, relative, FAIL
 
 
 def jitter(tree: Any, seed: tuple[int, ...]) -> Any:
@@ -184,11 +206,15 @@ def fd_check(
     tolerance: Tolerance,
     at: str,
     cotangent: Any = None,
+    group_scale: float = 0.0,
 ) -> Check:
     """The finite-difference row :func:`finite_difference_check` makes of ``f`` at ``point`` (the row's ``point``
-    is ``at``), held to ``tolerance.finite_difference``."""
-    error, relative, ok = finite_difference_check(f, point, gradient, seed, tolerance, cotangent)
-    return Check(*where, error, relative, None, None, tolerance.finite_difference, ok, at)
+    is ``at``), held to ``tolerance.finite_difference``; ``group_scale`` is the largest entry of the layer's or
+    model's whole gradient (the round-off of an exactly-zero gradient scales with it)."""
+    error, relative, verdict = finite_difference_check(f, point, gradient, seed, tolerance, cotangent, group_scale)
+    ok = verdict != FAIL
+    note = verdict if verdict == ZERO_GRADIENT else ""
+    return Check(*where, error, relative, None, None, tolerance.finite_difference, ok, at, note)
 
 
 # -- perturbed points -------------------------------------------------------------------------------------------

@@ -151,6 +151,7 @@ def _op_fd_rows(output64, op, positions, at_args, got, dy, draws, point, setting
     """Each argument's hand cotangent against a central difference of the float64 op, projected on ``dy``."""
     diff64 = tuple(cast(list(at_args), jnp.float64))
     dy64 = np.asarray(dy, np.float64)
+    scale = largest(got)
     for n, i in enumerate(positions):
         settings.rows.add(
             fd_check(
@@ -162,5 +163,6 @@ def _op_fd_rows(output64, op, positions, at_args, got, dy, draws, point, setting
                 settings.tolerance,
                 point,
                 cotangent=dy64,
+                group_scale=scale,
             )
         )

@@ -56,6 +56,7 @@ class Check:
     tolerance: float
     ok: bool
     point: str = GIVEN
+    note: str = ""  # "zero gradient": a passing finite-difference row where neither side resolves any change
 
 
 HEADERS = ("scope", "layer", "quantity", "point", "check", "max abs err", "max rel err", "cosine", "worst index", "ok")
@@ -74,7 +75,7 @@ def _cells(check: Check) -> tuple[str, ...]:
         f"{check.max_rel:.2e}",
         "" if check.cosine is None else f"{check.cosine:.12f}",
         "" if check.worst_index is None else str(check.worst_index),
-        "ok" if check.ok else "FAIL",
+        check.note or ("ok" if check.ok else "FAIL"),
     )
 
 
@@ -118,7 +119,9 @@ class Report:
     def summary(self) -> str:
         """One line: how many checks, in which dtype, and the verdict."""
         verdict = "all checks passed" if self.ok else f"{len(self.failures())} of {len(self.checks)} checks FAILED"
-        return f"{len(self.checks)} checks in {self.dtype}: {verdict}"
+        zero = sum(check.note == "zero gradient" for check in self.checks)
+        zero_note = f" ({zero} on a zero gradient)" if zero else ""
+        return f"{len(self.checks)} checks in {self.dtype}: {verdict}{zero_note}"
 
     def table(self, *, failures_only: bool = False) -> str:
         """A plain-text table, one row per check (only the failed ones with ``failures_only``), and the summary."""

@@ -83,6 +83,12 @@ class BatchNorm(_Normalization):
     (``mean <- momentum * mean + (1 - momentum) * batch_mean``, likewise ``var``); inference mode normalises
     with the running statistics. Parameters ``scale``, ``bias``; state ``mean`` (zeros), ``var`` (ones).
 
+    The running variance blends the *biased* batch variance (divided by ``N``, the count of values per
+    channel), as Flax does; PyTorch blends the unbiased one (divided by ``N - 1``), so the two drift apart by
+    a factor ``N / (N - 1)`` on small batches. The running statistics are state, not parameters: in
+    ``gradients="manual"`` mode (and in the engine) they get a zero gradient, where ``"autodiff"`` would
+    differentiate through them if a loss depended on them (in inference mode).
+
     Args:
       momentum: the running statistics' decay, in [0, 1]; Flax's default 0.99 (PyTorch's ``momentum=0.1`` is
         ``momentum=0.9`` here, the value the built-in models use).
