@@ -34,6 +34,7 @@ from jaxcnn.data.folder import BadFilesError, FolderIndex
 
 PAD_LABEL = -1  # the label of a padding example (and of a bad file an evaluation leaves out)
 MAX_TRIES = 16  # files tried in turn for one training example when bad files are skipped
+PREFETCH = 2  # batches each reading process prepares ahead
 
 
 def default_workers() -> int:
@@ -205,11 +206,17 @@ class Batches:
         self.index, self.spec, self.train = index, spec, train
         self.steps = train_steps(len(index), spec.batch_size) if train else eval_steps(len(index), spec.batch_size)
         examples = _Examples(index, spec, self.steps, epochs, train)
-        dataset = grain.MapDataset.source(examples).batch(spec.local_batch, drop_remainder=True).to_iter_dataset()
+        # one reading thread per process (a worker, or this process with workers=0) decoding PREFETCH batches
+        # ahead: Grain's defaults (16 threads, 500 elements, here whole batches) would oversubscribe the cores and
+        # hold hundreds of batches in memory
+        options = grain.ReadOptions(num_threads=1, prefetch_buffer_size=PREFETCH)
+        dataset = grain.MapDataset.source(examples).batch(spec.local_batch, drop_remainder=True)
+        dataset = dataset.to_iter_dataset(options)
         if workers > 0:
             _quiet_resource_tracker()
-            options = grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2)
-            dataset = dataset.mp_prefetch(options)
+            dataset = dataset.mp_prefetch(
+                grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=PREFETCH)
+            )
         self._iterator = iter(dataset)
         if state is not None:
             try:
