@@ -397,3 +397,19 @@ def test_an_ensemble_of_a_folder_is_refused(folder):
         config_for(folder, ensemble=2, checkpoint_every=None)
     with pytest.raises(ValueError, match="an ensemble trains on a data set held in memory"):
         train.fit(train.Config(ensemble=2, model="image_folders:tiny"), None, data=image_folder(folder, image_size=8))
+
+
+def test_the_stream_reads_only_a_few_batches_ahead(folder, monkeypatch):
+    """Grain's defaults (16 threads, 500 elements ahead, here whole batches) once decoded a whole epoch at the
+    first batch, and could hold gigabytes of batches."""
+    from jaxcnn.data import images as images_module
+
+    calls = []
+    original = images_module.train_image
+    monkeypatch.setattr(images_module, "train_image", lambda *a, **k: calls.append(1) or original(*a, **k))
+    images = image_folder(folder, image_size=8, normalize=False)
+    stream = Batches(images.train, StreamSpec(8, 2, seed=0), train=True, epochs=5, workers=0)
+    next(stream)
+    time.sleep(0.5)
+    assert len(calls) <= 2 * 4  # the batch taken, the two prepared ahead, one in the making
+    stream.close()
