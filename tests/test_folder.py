@@ -413,3 +413,20 @@ def test_the_stream_reads_only_a_few_batches_ahead(folder, monkeypatch):
     time.sleep(0.5)
     assert len(calls) <= 2 * 4  # the batch taken, the two prepared ahead, one in the making
     stream.close()
+
+
+def test_predict_takes_files_of_any_size_through_the_evaluation_transform(folder, straight):
+    workdir = straight[0]
+    files = sorted((folder / "val" / "dog").iterdir())
+    from jaxcnn.train.predict import predict_files
+
+    rows, _ = predict_files(workdir, files, top=3)
+    assert [row["input"] for row in rows] == [str(f) for f in files] and all(len(row["top"]) == 3 for row in rows)
+    images = image_folder(folder, image_size=8)
+    from jaxcnn.data import images as decode
+
+    pixels = np.stack([decode.eval_image(f.read_bytes(), 8) for f in files])
+    x = data.standardize_with(pixels / np.float32(255), np.asarray(images.mean), np.asarray(images.std))
+    model, params, model_state, _ = train.load_model(workdir)
+    logits, _ = model.apply(params, model_state, jnp.asarray(x), train=False)
+    assert [row["class"] for row in rows] == np.argmax(np.asarray(logits), axis=-1).tolist()

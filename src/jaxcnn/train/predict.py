@@ -33,12 +33,15 @@ ARRAY_SUFFIXES = (".npy", ".npz")
 
 
 def read_images(
-    path: str | os.PathLike, input_shape: Sequence[int], *, resize: bool = False
+    path: str | os.PathLike, input_shape: Sequence[int], *, resize: bool = False, center_crop: bool = False
 ) -> list[tuple[str, np.ndarray, bool]]:
     """The raw images in one file, as ``[(name, images (n, H, W, C), indexed), ...]``.
 
     An image file gives one entry ``(path, (1, H, W, C) uint8, False)``, converted to grayscale or RGB for a
-    model of 1 or 3 channels (and, with ``resize``, scaled to ``H x W``). A ``.npy`` file gives one entry, an
+    model of 1 or 3 channels (and, with ``resize``, scaled to ``H x W``; with ``center_crop``, for a model
+    trained on an image folder, any size goes through the folder's evaluation transform,
+    :func:`jaxcnn.data.images.eval_image`: the shorter side to ``H / 0.875``, the centre ``H x H``).
+    A ``.npy`` file gives one entry, an
     ``.npz`` one per array (named ``path:key``; ``path.npz:key`` reads that array alone). An array of shape
     ``(H, W, C)`` (or ``(H, W)`` for one channel) is a single image (``indexed`` False); ``(N, H, W, C)`` (or
     ``(N, H, W)``) holds N images (``indexed`` True: they are named by their index).
@@ -64,7 +67,21 @@ def read_images(
         return [_as_images(str(path), _load_npy(path), (height, width, channels))]
     if suffix == ".npz":
         return [_as_images(name, array, (height, width, channels)) for name, array in _load_npz(path, key)]
+    if center_crop:
+        return [(str(path), _center_crop(path, height)[None], False)]
     return [(str(path), _load_image(path, (height, width, channels), resize)[None], False)]
+
+
+def _center_crop(path: Path, size: int) -> np.ndarray:
+    """An image file through an image folder's evaluation transform: ``(size, size, 3)`` uint8."""
+    from jaxcnn.data import images
+
+    try:
+        return images.eval_image(path.read_bytes(), size, path=path)
+    except images.BadImageError as error:
+        raise ValueError(str(error)) from None
+    except OSError as error:
+        raise ValueError(f"{path}: cannot read it ({error.strerror or error})") from None
 
 
 def _load_npy(path: Path) -> np.ndarray:
@@ -183,7 +200,8 @@ def predict_files(
       paths: image files (PNG, JPEG ...), ``.npy`` and ``.npz`` files (see :func:`read_images`).
       step: which checkpoint (see :func:`jaxcnn.train.restore`; default: an early-stopped run's best).
       top: how many of the most probable classes to report per image (1..classes).
-      resize: scale image files of another size to the model's.
+      resize: scale image files of another size to the model's (a run on an image folder takes files of any
+        size through its evaluation transform, resize or not).
       max_value: the raw value of full intensity of non-uint8 arrays (default: the training data's raw scale).
       batch_size: images per compiled call.
 
@@ -201,7 +219,9 @@ def predict_files(
         classes = int(meta["num_classes"])
         if isinstance(top, bool) or not isinstance(top, int) or not 1 <= top <= classes:
             raise ValueError(f"top must be in 1..{classes} (the model's classes), got {top!r}")
-        entries = [entry for path in paths for entry in read_images(path, preprocess.input_shape, resize=resize)]
+        crop = config.dataset == "folder"  # image files of any size, as the run evaluated its val images
+        shape = preprocess.input_shape
+        entries = [entry for path in paths for entry in read_images(path, shape, resize=resize, center_crop=crop)]
         x = np.concatenate([_model_input(preprocess, name, images, max_value) for name, images, _ in entries])
         probabilities = predict(
             model, state.params, state.model_state, x, ensemble=config.ensemble > 1, batch_size=batch_size
