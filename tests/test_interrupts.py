@@ -114,8 +114,8 @@ if where == "save":
         return save(self, *args, **kwargs)
     ocp.CheckpointManager.save = signalling_save
 else:
-    from jaxcnn.train import loop
-    compiled, calls = loop.compiled_steps, []
+    from jaxcnn.train import feed
+    compiled, calls = feed.compiled_steps, []
     def signalling_steps(run, mesh):
         train_step, eval_step = compiled(run, mesh)
         def counted(state, x, y):
@@ -124,7 +124,7 @@ else:
                 os.kill(os.getpid(), signum)
             return train_step(state, x, y)
         return counted, eval_step
-    loop.compiled_steps = signalling_steps
+    feed.compiled_steps = signalling_steps
 from jaxcnn.cli import main
 sys.exit(main(sys.argv[1:]))
 """
