@@ -34,7 +34,7 @@ def dw_method_for(backend: str | None = None) -> str:
     return _DW_AUTO.get(backend or jax.default_backend(), "conv")
 
 
-# XLA:CPU bug (seen with jaxlib 0.10.2; benchmarks/conv_xla_swap_sweep.py finds the condition and checks it).
+# XLA:CPU bug (seen with jaxlib 0.10.2; tests/conv_xla_sweep.py finds the condition and checks it case by case).
 # Before lowering, XLA may swap a convolution's operands (conv_operand_swapper.cc, run inside the algebraic
 # simplifier) when the kernel's spatial product exceeds the input's. It copies a "group" axis (window stride
 # K - 1, lhs (base) dilation K, no padding, rhs dilation 1) into the swapped window unchanged, although the
@@ -204,8 +204,9 @@ def conv2d(
         x.shape, w.shape, stride=stride, padding=padding, dilation=dilation, groups=groups
     )
     x, w = promote_with_bias("conv2d", x, w, b)
-    # jax.grad's dx of this convolution is the lhs-dilated one conv2d_vjp builds; where XLA:CPU would abort on it
-    # (see xla_swap_aborts), pad x here instead, so that the transpose starts from zero padding on that axis
+    # jax.vjp's dx of this convolution is the lhs-dilated one conv2d_vjp builds; where XLA:CPU would abort on it
+    # (see xla_swap_aborts), pad x here instead: the transpose then starts from zero padding on that axis (and
+    # crops the padding off dx), which XLA compiles
     bad = xla_swap_aborts(out, w.shape[:2], (1, 1), dx_padding(x.shape, w.shape, stride, dilation, pads, out),
                           stride, dilation, groups)  # fmt: skip
     if bad:
