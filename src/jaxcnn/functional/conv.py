@@ -167,7 +167,9 @@ def bias_cotangent(dy: jax.Array, b: jax.Array | None) -> jax.Array | None:
     return None if b is None else jnp.sum(dy, axis=(0, 1, 2)).astype(b.dtype)
 
 
-def dx_padding(x_shape, w_shape, stride: Pair, dilation: Pair, pads: ExplicitPadding, out: Pair) -> list[Pair]:
+def dx_padding(
+    x_shape: tuple[int, ...], w_shape: tuple[int, ...], stride: Pair, dilation: Pair, pads: ExplicitPadding, out: Pair
+) -> list[Pair]:
     """Padding of the lhs-dilated ``dy`` in the dx convolution: ``lo = (K - 1) * d - pad_lo``,
     ``hi = in - 1 - (out - 1) * s + pad_lo`` per axis (either may be < 0)."""
     return [
