@@ -232,8 +232,13 @@ def main():
     rng = np.random.default_rng(args.seed)
     for kind in ("ct", "conv"):
         grid = axis_grid(kind, (1, 2, 3, 4, 5, 6), (1, 2, 3, 4, 5), (1, 2, 3), (1, 2, 3), (0, 1, 2, 3, 4))
-        for _ in range(args.random):
+        # half of them with one axis of the pattern XLA mishandles (kernel 2, stride 2, dilation 1, and the
+        # padding that leaves the lhs-dilated convolution unpadded), which a uniform draw seldom meets
+        group = [a for a in grid if a[1:4] == (2, 2, 1) and a[4:] in ([(0, 0)] if kind == "ct" else [(1, 1), (1, 2)])]
+        for number in range(args.random):
             axes = [list(grid[i]) for i in rng.integers(len(grid), size=2)]
+            if number % 2:
+                axes[number // 2 % 2] = list(group[rng.integers(len(group))])
             cases += [dict(kind=kind, op=op, axes=axes) for op in ops[kind]]
     print(f"{len(cases)} cases", flush=True)
     results = run_all(cases)
