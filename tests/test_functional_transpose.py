@@ -116,6 +116,7 @@ def test_conv_transpose2d_forward_matches_lax(case, dtype):
     assert_trees_close(y, expected, dtype, f"conv_transpose2d {case}")
 
 
+@pytest.mark.sample(2)  # about half by default, the rest under -m slow (room for test_conv_transpose_xla.py)
 @pytest.mark.parametrize("case", CT_CASES, ids=CT_IDS)
 def test_conv_transpose2d_forward_matches_flax(case):
     x, w, b, options = _inputs(case, jnp.float64)

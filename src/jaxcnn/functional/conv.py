@@ -34,6 +34,82 @@ def dw_method_for(backend: str | None = None) -> str:
     return _DW_AUTO.get(backend or jax.default_backend(), "conv")
 
 
+# XLA:CPU bug (seen with jaxlib 0.10.2; tests/conv_xla_sweep.py finds the condition and checks it case by case).
+# Before lowering, XLA may swap a convolution's operands (conv_operand_swapper.cc, run inside the algebraic
+# simplifier) when the kernel's spatial product exceeds the input's. It copies a "group" axis (window stride
+# K - 1, lhs (base) dilation K, no padding, rhs dilation 1) into the swapped window unchanged, although the
+# window there must be the size of the former input: unless that axis's input size is K, the verifier's check
+# "Window dimensions do not match RHS shape" fails and the process aborts (SIGABRT, no Python error). Minimal:
+#     x, w = jnp.ones((1, 5, 1, 1)), jnp.ones((2, 5, 1, 1))   # H: group axis (K 2, lhs dilation 2, stride 1)
+#     lax.conv_general_dilated(x, w, (1, 1), ((0, 0), (2, 4)), lhs_dilation=(2, 2),
+#                              dimension_numbers=("NHWC", "HWIO", "NHWC"))   # W: kernel 5 > input 1 -> swap
+# A transposed convolution meets it with kernel 2, stride 2, padding (0, 0), dilation 1 on one axis and a kernel
+# longer than the input on the other (conv2d_vjp's dx with kernel 2, stride 2, low padding 1, an even input).
+# lhs_dilated_conv avoids it by padding such an axis one more cell at the high end and cropping that output;
+# conv2d pads x itself on such an axis, so that jax.vjp's dx (the same convolution) avoids it too. Only these
+# geometries are rerouted: the padded form cost about 10% more on a 64x14x14x32 transposed convolution.
+
+
+def xla_swap_aborts(
+    lhs: Pair, rhs: Pair, strides: Pair, pads: ExplicitPadding, lhs_dilation: Pair, rhs_dilation: Pair, groups: int = 1
+) -> tuple[int, ...]:
+    """The spatial axes (0, 1) that make XLA:CPU abort on this ``conv_general_dilated`` (empty: it compiles).
+
+    ``lhs`` and ``rhs`` are the spatial sizes of the input and the kernel; the rest as ``lax`` takes them. The
+    logic follows XLA's operand swap (see the comment above): the swap happens when, over the axes that are
+    neither "group" nor "pure contraction" axes, the kernel's product exceeds the input's (an input of 1 padded
+    by K - 1 on both sides counts as K), and then each group axis whose input is not K sizes the window wrong.
+    """
+    if groups != 1:
+        return ()
+    bad, kernel_product, swapped_product = [], 1, 1
+    for axis, n, k, s, (lo, hi), base, dilation in zip(
+        (0, 1), lhs, rhs, strides, pads, lhs_dilation, rhs_dilation, strict=True
+    ):
+        plain = lo == 0 and hi == 0 and dilation == 1
+        if plain and base == k and s == k - 1:  # a "group" axis: kept as it is
+            if n != k:
+                bad.append(axis)
+            continue
+        if plain and n == k and base == 1 and s == 1:  # a "pure contraction" axis: kept as it is
+            continue
+        kernel_product *= k
+        swapped_product *= k if n == 1 and s == 1 and dilation == 1 and lo == hi == k - 1 else n
+    return tuple(bad) if kernel_product > swapped_product else ()
+
+
+def lhs_dilated_conv(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    pads: ExplicitPadding | list[tuple[int, int]],
+    lhs_dilation: Pair,
+    rhs_dilation: Pair,
+    groups: int = 1,
+) -> jax.Array:
+    """``lax.conv_general_dilated`` at window stride 1 (NHWC, HWIO), safe from the XLA:CPU abort above.
+
+    On the axes :func:`xla_swap_aborts` names, the input gets one more zero at the high end, which makes the axis
+    an ordinary one, and the one extra output cell that adds is cropped: the same values, one more output row.
+    """
+    pads = [tuple(p) for p in pads]
+    bad = xla_swap_aborts(lhs.shape[1:3], rhs.shape[:2], (1, 1), pads, lhs_dilation, rhs_dilation, groups)
+    padded = [(lo, hi + (axis in bad)) for axis, (lo, hi) in enumerate(pads)]
+    y = lax.conv_general_dilated(
+        lhs,
+        rhs,
+        (1, 1),
+        padded,
+        lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation,
+        dimension_numbers=_DIMENSIONS,
+        feature_group_count=groups,
+    )
+    if not bad:
+        return y
+    n, oh, ow, features = y.shape
+    return lax.slice(y, (0, 0, 0, 0), (n, oh - (0 in bad), ow - (1 in bad), features))
+
+
 def conv_geometry(
     x_shape: tuple[int, ...],
     w_shape: tuple[int, ...],
@@ -93,6 +169,17 @@ def bias_cotangent(dy: jax.Array, b: jax.Array | None) -> jax.Array | None:
     return None if b is None else jnp.sum(dy, axis=(0, 1, 2)).astype(b.dtype)
 
 
+def dx_padding(
+    x_shape: tuple[int, ...], w_shape: tuple[int, ...], stride: Pair, dilation: Pair, pads: ExplicitPadding, out: Pair
+) -> list[Pair]:
+    """Padding of the lhs-dilated ``dy`` in the dx convolution: ``lo = (K - 1) * d - pad_lo``,
+    ``hi = in - 1 - (out - 1) * s + pad_lo`` per axis (either may be < 0)."""
+    return [
+        ((k - 1) * d - p[0], size - 1 - (o - 1) * s + p[0])
+        for k, d, p, size, o, s in zip(w_shape[:2], dilation, pads, x_shape[1:3], out, stride, strict=True)
+    ]
+
+
 def conv2d(
     x: jax.Array,
     w: jax.Array,
@@ -117,10 +204,18 @@ def conv2d(
     Returns:
       ``(N, OH, OW, F)``, in the promoted dtype of the arguments (mixed dtypes are promoted as ``jnp`` does).
     """
-    stride, dilation, pads, _ = conv_geometry(
+    stride, dilation, pads, out = conv_geometry(
         x.shape, w.shape, stride=stride, padding=padding, dilation=dilation, groups=groups
     )
     x, w = promote_with_bias("conv2d", x, w, b)
+    # jax.vjp's dx of this convolution is the lhs-dilated one conv2d_vjp builds; where XLA:CPU would abort on it
+    # (see xla_swap_aborts), pad x here instead: the transpose then starts from zero padding on that axis (and
+    # crops the padding off dx), which XLA compiles
+    bad = xla_swap_aborts(out, w.shape[:2], (1, 1), dx_padding(x.shape, w.shape, stride, dilation, pads, out),
+                          stride, dilation, groups)  # fmt: skip
+    if bad:
+        x = pad_spatial(x, jnp.zeros((), x.dtype), [p if axis in bad else (0, 0) for axis, p in enumerate(pads)])
+        pads = tuple((0, 0) if axis in bad else p for axis, p in enumerate(pads))
     y = lax.conv_general_dilated(
         x,
         w,
@@ -181,28 +276,15 @@ def conv2d_vjp(
 
     # dx: x[i] fed y[o] through tap j exactly when i + pad_lo = o * stride + j * dilation. Spread dy back onto
     # a stride-dilated grid (lhs_dilation) and correlate it with the spatially flipped kernel whose in/out
-    # roles are swapped (per group): a "full" correlation, i.e. the transposed convolution.
-    # Padding per axis: lo = (K - 1) * d - pad_lo, hi = in - 1 - (out - 1) * s + pad_lo (either may be < 0).
+    # roles are swapped (per group): a "full" correlation, i.e. the transposed convolution (padding: dx_padding).
     per_group = features // groups
     w_flipped = (
         w.reshape(kh, kw, in_per_group, groups, per_group)
         .transpose(0, 1, 4, 3, 2)
         .reshape(kh, kw, per_group, groups * in_per_group)[::-1, ::-1]
     )
-    dx_pads = [
-        ((k - 1) * d - p[0], size - 1 - (o - 1) * s + p[0])
-        for k, d, p, size, o, s in zip((kh, kw), dilation, pads, (height, width), out, stride, strict=True)
-    ]
-    dx = lax.conv_general_dilated(
-        dy,
-        w_flipped,
-        (1, 1),
-        dx_pads,
-        lhs_dilation=stride,
-        rhs_dilation=dilation,
-        dimension_numbers=_DIMENSIONS,
-        feature_group_count=groups,
-    )
+    dx_pads = dx_padding(x.shape, w.shape, stride, dilation, pads, out)
+    dx = lhs_dilated_conv(dy, w_flipped, dx_pads, stride, dilation, groups)  # safe from the XLA:CPU abort above
 
     if dw_method == "conv":
         dw = _dw_as_conv(x, dy, (kh, kw), stride, dilation, pads, groups)

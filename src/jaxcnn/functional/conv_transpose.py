@@ -29,7 +29,7 @@ from jax import lax
 from jaxcnn._validate import ExplicitPadding, Padding, Pair, check_rank, explicit_padding, pair
 from jaxcnn.functional._registry import register
 from jaxcnn.functional._windows import pad_spatial, tap_products
-from jaxcnn.functional.conv import add_bias, bias_cotangent, promote_with_bias
+from jaxcnn.functional.conv import add_bias, bias_cotangent, lhs_dilated_conv, promote_with_bias
 
 _DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 
@@ -129,10 +129,10 @@ def conv_transpose2d(
         x.shape, w.shape, stride=stride, padding=padding, dilation=dilation
     )
     x, w = promote_with_bias("conv_transpose2d", x, w, b)
-    y = lax.conv_general_dilated(
-        x, w, (1, 1), pads, lhs_dilation=stride, rhs_dilation=dilation, dimension_numbers=_DIMENSIONS
-    )
-    return add_bias(y, b)
+    # lhs_dilated_conv: lax.conv_general_dilated(x, w, (1, 1), pads, lhs_dilation=stride, rhs_dilation=dilation),
+    # except on the geometries where XLA:CPU would abort (kernel 2, stride 2, no padding on one axis, roughly a kernel
+    # longer than the input on the other; see functional/conv.py), which it computes one output row longer.
+    return add_bias(lhs_dilated_conv(x, w, pads, stride, dilation), b)
 
 
 def conv_transpose2d_vjp(
@@ -175,6 +175,7 @@ def conv_transpose2d_vjp(
     #   dx[i]         = sum_j' dy_pad[i * s + j' * d] . w[K - 1 - j']^T  (a plain strided, dilated correlation
     #                   of dy with the flipped, in/out-swapped kernel: window stride s, exactly H outputs)
     #   dw[K - 1 - j'] = sum_i x[i] (x) dy_pad[i * s + j' * d]          (one GEMM per tap over (n, h, w))
+    # Neither is lhs-dilated, so the XLA:CPU abort the forward avoids (see functional/conv.py) cannot occur here.
     dy_pads = [((k - 1) * d - p[0], (k - 1) * d - p[1]) for k, d, p in zip((kh, kw), dilation, pads, strict=True)]
     w_flipped = w[::-1, ::-1].transpose(0, 1, 3, 2)
     dx = lax.conv_general_dilated(dy, w_flipped, stride, dy_pads, rhs_dilation=dilation, dimension_numbers=_DIMENSIONS)
