@@ -1,6 +1,7 @@
 """Training diagnostics: early stopping (--early-stopping) and per-layer gradient norms and update ratios
 (--log-grad-norms) in metrics.jsonl."""
 
+import dataclasses
 import json
 
 import jax
@@ -9,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxcnn import models, nn, train
+from jaxcnn import data, models, nn, train
 from jaxcnn.train.progress import early_stopping_epoch
 from jaxcnn.train.step import layer_norms, layer_order
 
@@ -43,13 +44,15 @@ def test_fit_stops_early_and_a_resumed_run_stays_stopped(tmp_path, monkeypatch):
         return {"loss": next(scripted), "accuracy": 0.5, "count": 1}
 
     monkeypatch.setattr(train.feed.Replicas, "evaluate", fake_evaluate)
-    config = train.Config(epochs=7, early_stopping=3, learning_rate=0.01)
+    config = train.Config(epochs=7, early_stopping=3, learning_rate=0.01, batch_size=64)
+    digits = data.load("digits")
+    few = dataclasses.replace(digits, x_train=digits.x_train[:128], y_train=digits.y_train[:128])  # 2 steps an epoch
     lines = []
-    state, history = train.fit(config, tmp_path, log=lines.append)
+    state, history = train.fit(config, tmp_path, data=few, log=lines.append)
     assert [r["epoch"] for r in history] == [1, 2, 3, 4, 5]  # best 0.4 at epoch 2, no improvement in 3-5
     assert "early stopping at epoch 5" in lines[-1] and "best 0.4000 at epoch 2" in lines[-1]
     lines = []
-    again, history = train.fit(config.replace(epochs=9), tmp_path, log=lines.append)
+    again, history = train.fit(config.replace(epochs=9), tmp_path, data=few, log=lines.append)
     assert len(history) == 5 and "already stopped at epoch 5" in lines[-1]
     assert int(again.step) == int(state.step)
 
