@@ -43,12 +43,18 @@ def test_inside_stop_on_signals_a_signal_sets_a_flag_and_check_raises():
 
 
 def test_the_cli_in_process_gives_the_handlers_back(tmp_path, capsys):
-    before = {s: signal.getsignal(s) for s in _signals.SIGNALS}
-    assert cli.main(["plot", "--workdir", str(tmp_path / "missing")]) == 2
-    assert cli.main(["train", "--workdir", str(tmp_path / "bad"), "--batch-size", "0"]) == 2
-    capsys.readouterr()
-    assert {s: signal.getsignal(s) for s in _signals.SIGNALS} == before
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # Python's default handlers first: an xdist worker starts with SIGINT ignored (it passed only when another test
+    # had run before it in the same worker)
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        before = {s: signal.getsignal(s) for s in _signals.SIGNALS}
+        assert cli.main(["plot", "--workdir", str(tmp_path / "missing")]) == 2
+        assert cli.main(["train", "--workdir", str(tmp_path / "bad"), "--batch-size", "0"]) == 2
+        capsys.readouterr()
+        assert {s: signal.getsignal(s) for s in _signals.SIGNALS} == before
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, inherited)
 
 
 # -- real processes ----------------------------------------------------------------------------------------------
