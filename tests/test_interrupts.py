@@ -144,7 +144,10 @@ def signalled(environment, signum, where, *args):
     return result
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)])
+# both signals slow (two training processes and a resumed one, about 35 s): the default suite stops runs by a signal
+# while XLA compiles and mid-checkpoint (below), resumes after SIGKILL (test_cli_train.py) and from a mid-epoch
+# checkpoint (test_folder.py)
+@pytest.mark.parametrize("signum", [pytest.param(s, marks=pytest.mark.slow) for s in (signal.SIGTERM, signal.SIGINT)])
 def test_a_signal_mid_epoch_keeps_the_last_checkpoint_and_the_run_resumes_exactly(
     signum, uninterrupted, compile_cache, tmp_path
 ):
