@@ -87,56 +87,6 @@ def rng():
 # the longest single tests, run first so that no worker is left with one of them at the end
 FIRST = ("tests/test_readme.py::test_python_blocks_run", "tests/test_parallel.py::test_two_processes")  # prefixes
 
-# The longest tests of the default suite (about 8-33 s each, measured), longest first. xdist's worksteal gives each
-# of its W workers one contiguous share of the collection and balances by stealing from the ends of the shares, so
-# a long test runs where it sits: these are dealt round-robin to the starts of the W shares (see _Spread), so that
-# no worker gets several of them in a row and none is left last.
-LONGEST = (
-    "tests/test_readme.py::test_python_blocks_run",
-    "tests/test_cli_train.py::test_default_train_reaches",
-    "tests/test_interrupts.py::test_a_signal_mid_epoch",
-    "tests/test_cli_train.py::test_resume_after_sigkill",
-    "tests/test_parallel.py::test_fit_ensemble_members_equal",
-    "tests/test_workdir.py::test_two_trains_on_one_workdir",
-    "tests/test_workdir.py::test_a_checkpoint_write_that_fails",
-    "tests/test_train_deep.py::test_batchnorm_statistics_are_checkpointed",
-    "tests/test_deep.py::test_mixed_model_three_way",
-    "tests/test_cli_train.py::test_train_prints_workdir",
-    "tests/test_gradcheck_points.py::test_correct_models_pass_at_perturbed_points",
-    "tests/test_augment.py::test_fit_with_augmentation",
-    "tests/test_interrupts.py::test_a_signal_while_xla_compiles",
-    "tests/test_cli_train.py::test_corrupt_checkpoint",
-    "tests/test_parallel.py::test_an_ensemble_with_a_learning_rate",
-)
-
-
-class _Spread:
-    """After ``-m`` has deselected: deal the :data:`LONGEST` tests round-robin to the starts of the contiguous
-    shares xdist's worksteal scheduler first sends to each of its workers (the same order in every worker)."""
-
-    @pytest.hookimpl(trylast=True)
-    def pytest_collection_modifyitems(self, config, items):
-        workers = getattr(config, "workerinput", {}).get("workercount")
-        if not workers or workers < 2:
-            return
-        rank = {prefix: i for i, prefix in enumerate(LONGEST)}
-        longest = [item for item in items if item.nodeid.startswith(LONGEST)]
-        longest.sort(key=lambda item: min(r for p, r in rank.items() if item.nodeid.startswith(p)))
-        chosen = {id(item) for item in longest}
-        rest = [item for item in items if id(item) not in chosen]
-        ordered, remaining = [], len(items)
-        for k in range(workers):
-            share = remaining // (workers - k)  # what worksteal sends worker k first
-            head = longest[k::workers]
-            body, rest = rest[: max(share - len(head), 0)], rest[max(share - len(head), 0) :]
-            ordered += head + body
-            remaining -= share
-        items[:] = ordered + rest
-
-
-def pytest_configure(config):
-    config.pluginmanager.register(_Spread(), "jaxcnn-spread-longest")
-
 
 @pytest.hookimpl(tryfirst=True)  # before -m "not slow" deselects
 def pytest_collection_modifyitems(config, items):
