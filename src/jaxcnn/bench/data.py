@@ -20,8 +20,8 @@ import numpy as np
 WARMUP = 2  # batches read before the clock starts
 
 
-def _cpu_seconds() -> tuple[float, bool]:
-    """CPU seconds used so far by this process and its live children, and whether the children were counted."""
+def _cpu_seconds() -> tuple[float, float | None]:
+    """CPU seconds used so far by this process and by its live children (None where /proc cannot be read)."""
     own = time.process_time()
     try:
         ticks = os.sysconf("SC_CLK_TCK")
@@ -30,9 +30,9 @@ def _cpu_seconds() -> tuple[float, bool]:
             with open(f"/proc/{child.pid}/stat") as stat:
                 fields = stat.read().rsplit(")", 1)[1].split()
             total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
-        return own + total, True
+        return own, total
     except (OSError, ValueError, AttributeError):
-        return own, False
+        return own, None
 
 
 def data_bench(
@@ -62,9 +62,11 @@ def data_bench(
       log: called with progress lines.
 
     Returns:
-      ``{"images_per_second", "cpu_ms_per_image", "cpu_counts_workers", "images", "seconds", "workers",
-      "batch_size", "image_size", "files"}``, and with a model ``"data_wait_share"`` (the fraction of the loop's
-      time spent waiting for batches), ``"step_images_per_second"`` and ``"model"``.
+      ``{"images_per_second", "cpu_ms_per_image"`` (this process and its workers), ``"main_cpu_ms_per_image",
+      "worker_cpu_ms_per_image"`` (the decode workers alone; None without workers or /proc),
+      ``"cpu_counts_workers", "images", "seconds", "workers", "batch_size", "image_size", "files"}``, and with a
+      model ``"data_wait_share"`` (the fraction of the loop's time spent waiting for batches),
+      ``"step_images_per_second"`` and ``"model"``.
     """
     from jaxcnn.data.folder import image_folder
     from jaxcnn.data.stream import Batches, StreamSpec, default_workers
@@ -85,7 +87,7 @@ def data_bench(
             batch = next(stream)
             if step is not None:
                 step(batch)
-        cpu_start, counted = _cpu_seconds()
+        own_start, workers_start = _cpu_seconds()
         start, waited = time.perf_counter(), 0.0
         for _ in range(batches):
             asked = time.perf_counter()
@@ -95,14 +97,18 @@ def data_bench(
             if step is not None:
                 step(batch)
         seconds = time.perf_counter() - start
-        cpu_end, counted_end = _cpu_seconds()
+        own_end, workers_end = _cpu_seconds()
     finally:
         stream.close()
     images = batches * batch_size
+    counted = workers_start is not None and workers_end is not None
+    worker_cpu = (workers_end - workers_start) if counted else 0.0
     result = {
         "images_per_second": images / seconds,
-        "cpu_ms_per_image": 1000 * (cpu_end - cpu_start) / images,
-        "cpu_counts_workers": counted and counted_end,
+        "cpu_ms_per_image": 1000 * (own_end - own_start + worker_cpu) / images,
+        "main_cpu_ms_per_image": 1000 * (own_end - own_start) / images,
+        "worker_cpu_ms_per_image": 1000 * worker_cpu / images if counted and workers else None,
+        "cpu_counts_workers": counted,
         "images": images,
         "seconds": seconds,
         "workers": workers,
