@@ -157,13 +157,21 @@ def shard_batch(x: Any, mesh: Mesh, index: np.ndarray | None = None) -> jax.Arra
 
 
 def sharded_batches(
-    x: np.ndarray, y: np.ndarray, batch_size: int, mesh: Mesh, *, key: jax.Array | None = None, prefetch: int = 2
+    x: np.ndarray,
+    y: np.ndarray,
+    batch_size: int,
+    mesh: Mesh,
+    *,
+    key: jax.Array | None = None,
+    prefetch: int = 2,
+    skip: int = 0,
 ) -> Iterator[tuple[jax.Array, jax.Array]]:
-    """:func:`jaxcnn.data.batches` for a mesh: the same batches in the same order, each sharded along the
-    mesh's ``"data"`` axis by :func:`shard_batch`, ``prefetch`` of them placed ahead of use."""
+    """:func:`jaxcnn.data.batches` for a mesh: the same batches in the same order (the first ``skip`` left out),
+    each sharded along the mesh's ``"data"`` axis by :func:`shard_batch`, ``prefetch`` of them placed ahead."""
     num_batches(len(x), batch_size)  # checks batch_size
     if len(x) != len(y):
         raise ValueError(f"x has {len(x)} rows but y has {len(y)}")
     order = np.arange(len(x)) if key is None else epoch_order(key, len(x))
+    order = order[skip * batch_size :]
     indices = (order[start : start + batch_size] for start in range(0, len(order), batch_size))
     return ahead(((shard_batch(x, mesh, i), shard_batch(y, mesh, i)) for i in indices), prefetch)

@@ -52,6 +52,7 @@ def batches(
     key: jax.Array | None = None,
     prefetch: int = 2,
     device: Any = None,
+    skip: int = 0,
 ) -> Iterator[tuple[jax.Array, jax.Array]]:
     """Iterates over one epoch in minibatches placed on a device.
 
@@ -70,20 +71,22 @@ def batches(
         key: PRNG key of the shuffle, or None for the natural order.
         prefetch: Batches transferred ahead (0: each is sent only when asked for).
         device: Where to put the batches (a ``jax.Device`` or ``Sharding``); None for the default device.
+        skip: Leave out the epoch's first ``skip`` batches (a run resumed mid-epoch); nothing of them is gathered.
 
     Yields:
         ``(x_batch, y_batch)`` as ``jax.Array``: ``(b, ...)`` each, ``b = batch_size`` except perhaps last.
 
     Raises:
-        DataError: ``batch_size < 1``, ``prefetch < 0``, or ``x`` and ``y`` of different lengths.
+        DataError: ``batch_size < 1``, ``prefetch < 0``, ``skip < 0``, or ``x`` and ``y`` of different lengths.
     """
     batch_size = _check_count("batch_size", batch_size, 1)
     prefetch = _check_count("prefetch", prefetch, 0)
+    skip = _check_count("skip", skip, 0)
     x, y = np.asarray(x), np.asarray(y)
     if x.ndim == 0 or y.ndim == 0 or len(x) != len(y):
         raise DataError(f"batches: x has shape {x.shape} but y has shape {y.shape}; they need the same length")
     order = np.arange(len(x)) if key is None else epoch_order(key, len(x))
-    return _prefetched(x, y, order, batch_size, prefetch, device)
+    return _prefetched(x, y, order[skip * batch_size :], batch_size, prefetch, device)
 
 
 def _prefetched(

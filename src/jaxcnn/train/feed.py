@@ -45,15 +45,11 @@ class Replicas:
         x, y = self.run.data.train
         key = jax.random.fold_in(self.order_key, epoch)
         size = self.run.config.batch_size
-        order = data_lib.epoch_order(key, len(x))[start * size :]
-        indices = [order[i : i + size] for i in range(0, len(order), size)]
         if self.mesh is None:
-            placed = ((jax.device_put(x[i]), jax.device_put(y[i])) for i in indices)
+            placed = data_lib.batches(x, y, size, key=key, prefetch=PREFETCH, skip=start)
         else:
-            placed = (
-                (distributed.shard_batch(x, self.mesh, i), distributed.shard_batch(y, self.mesh, i)) for i in indices
-            )
-        for k, batch in enumerate(data_lib.ahead(placed, PREFETCH), start=start + 1):
+            placed = distributed.sharded_batches(x, y, size, self.mesh, key=key, prefetch=PREFETCH, skip=start)
+        for k, batch in enumerate(placed, start=start + 1):
             self.position = {"epoch": epoch, "batch": k}
             yield batch
 
