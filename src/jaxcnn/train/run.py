@@ -170,7 +170,7 @@ class Run:
         host (loaded again only to check a checkpoint written that way)."""
         if digest == self.fingerprint:
             return True
-        if self.streamed or self.data.x_train.dtype != np.uint8 or self.config.dataset == "folder":
+        if self.streamed or self.data.x_train.dtype != np.uint8:
             return False
         legacy = data_lib.load(
             self.config.dataset,
