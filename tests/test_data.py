@@ -727,3 +727,13 @@ def test_8_bit_sets_can_stay_uint8_with_their_statistics_recorded(tmp_path):
     plain = load("npz", data_path=path, uint8=True, normalize=False)
     assert plain.mean is None and np.array_equal(plain.x_test, raw.x_test)
     assert load("digits", uint8=True).x_train.dtype == np.float32  # 0..16: not 8-bit pixels
+
+
+def test_batches_can_leave_out_the_first_batches_of_an_epoch():
+    x, y = np.arange(10.0)[:, None], np.arange(10)
+    key = jax.random.key(3)
+    whole = [np.asarray(b) for _, b in batches(x, y, 3, key=key)]
+    tail = [np.asarray(b) for _, b in batches(x, y, 3, key=key, skip=2)]
+    assert len(tail) == 2 and all(np.array_equal(a, b) for a, b in zip(tail, whole[2:], strict=True))
+    with pytest.raises(DataError, match="skip must be an integer >= 0"):
+        batches(x, y, 3, skip=-1)

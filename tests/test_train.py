@@ -453,3 +453,22 @@ def test_resume_refuses_other_data(straight_run):
 def test_more_steps_than_the_step_counter_holds_is_an_error():
     with pytest.raises(ValueError, match="exceeds the int32 step counter"):
         train.fit(train.Config(epochs=2**26, batch_size=32), None, log=None)
+
+
+def test_an_in_memory_run_resumes_mid_epoch_bit_for_bit(tmp_path):
+    import shutil
+
+    dataset = jc.data.load("synthetic", shape=(8, 8, 1), num_classes=3, sizes=(40, 8))
+    config = train.Config(
+        dataset="synthetic", model="image_folders:tiny", epochs=2, batch_size=8, checkpoint_every=2, keep=10
+    )
+    straight, history = train.fit(config, None, data=dataset, log=None)
+    train.fit(config, tmp_path, data=dataset, log=None)
+    for step in (8, 10):  # keep steps 2, 4, 5 and 6 (epoch 2, batch 1 of 5): as if killed after its save
+        shutil.rmtree(tmp_path / "checkpoints" / str(step))
+    lines = []
+    resumed, again = train.fit(config, tmp_path, data=dataset, log=lines.append)
+    assert "from epoch 2, batch 1 of 5 (step 6)" in lines[1]
+    for a, b in zip(jax.tree.leaves(resumed.params), jax.tree.leaves(straight.params), strict=True):
+        assert np.array_equal(a, b)
+    assert [r["train_loss"] for r in again] == [r["train_loss"] for r in history]
