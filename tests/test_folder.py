@@ -430,3 +430,12 @@ def test_predict_takes_files_of_any_size_through_the_evaluation_transform(folder
     model, params, model_state, _ = train.load_model(workdir)
     logits, _ = model.apply(params, model_state, jnp.asarray(x), train=False)
     assert [row["class"] for row in rows] == np.argmax(np.asarray(logits), axis=-1).tolist()
+
+
+def test_a_large_split_is_announced_before_its_header_check(folder, monkeypatch):
+    from jaxcnn.data import folder as folder_module
+
+    monkeypatch.setattr(folder_module, "ANNOUNCED", 10)
+    lines = []
+    image_folder(folder, image_size=8, normalize=False, log=lines.append)
+    assert lines == [f"indexing {folder / 'train'}: checking the headers of 18 files"]

@@ -29,6 +29,7 @@ from jaxcnn.data._dataset import DataError
 SPLITS = ("train", "val")
 SHOWN_BAD = 5  # how many bad files an error message names
 STATS_SAMPLE = 256  # images decoded (evaluation transform) to estimate the channel statistics
+ANNOUNCED = 10_000  # a split at least this large is announced before its header check (about 1 s per 10,000 files)
 
 
 class BadFilesError(DataError):
@@ -190,7 +191,7 @@ def image_folder(
         ``log``) instead of raising :class:`BadFilesError`.
       normalize: estimate per-channel mean and std from a sample of training images (see :class:`ImageFolder`).
       threads: threads for the header check (default: 4 per CPU, at most 32).
-      log: called with a line about skipped files.
+      log: called with a line about skipped files, and before the header check of a split of 10,000 files or more.
 
     Returns:
       an :class:`ImageFolder`.
@@ -217,6 +218,8 @@ def image_folder(
     indexes, bad = {}, []
     for split in SPLITS:
         files = _list_files(base / split, sorted(splits[split]), label_of)
+        if log is not None and len(files) >= ANNOUNCED:  # minutes for a million files: say what is going on
+            log(f"indexing {base / split}: checking the headers of {len(files):,} files")
         good, bad_here = _check_headers(base / split, files, threads)
         bad.extend(bad_here)
         indexes[split] = FolderIndex.of(base / split, good)
