@@ -3,6 +3,7 @@ files), and training from a folder (uint8 batches normalised on the device, exac
 manifest, the CLI's errors)."""
 
 import json
+import multiprocessing
 import os
 import shutil
 import signal
@@ -133,6 +134,13 @@ def test_the_error_names_the_first_five_and_counts_the_rest(folder, tmp_path):
 # -- the stream -----------------------------------------------------------------------------------------------
 
 
+def ignores_sigint(pid: int) -> bool:
+    """Whether process ``pid`` ignores SIGINT (the SigIgn mask of /proc/PID/status)."""
+    with open(f"/proc/{pid}/status") as status:
+        mask = next(line for line in status if line.startswith("SigIgn:")).split()[1]
+    return bool(int(mask, 16) >> (signal.SIGINT - 1) & 1)
+
+
 def take(stream, count):
     return [next(stream) for _ in range(count)]
 
@@ -155,6 +163,9 @@ def test_the_stream_is_the_same_for_any_worker_count_and_resumes_from_its_state(
     pool = Batches(images.train, spec, train=True, epochs=3, workers=2)
     try:
         pooled = take(pool, 10)  # across epoch boundaries
+        # Ctrl-C reaches the workers too: they ignore it (they printed KeyboardInterrupt tracebacks)
+        workers = [child for child in multiprocessing.active_children() if "grain" in child.name]
+        assert workers and all(ignores_sigint(child.pid) for child in workers)
     finally:
         pool.close()
     inline = Batches(images.train, spec, train=True, epochs=3, workers=0)

@@ -162,6 +162,14 @@ def _quiet_absl() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
+def _worker_ignores_sigint(worker_index: int, worker_count: int) -> None:
+    """Ctrl-C reaches every process of the terminal's group: a decode worker leaves it to the training process,
+    which stops at a step and closes the stream, instead of printing a KeyboardInterrupt traceback of its own."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _quiet_resource_tracker() -> None:
     # Grain's workers hand batches over in shared memory that the main process unlinks; Python's resource
     # tracker (started here, before the workers) still counts those blocks and warns at exit of "leaked
@@ -215,7 +223,8 @@ class Batches:
         if workers > 0:
             _quiet_resource_tracker()
             dataset = dataset.mp_prefetch(
-                grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=PREFETCH)
+                grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=PREFETCH),
+                worker_init_fn=_worker_ignores_sigint,
             )
         self._iterator = iter(dataset)
         if state is not None:
