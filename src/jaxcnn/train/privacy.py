@@ -19,7 +19,7 @@ model two different loops:
   batch, so, however the batches are ordered, one epoch is at most one Gaussian mechanism of multiplier ``sigma``
   on that example, and ``E`` epochs compose ``E`` of them (no amplification from the shuffling is claimed, which
   is why the figure is much larger). The neighbouring relation is "zero-out" (one example replaced by one whose
-  clipped gradient is zero; dp_accounting's ``REPLACE_SPECIAL``, Kairouz et al. 2021, appendix D), the relation
+  clipped gradient is zero; dp_accounting's ``REPLACE_SPECIAL``, Kairouz et al. 2021, definition 1.1), the relation
   under which fixed partitions into batches are analysed: adding an example would shift every later batch. A
   started epoch counts as a whole one: ``E = ceil(steps / steps_per_epoch)``, ``steps_per_epoch = ceil(1 / q)``
   (the loop runs the last partial batch too). ``E`` Gaussians of ``sigma`` are exactly one Gaussian of
@@ -28,6 +28,10 @@ model two different loops:
 dp_accounting also has ``SampledWithoutReplacementDpEvent`` (a fresh uniformly random batch of exactly ``B``
 drawn independently at every step, replace-one relation, RDP only). It models neither loop (the shuffled
 loop's batches within an epoch are disjoint, not independent), so it is not offered.
+
+Either figure holds only if the batch's size reveals nothing: a Poisson-sampling step must divide the noisy sum
+by the expected batch size ``q N``, not by the size it drew (the drawn size depends on the data); a shuffled
+step may divide by its batch's size (under zero-out the sizes are fixed by ``N`` and ``B``).
 
 ``accountant="rdp"`` uses dp_accounting's ``RdpAccountant`` with its default orders (fast, a looser upper
 bound); ``"pld"`` its ``PLDAccountant`` (privacy loss distributions, default discretisation 1e-4: a tighter
