@@ -208,24 +208,44 @@ def dp_optimizer(
 
 def make_dp_train_step(
     model: Layer,
+    optimizer: optax.GradientTransformation | None = None,
     *,
     loss_fn: LossFn = softmax_cross_entropy,
-    gradients: str = "autodiff",
+    gradients: str | None = None,
     l2_norm_clip: float | None = None,
-) -> Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, Metrics]]:
+    noise_multiplier: float | None = None,
+    method: str = "ghost",
+    **options: Any,
+) -> Callable[..., tuple[TrainState, Metrics]]:
     """A jit-compiled DP-SGD ``step(state, x, y) -> (new_state, metrics)``.
 
-    The per-example gradients (:func:`per_example_grads`) go to the state's optimizer (``state.tx``), which must
-    aggregate them: create the state with one from :func:`dp_optimizer` (clipping and noise). Example ``i`` of
-    step ``s`` draws its dropout from ``split(fold_in(state.key, s), N)[i]``. A model with running statistics
-    (BatchNorm) is refused: its examples are not independent, so per-example clipping would not bound them.
+    With ``noise_multiplier`` given, this is :func:`jaxcnn.train.dp.make_dp_train_step`: the step clips every
+    example's gradient to ``l2_norm_clip`` (by per-layer ghost norms from the hand rules, ``method="ghost"``,
+    or from ``jax.vmap``-ed per-example gradients, ``method="vmap"``), adds the noise and hands the mean to the
+    state's plain optax optimizer; ``options`` go there (``norm_method``, ``batch_size``, ``input_scaling``,
+    ``augmentation``), and its ``step`` also takes a ``mask``.
 
-    ``metrics``: ``"loss"`` (the batch mean) and ``"accuracy"`` (integer labels) of the training-mode forward
-    passes that gave the gradients (as in :func:`jaxcnn.train.make_train_step`), ``"count"``, ``"grad_norm"`` (the
-    mean per-example norm before clipping) and, with ``l2_norm_clip`` given, ``"clipped"`` (the fraction of
-    examples whose norm exceeded it).
+    Without ``noise_multiplier`` (v0.1's form): the per-example gradients (:func:`per_example_grads`, in mode
+    ``gradients``, default ``"autodiff"``) go to the state's optimizer, which must aggregate them: create the
+    state with one from :func:`dp_optimizer`. Example ``i`` of step ``s`` draws its dropout from
+    ``split(fold_in(state.key, s), N)[i]``; ``metrics`` as in the form above, ``"clipped"`` only with
+    ``l2_norm_clip`` given.
+
+    A model with running statistics (BatchNorm) is refused by both: its examples are not independent, so
+    per-example clipping would not bound them.
     """
-    one = _one_example_fn(model, loss_fn, gradients, train=True)
+    if noise_multiplier is not None or optimizer is not None:
+        from jaxcnn.train import dp
+
+        if l2_norm_clip is None or noise_multiplier is None:
+            raise ValueError("make_dp_train_step needs both l2_norm_clip and noise_multiplier")
+        return dp.make_dp_train_step(
+            model, optimizer, l2_norm_clip=l2_norm_clip, noise_multiplier=noise_multiplier, method=method,
+            gradients=gradients, loss_fn=loss_fn, **options,
+        )  # fmt: skip
+    if options:
+        raise ValueError(f"{sorted(options)} need noise_multiplier (the DP step that clips and noises itself)")
+    one = _one_example_fn(model, loss_fn, gradients or "autodiff", train=True)
 
     def step(state: TrainState, x: jax.Array, y: jax.Array) -> tuple[TrainState, Metrics]:
         if jax.tree.leaves(state.model_state):

@@ -15,7 +15,9 @@ chain rule of the wiring (a chain runs its children in reverse; a sum sends ``dy
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import jax
@@ -35,7 +37,39 @@ from jaxcnn.nn.layer import (
     layer_key,
     layer_path,
     named,
+    path_parts,
 )
+
+
+class Tap(NamedTuple):
+    """One leaf layer's backward as :func:`recording_cotangents` saw it: where the layer sits (``path``, the keys
+    of its parameters in the model's parameter tree), the layer, its parameters, its saved residuals and the
+    cotangent ``dy`` of its output."""
+
+    path: tuple[str, ...]
+    layer: Layer
+    params: Params
+    residuals: Any
+    dy: jax.Array
+
+
+_TAPE: contextvars.ContextVar[tuple[list[Tap], int] | None] = contextvars.ContextVar("jaxcnn_tape", default=None)
+
+
+@contextlib.contextmanager
+def recording_cotangents() -> Iterator[list[Tap]]:
+    """Record, while active, every leaf layer with parameters whose backward a container runs: a list of
+    :class:`Tap`, in the order the backward pass reaches them (last layer first).
+
+    Each leaf's saved input and output cotangent is what DP-SGD's ghost clipping needs (per-example gradient
+    norms, then the clipped sum with the cotangents rescaled). Paths are relative to where recording started.
+    """
+    tape: list[Tap] = []
+    token = _TAPE.set((tape, len(path_parts())))
+    try:
+        yield tape
+    finally:
+        _TAPE.reset(token)
 
 
 class ChildResiduals(NamedTuple):
@@ -178,4 +212,8 @@ class Container(Layer):
         dx, child_grads = check_backward_result(layer_path(name), result, child_params, saved.input_shape.value)
         if name in params:
             grads[name] = child_grads
+            recording = _TAPE.get()
+            if recording is not None and not isinstance(layer, Container):
+                tape, depth = recording
+                tape.append(Tap((*path_parts()[depth:], name), layer, child_params, saved.residuals, dy))
         return dx

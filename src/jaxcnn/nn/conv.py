@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 import jaxcnn.functional as F
 from jaxcnn._validate import Padding, Pair, explicit_padding, pair, positive_int
+from jaxcnn.functional import ghost
 from jaxcnn.functional.conv import conv_geometry
 from jaxcnn.functional.conv_transpose import conv_transpose_geometry
 from jaxcnn.nn.layer import (
@@ -138,6 +139,14 @@ class Conv2D(_Conv):
         dx, dw, db = F.conv2d_vjp(residuals.x, params["kernel"], params.get("bias"), dy, **self._options)
         return dx, kernel_grads(params, dw, db, self.use_bias)
 
+    def per_example_sq_norms(
+        self, params: Params, residuals: ConvResiduals, dy: jax.Array, *, method: str = "auto"
+    ) -> jax.Array:
+        # Gram matrices of the unfolded input and of dy over output cells, or dw_i itself (whichever is smaller)
+        kernel_shape = params["kernel"].shape[:2]
+        options = dict(self._options, kernel_shape=kernel_shape, bias=self.use_bias, method=method)
+        return ghost.conv2d_sq_norms(residuals.x, dy, **options)
+
 
 @dataclass(frozen=True)
 class ConvTranspose2D(_Conv):
@@ -168,3 +177,11 @@ class ConvTranspose2D(_Conv):
     def backward(self, params: Params, residuals: ConvResiduals, dy: jax.Array) -> tuple[jax.Array, Params]:
         dx, dw, db = F.conv_transpose2d_vjp(residuals.x, params["kernel"], params.get("bias"), dy, **self._options)
         return dx, kernel_grads(params, dw, db, self.use_bias)
+
+    def per_example_sq_norms(
+        self, params: Params, residuals: ConvResiduals, dy: jax.Array, *, method: str = "auto"
+    ) -> jax.Array:
+        # the same forms, on the input against the dilated and padded cotangent (see conv_transpose2d_sq_norms)
+        kernel_shape = params["kernel"].shape[:2]
+        options = dict(self._options, kernel_shape=kernel_shape, bias=self.use_bias, method=method)
+        return ghost.conv_transpose2d_sq_norms(residuals.x, dy, **options)

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 import jaxcnn.functional as F
 from jaxcnn._validate import positive_int
+from jaxcnn.functional import ghost
 from jaxcnn.nn.layer import (
     Layer,
     Params,
@@ -65,6 +66,12 @@ class Dense(Layer):
     def backward(self, params: Params, residuals: DenseResiduals, dy: jax.Array) -> tuple[jax.Array, Params]:
         dx, dw, db = F.dense_vjp(residuals.x, params["kernel"], params.get("bias"), dy)
         return dx, kernel_grads(params, dw, db, self.use_bias)
+
+    def per_example_sq_norms(
+        self, params: Params, residuals: DenseResiduals, dy: jax.Array, *, method: str = "auto"
+    ) -> jax.Array:
+        # dW_i = sum_s a_s (x) g_s over example i's positions s: ||a_i||^2 ||g_i||^2 for (N, D) inputs
+        return ghost.dense_sq_norms(residuals.x, dy, bias=self.use_bias, method=method)
 
 
 class FlattenResiduals(NamedTuple):

@@ -142,6 +142,11 @@ def named(name: str) -> Iterator[None]:
         _PATH.reset(token)
 
 
+def path_parts() -> tuple[str, ...]:
+    """The names of the enclosing :func:`named` blocks, outermost first (``("block", "Conv_0")``)."""
+    return _PATH.get()
+
+
 def layer_path(name: str | None = None) -> str:
     """The path of the layer being run (``"block/Conv_0"``): the names of the enclosing :func:`named` blocks,
     then ``name`` when given."""
@@ -192,6 +197,21 @@ class Layer:
         """``(y, residuals, new_state)``; the default calls :meth:`forward` and passes ``state`` through."""
         y, residuals = self.forward(params, x)
         return y, residuals, state
+
+    def per_example_sq_norms(
+        self, params: Params, residuals: Residuals, dy: jax.Array, *, method: str = "auto"
+    ) -> jax.Array:
+        """The squared norm of each example's parameter gradient, ``(N,)``, from the saved ``residuals`` and the
+        output cotangent ``dy`` ``(N, ...)``, without forming the per-example gradients where that is cheaper
+        (:mod:`jaxcnn.functional.ghost`; ``method`` is ``"auto"``, ``"ghost"`` or ``"direct"`` there).
+
+        DP-SGD's ghost clipping (:func:`jaxcnn.train.dp.clipped_grad_sum`) calls it for every layer with
+        parameters. The default serves layers without parameters (zeros); a layer with parameters defines it
+        next to its ``backward``, or DP-SGD with ``method="ghost"`` refuses the model naming the layer.
+        """
+        if not jax.tree.leaves(params):
+            return jnp.zeros(jnp.shape(dy)[:1], jnp.result_type(dy))
+        raise NotImplementedError(f"{type(self).__name__} has parameters but no per_example_sq_norms rule")
 
     # -- what every layer gets -----------------------------------------------------------------------------
 

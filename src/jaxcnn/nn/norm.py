@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 import jaxcnn.functional as F
 from jaxcnn._validate import positive_int
+from jaxcnn.functional import ghost
 from jaxcnn.nn.layer import Layer, Params, Shape, State, Static, check_input_shape, check_key, check_param_keys
 
 
@@ -173,6 +174,13 @@ class LayerNorm(_Normalization):
         )
         return dx, self._grads(params, dscale, dbias)
 
+    def per_example_sq_norms(
+        self, params: Params, residuals: NormResiduals, dy: jax.Array, *, method: str = "auto"
+    ) -> jax.Array:
+        # each example's statistics are its own: exact per-example sums of dy * xhat and dy over its positions
+        options = dict(scale=self.use_scale, bias=self.use_bias, epsilon=self.epsilon)
+        return ghost.layer_norm_sq_norms(residuals.x, dy, **options)
+
 
 @dataclass(frozen=True)
 class GroupNorm(_Normalization):
@@ -215,3 +223,10 @@ class GroupNorm(_Normalization):
             residuals.x, params.get("scale"), params.get("bias"), dy, groups=self.groups, epsilon=self.epsilon
         )
         return dx, self._grads(params, dscale, dbias)
+
+    def per_example_sq_norms(
+        self, params: Params, residuals: NormResiduals, dy: jax.Array, *, method: str = "auto"
+    ) -> jax.Array:
+        # each example's group statistics are its own: exact per-example sums, as for LayerNorm
+        options = dict(groups=self.groups, scale=self.use_scale, bias=self.use_bias, epsilon=self.epsilon)
+        return ghost.group_norm_sq_norms(residuals.x, dy, **options)
