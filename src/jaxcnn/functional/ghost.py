@@ -67,21 +67,29 @@ def _kernel(op: str, kernel_shape: int | Pair) -> Pair:
         raise ValueError(f"{op}: {error}") from None
 
 
-def _outer_sums_sq_norms(a: jax.Array, g: jax.Array, method: str) -> jax.Array:
-    """``sum_groups ||A_ig^T G_ig||^2`` per example, for ``a`` ``(N, groups, P, K)`` and ``g`` ``(N, groups, P, F)``.
+def _outer_sums_sq_norms(taps: list[jax.Array], g: jax.Array, method: str) -> jax.Array:
+    """``sum_groups ||A_ig^T G_ig||^2`` per example, with ``A_ig`` the taps side by side: ``taps`` is a list of
+    ``(N, groups, P, C)`` arrays (a convolution's kernel taps: its unfolded input, one column block per tap) and
+    ``g`` is ``(N, groups, P, F)``.
 
-    ``method`` is ``"auto"``, ``"ghost"`` or ``"direct"`` (see the module docstring for both forms).
+    ``method`` is ``"auto"``, ``"ghost"`` or ``"direct"`` (see the module docstring for both forms). Neither
+    concatenates the taps into the ``(P, K)`` unfolded input: the Gram matrix of ``A_i`` is the sum of the taps'
+    Gram matrices, ``A_i A_i^T = sum_j T_j T_j^T``, and ``W_i = A_i^T G_i`` stacks the taps' blocks
+    ``T_j^T G_i``, so ``||W_i||^2 = sum_j ||T_j^T G_i||^2``. Memory stays at one tap's size.
     """
-    _, _, positions, k = a.shape
+    _, _, positions, channels = taps[0].shape
     if method == "auto":
-        method = norm_method(positions, k, g.shape[-1])
+        method = norm_method(positions, channels * len(taps), g.shape[-1])
     if method == "ghost":
         # sum_{p,q} (A A^T)_{pq} (G G^T)_{pq}; with one position this is ||a||^2 ||g||^2
-        gram_a = jnp.einsum("ngpk,ngqk->ngpq", a, a, precision=_HIGHEST)
+        gram_a = sum(jnp.einsum("ngpc,ngqc->ngpq", t, t, precision=_HIGHEST) for t in taps)
         gram_g = jnp.einsum("ngpf,ngqf->ngpq", g, g, precision=_HIGHEST)
         return jnp.sum(gram_a * gram_g, axis=(1, 2, 3))
-    per_example = jnp.einsum("ngpk,ngpf->ngkf", a, g, precision=_HIGHEST)  # W_i = A_i^T G_i, per group
-    return jnp.sum(per_example * per_example, axis=(1, 2, 3))
+    squares = []
+    for t in taps:  # block j of W_i = A_i^T G_i, per group
+        block = jnp.einsum("ngpc,ngpf->ngcf", t, g, precision=_HIGHEST)
+        squares.append(jnp.sum(block * block, axis=(1, 2, 3)))
+    return sum(squares)
 
 
 def _bias_sq_norms(g: jax.Array) -> jax.Array:
@@ -117,19 +125,18 @@ def dense_sq_norms(a: jax.Array, g: jax.Array, *, bias: bool, method: str = "gho
     dtype = jnp.result_type(a, g)
     a, g = a.astype(dtype), g.astype(dtype)
     n = a.shape[0]
-    norms = _outer_sums_sq_norms(a.reshape(n, 1, -1, a.shape[-1]), g.reshape(n, 1, -1, g.shape[-1]), method)
+    norms = _outer_sums_sq_norms([a.reshape(n, 1, -1, a.shape[-1])], g.reshape(n, 1, -1, g.shape[-1]), method)
     return norms + _bias_sq_norms(g) if bias else norms
 
 
-def _patches(padded: jax.Array, kernel: Pair, dilation: Pair, stride: Pair, out: Pair, groups: int) -> jax.Array:
-    """The unfolded input ``(N, groups, OH * OW, KH * KW * C / groups)``: per output cell, the cells every
-    kernel tap saw in ``padded`` (the rows of ``A_i``), split by feature group."""
-    n, _, _, channels = padded.shape
-    taps = [
-        tap(padded, i * dilation[0], j * dilation[1], stride, out) for i in range(kernel[0]) for j in range(kernel[1])
+def _taps(padded: jax.Array, kernel: Pair, dilation: Pair, stride: Pair, out: Pair, groups: int) -> list[jax.Array]:
+    """The unfolded input as its kernel taps: per tap, ``(N, groups, OH * OW, C / groups)``, the cells that tap saw
+    in ``padded`` for every output cell (tap ``j``'s columns of the rows of ``A_i``), split by feature group."""
+    return [
+        _by_group(tap(padded, i * dilation[0], j * dilation[1], stride, out), groups)
+        for i in range(kernel[0])
+        for j in range(kernel[1])
     ]
-    stacked = jnp.stack(taps, axis=3).reshape(n, out[0] * out[1], len(taps), groups, channels // groups)
-    return stacked.transpose(0, 3, 1, 2, 4).reshape(n, groups, out[0] * out[1], -1)
 
 
 def _by_group(g: jax.Array, groups: int) -> jax.Array:
@@ -184,8 +191,8 @@ def conv2d_sq_norms(
         raise ValueError(f"conv2d_sq_norms: `g` must have shape {(x.shape[0], *out, w_shape[3])}, got {g.shape}")
     dtype = jnp.result_type(x, g)
     x, g = x.astype(dtype), g.astype(dtype)
-    a = _patches(pad_spatial(x, jnp.zeros((), dtype), pads), kernel, dilation, stride, out, groups)
-    norms = _outer_sums_sq_norms(a, _by_group(g, groups), method)
+    taps = _taps(pad_spatial(x, jnp.zeros((), dtype), pads), kernel, dilation, stride, out, groups)
+    norms = _outer_sums_sq_norms(taps, _by_group(g, groups), method)
     return norms + _bias_sq_norms(g) if bias else norms
 
 
@@ -232,8 +239,8 @@ def conv_transpose2d_sq_norms(
     dtype = jnp.result_type(x, g)
     x, g = x.astype(dtype), g.astype(dtype)
     g_pads = [((k - 1) * d - p[0], (k - 1) * d - p[1]) for k, d, p in zip(kernel, dilation, pads, strict=True)]
-    a = _patches(pad_spatial(g, jnp.zeros((), dtype), g_pads), kernel, dilation, stride, x.shape[1:3], 1)
-    norms = _outer_sums_sq_norms(a, _by_group(x, 1), method)
+    taps = _taps(pad_spatial(g, jnp.zeros((), dtype), g_pads), kernel, dilation, stride, x.shape[1:3], 1)
+    norms = _outer_sums_sq_norms(taps, _by_group(x, 1), method)
     return norms + _bias_sq_norms(g) if bias else norms
 
 

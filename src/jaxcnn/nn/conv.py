@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
@@ -23,6 +24,7 @@ from jaxcnn.nn.layer import (
     check_param_keys,
     kernel_and_bias,
     kernel_grads,
+    weighted_kernel_grads,
 )
 
 
@@ -147,6 +149,12 @@ class Conv2D(_Conv):
         options = dict(self._options, kernel_shape=kernel_shape, bias=self.use_bias, method=method)
         return ghost.conv2d_sq_norms(residuals.x, dy, **options)
 
+    def weighted_param_grads(
+        self, params: Params, residuals: ConvResiduals, dy: jax.Array, weights: jax.Array
+    ) -> Params:
+        vjp = functools.partial(F.conv2d_vjp, **self._options)
+        return weighted_kernel_grads(vjp, params, residuals.x, dy, weights, self.use_bias)
+
 
 @dataclass(frozen=True)
 class ConvTranspose2D(_Conv):
@@ -185,3 +193,9 @@ class ConvTranspose2D(_Conv):
         kernel_shape = params["kernel"].shape[:2]
         options = dict(self._options, kernel_shape=kernel_shape, bias=self.use_bias, method=method)
         return ghost.conv_transpose2d_sq_norms(residuals.x, dy, **options)
+
+    def weighted_param_grads(
+        self, params: Params, residuals: ConvResiduals, dy: jax.Array, weights: jax.Array
+    ) -> Params:
+        vjp = functools.partial(F.conv_transpose2d_vjp, **self._options)
+        return weighted_kernel_grads(vjp, params, residuals.x, dy, weights, self.use_bias)

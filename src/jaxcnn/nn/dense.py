@@ -22,6 +22,7 @@ from jaxcnn.nn.layer import (
     check_param_keys,
     kernel_and_bias,
     kernel_grads,
+    weighted_kernel_grads,
 )
 
 
@@ -72,6 +73,11 @@ class Dense(Layer):
     ) -> jax.Array:
         # dW_i = sum_s a_s (x) g_s over example i's positions s: ||a_i||^2 ||g_i||^2 for (N, D) inputs
         return ghost.dense_sq_norms(residuals.x, dy, bias=self.use_bias, method=method)
+
+    def weighted_param_grads(
+        self, params: Params, residuals: DenseResiduals, dy: jax.Array, weights: jax.Array
+    ) -> Params:
+        return weighted_kernel_grads(F.dense_vjp, params, residuals.x, dy, weights, self.use_bias)
 
 
 class FlattenResiduals(NamedTuple):

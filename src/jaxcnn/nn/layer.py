@@ -113,6 +113,31 @@ def kernel_and_bias(key: jax.Array, kernel_shape: Shape, use_bias: bool, dtype: 
     return params
 
 
+def rows(weights: jax.Array, like: jax.Array) -> jax.Array:
+    """``weights`` ``(N,)`` shaped to scale the rows (examples) of ``like`` ``(N, ...)``, in its dtype."""
+    return jnp.reshape(weights, (-1,) + (1,) * (jnp.ndim(like) - 1)).astype(jnp.result_type(like))
+
+
+def weighted_kernel_grads(
+    vjp: Any, params: Params, x: jax.Array, dy: jax.Array, weights: jax.Array, use_bias: bool
+) -> Params:
+    """``sum_i weights[i] * {"kernel": dw_i, "bias": db_i}`` for a layer whose kernel gradient is bilinear in its
+    input ``x`` ``(N, ...)`` and output cotangent ``dy`` ``(N, ..., F)`` (dense, convolutions).
+
+    ``dw(x, w * dy) = dw(w * x, dy)``, so the smaller of the two is scaled (a first convolution's input is far
+    smaller than its output); the bias gradient is ``sum_i w_i sum_p dy_ip``. ``vjp(x, kernel, None, dy)`` is
+    the layer's hand rule, returning ``(dx, dw, None)``; its ``dx`` goes unused (dropped under ``jax.jit``).
+    """
+    if jnp.size(x) < jnp.size(dy):
+        _, dw, _ = vjp(x * rows(weights, x), params["kernel"], None, dy)
+    else:
+        _, dw, _ = vjp(x, params["kernel"], None, dy * rows(weights, dy))
+    db = None
+    if use_bias:
+        db = jnp.einsum("npf,n->f", dy.reshape(dy.shape[0], -1, dy.shape[-1]), weights.astype(dy.dtype))
+    return kernel_grads(params, dw, db, use_bias)
+
+
 def kernel_grads(params: Params, dw: jax.Array, db: jax.Array, use_bias: bool) -> Params:
     """``{"kernel": dw, "bias": db}`` shaped like ``params`` (the bias gradient in the bias's dtype)."""
     grads = {"kernel": dw}
@@ -212,6 +237,17 @@ class Layer:
         if not jax.tree.leaves(params):
             return jnp.zeros(jnp.shape(dy)[:1], jnp.result_type(dy))
         raise NotImplementedError(f"{type(self).__name__} has parameters but no per_example_sq_norms rule")
+
+    def weighted_param_grads(self, params: Params, residuals: Residuals, dy: jax.Array, weights: jax.Array) -> Params:
+        """``sum_i weights[i] * dparams_i``: the parameter gradient with example ``i``'s contribution scaled by
+        ``weights`` ``(N,)`` (DP-SGD's clipped sum, by book-keeping). ``dy`` is ``(N, ...)``.
+
+        The default runs :meth:`backward` on ``dy`` with each example's rows scaled, exact for every layer (each
+        example's parameter gradient is linear in its own cotangent rows); its ``dx`` goes unused, and under
+        ``jax.jit`` XLA drops it. Layers whose weight gradient is also linear in their input scale whichever of
+        the two is smaller (:func:`weighted_kernel_grads`).
+        """
+        return self.backward(params, residuals, dy * rows(weights, dy))[1]
 
     # -- what every layer gets -----------------------------------------------------------------------------
 

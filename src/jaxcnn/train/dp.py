@@ -37,7 +37,7 @@ from jaxcnn import backprop
 from jaxcnn.functional import softmax_cross_entropy
 from jaxcnn.functional.ghost import METHODS as NORM_METHODS
 from jaxcnn.nn.container import Container, Tap, recording_cotangents
-from jaxcnn.nn.layer import Layer, Params, State
+from jaxcnn.nn.layer import Layer, Params, State, rows
 from jaxcnn.train.state import TrainState
 from jaxcnn.train.step import InputScaling, LossFn, Metrics
 
@@ -97,11 +97,6 @@ def _clip_factors(norms: jax.Array, l2_norm_clip: float, mask: jax.Array | None)
     return factors if mask is None else factors * mask.astype(factors.dtype)
 
 
-def _rows(factors: jax.Array, like: jax.Array) -> jax.Array:
-    """``factors`` ``(N,)`` shaped to scale the rows of ``like`` ``(N, ...)``, in its dtype."""
-    return factors.reshape((-1,) + (1,) * (like.ndim - 1)).astype(like.dtype)
-
-
 def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
     for name in path[:-1]:
         tree = tree.setdefault(name, {})
@@ -158,7 +153,7 @@ def ghost_clipped_sum(
     factors = _clip_factors(norms, l2_norm_clip, mask)
     grads: dict = {}
     for tap in tape:  # book-keeping: each layer's weight gradient once more, on its rescaled cotangent
-        _, layer_grads = tap.layer.backward(tap.params, tap.residuals, tap.dy * _rows(factors, tap.dy))
+        layer_grads = tap.layer.weighted_param_grads(tap.params, tap.residuals, tap.dy, factors)
         layer_grads = jax.tree.map(lambda g, p: jnp.asarray(g).astype(p.dtype), layer_grads, tap.params)
         if not tap.path:
             grads = layer_grads
@@ -198,7 +193,7 @@ def vmap_clipped_sum(
     squares = [jnp.sum(jnp.square(g.reshape(g.shape[0], -1)), axis=1) for g in jax.tree.leaves(per_example)]
     norms = jnp.sqrt(sum(s.astype(jnp.promote_types(s.dtype, jnp.float32)) for s in squares))
     factors = _clip_factors(norms, l2_norm_clip, mask)
-    grads = jax.tree.map(lambda g: jnp.sum(g * _rows(factors, g), axis=0).astype(g.dtype), per_example)
+    grads = jax.tree.map(lambda g: jnp.sum(g * rows(factors, g), axis=0).astype(g.dtype), per_example)
     return ClippedSum(losses, predictions, grads, norms)
 
 
