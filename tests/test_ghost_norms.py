@@ -50,7 +50,7 @@ def _dense_check(x, g, w, b, *, bias):
     return reference, [dense_sq_norms(x, g, bias=bias, method=m) for m in ("ghost", "direct", "auto")]
 
 
-@pytest.mark.sample(2)
+@pytest.mark.sample(4)
 @pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("leading", [(), (5,), (2, 3)], ids=["2d", "3d", "4d"])
@@ -103,7 +103,7 @@ def _frozen(options):
     return tuple(sorted(options.items()))
 
 
-@pytest.mark.sample(4)
+@pytest.mark.sample(8)
 @pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("case", _CONV_CASES, ids=[f"conv{i}" for i in range(len(_CONV_CASES))])
@@ -142,7 +142,7 @@ def _transpose_check(x, g, w, b, *, options, bias):
     return reference, [conv_transpose2d_sq_norms(x, g, **opts, bias=bias, method=m) for m in methods]
 
 
-@pytest.mark.sample(2)
+@pytest.mark.sample(4)
 @pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
 @pytest.mark.parametrize("case", _TRANSPOSE_CASES, ids=[f"transpose{i}" for i in range(len(_TRANSPOSE_CASES))])
 def test_conv_transpose2d(case, dtype):
@@ -206,7 +206,7 @@ def _norm_check(x, g, s, b, *, kind, scale, bias):
     return reference, group_norm_sq_norms(x, g, groups=groups, scale=scale, bias=bias, epsilon=1e-3)
 
 
-@pytest.mark.sample(3)
+@pytest.mark.sample(6)
 @pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
 @pytest.mark.parametrize(("scale", "bias"), [(True, True), (True, False), (False, True)])
 @pytest.mark.parametrize(("kind", "shape"), [("layer", (3, 4, 6)), ("group", (3, 3, 2, 4)), ("instance", (2, 5, 4))])
