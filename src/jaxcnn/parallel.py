@@ -19,12 +19,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from jaxcnn import backprop
 from jaxcnn.functional import softmax_cross_entropy
 from jaxcnn.nn.layer import Layer, Params, State
+from jaxcnn.train.dp import check_dp, check_independent
+from jaxcnn.train.dp import make_dp_train_step as dp_step
 from jaxcnn.train.state import TrainState, as_typed_key
 from jaxcnn.train.step import LossFn, Metrics, accuracy_of
 
@@ -167,13 +168,7 @@ def gradient_noise_scale(grads: Params) -> dict[str, jax.Array]:
 
 
 def _check_clip(l2_norm_clip: Any, noise_multiplier: Any = 0.0) -> None:
-    def finite(value: Any) -> bool:
-        return not isinstance(value, bool) and isinstance(value, (int, float)) and bool(np.isfinite(value))
-
-    if not finite(l2_norm_clip) or l2_norm_clip <= 0:
-        raise ValueError(f"l2_norm_clip must be a finite number > 0, got {l2_norm_clip!r}")
-    if not finite(noise_multiplier) or noise_multiplier < 0:
-        raise ValueError(f"noise_multiplier must be a finite number >= 0, got {noise_multiplier!r}")
+    check_dp(l2_norm_clip, noise_multiplier)
 
 
 def clip_per_example(grads: Params, l2_norm_clip: float) -> Params:
@@ -235,11 +230,9 @@ def make_dp_train_step(
     per-example clipping would not bound them.
     """
     if noise_multiplier is not None or optimizer is not None:
-        from jaxcnn.train import dp
-
         if l2_norm_clip is None or noise_multiplier is None:
             raise ValueError("make_dp_train_step needs both l2_norm_clip and noise_multiplier")
-        return dp.make_dp_train_step(
+        return dp_step(
             model, optimizer, l2_norm_clip=l2_norm_clip, noise_multiplier=noise_multiplier, method=method,
             gradients=gradients, loss_fn=loss_fn, **options,
         )  # fmt: skip
@@ -248,11 +241,7 @@ def make_dp_train_step(
     one = _one_example_fn(model, loss_fn, gradients or "autodiff", train=True)
 
     def step(state: TrainState, x: jax.Array, y: jax.Array) -> tuple[TrainState, Metrics]:
-        if jax.tree.leaves(state.model_state):
-            raise ValueError(
-                "DP-SGD needs independent examples; this model keeps running statistics (BatchNorm), use "
-                "GroupNorm or LayerNorm instead"
-            )
+        check_independent(state.model_state)
         key = jax.random.fold_in(state.key, state.step)
         keys = jax.random.split(key, x.shape[0])
         example = lambda xi, yi, ki: one(state.params, state.model_state, xi[None], yi[None], ki)  # noqa: E731

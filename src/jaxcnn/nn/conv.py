@@ -53,6 +53,24 @@ class _Conv(Layer):
     padding: Padding = "SAME"
     dilation: int | Pair = 1
     geometry: ClassVar[Callable[..., tuple]]  # validates the arguments, gives the output size
+    # the hand rule (x, w, b, dy, **options) -> (dx, dw, db) and the per-example squared norms of (x, dy)
+    vjp_rule: ClassVar[Callable[..., tuple]]
+    sq_norms_rule: ClassVar[Callable[..., jax.Array]]
+
+    def per_example_sq_norms(
+        self, params: Params, residuals: ConvResiduals, dy: jax.Array, *, method: str = "auto"
+    ) -> jax.Array:
+        # Gram matrices of the unfolded input and of dy over positions, or dw_i itself, whichever is smaller
+        # (conv2d_sq_norms; conv_transpose2d_sq_norms: the same forms with input and padded cotangent swapped)
+        kernel_shape = params["kernel"].shape[:2]
+        options = dict(self._options, kernel_shape=kernel_shape, bias=self.use_bias, method=method)
+        return self.sq_norms_rule(residuals.x, dy, **options)
+
+    def weighted_param_grads(
+        self, params: Params, residuals: ConvResiduals, dy: jax.Array, weights: jax.Array
+    ) -> Params:
+        vjp = functools.partial(self.vjp_rule, **self._options)
+        return weighted_kernel_grads(vjp, params, residuals.x, dy, weights, self.use_bias)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "features", positive_int(self.features, "features"))
@@ -114,6 +132,8 @@ class Conv2D(_Conv):
 
     name_prefix: ClassVar[str] = "Conv"
     geometry = staticmethod(conv_geometry)
+    vjp_rule = staticmethod(F.conv2d_vjp)
+    sq_norms_rule = staticmethod(ghost.conv2d_sq_norms)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -141,20 +161,6 @@ class Conv2D(_Conv):
         dx, dw, db = F.conv2d_vjp(residuals.x, params["kernel"], params.get("bias"), dy, **self._options)
         return dx, kernel_grads(params, dw, db, self.use_bias)
 
-    def per_example_sq_norms(
-        self, params: Params, residuals: ConvResiduals, dy: jax.Array, *, method: str = "auto"
-    ) -> jax.Array:
-        # Gram matrices of the unfolded input and of dy over output cells, or dw_i itself (whichever is smaller)
-        kernel_shape = params["kernel"].shape[:2]
-        options = dict(self._options, kernel_shape=kernel_shape, bias=self.use_bias, method=method)
-        return ghost.conv2d_sq_norms(residuals.x, dy, **options)
-
-    def weighted_param_grads(
-        self, params: Params, residuals: ConvResiduals, dy: jax.Array, weights: jax.Array
-    ) -> Params:
-        vjp = functools.partial(F.conv2d_vjp, **self._options)
-        return weighted_kernel_grads(vjp, params, residuals.x, dy, weights, self.use_bias)
-
 
 @dataclass(frozen=True)
 class ConvTranspose2D(_Conv):
@@ -177,6 +183,8 @@ class ConvTranspose2D(_Conv):
 
     name_prefix: ClassVar[str] = "ConvTranspose"
     geometry = staticmethod(conv_transpose_geometry)
+    vjp_rule = staticmethod(F.conv_transpose2d_vjp)
+    sq_norms_rule = staticmethod(ghost.conv_transpose2d_sq_norms)
 
     def forward(self, params: Params, x: jax.Array) -> tuple[jax.Array, ConvResiduals]:
         self._check_x(params, x)
@@ -185,17 +193,3 @@ class ConvTranspose2D(_Conv):
     def backward(self, params: Params, residuals: ConvResiduals, dy: jax.Array) -> tuple[jax.Array, Params]:
         dx, dw, db = F.conv_transpose2d_vjp(residuals.x, params["kernel"], params.get("bias"), dy, **self._options)
         return dx, kernel_grads(params, dw, db, self.use_bias)
-
-    def per_example_sq_norms(
-        self, params: Params, residuals: ConvResiduals, dy: jax.Array, *, method: str = "auto"
-    ) -> jax.Array:
-        # the same forms, on the input against the dilated and padded cotangent (see conv_transpose2d_sq_norms)
-        kernel_shape = params["kernel"].shape[:2]
-        options = dict(self._options, kernel_shape=kernel_shape, bias=self.use_bias, method=method)
-        return ghost.conv_transpose2d_sq_norms(residuals.x, dy, **options)
-
-    def weighted_param_grads(
-        self, params: Params, residuals: ConvResiduals, dy: jax.Array, weights: jax.Array
-    ) -> Params:
-        vjp = functools.partial(F.conv_transpose2d_vjp, **self._options)
-        return weighted_kernel_grads(vjp, params, residuals.x, dy, weights, self.use_bias)

@@ -78,7 +78,8 @@ def check_dp(l2_norm_clip: Any, noise_multiplier: Any, method: Any = "ghost") ->
         raise ValueError(f"unknown DP method {method!r}; known: {', '.join(METHODS)}")
 
 
-def _check_independent(state: State) -> None:
+def check_independent(state: State) -> None:
+    """ValueError in one line when the model keeps running statistics (its examples are not independent)."""
     if jax.tree.leaves(state):
         raise ValueError(
             "DP-SGD needs independent examples; this model keeps running statistics (BatchNorm), use "
@@ -236,7 +237,7 @@ def clipped_grad_sum(
     gradients = _gradients_for(method, gradients)
     if norm_method not in NORM_METHODS:
         raise ValueError(f"unknown norm_method {norm_method!r}; known: {', '.join(NORM_METHODS)}")
-    _check_independent(state)
+    check_independent(state)
     if x.shape[0] != y.shape[0] or (mask is not None and mask.shape != (x.shape[0],)):
         raise ValueError(
             f"x, y (and mask) need one leading batch size, got x {tuple(x.shape)}, y {tuple(y.shape)}"
@@ -319,7 +320,7 @@ def dp_step_function(
         check_augmentation(**augmentation)
 
     def step(state: TrainState, x: jax.Array, y: jax.Array, mask: jax.Array | None = None):
-        _check_independent(state.model_state)
+        check_independent(state.model_state)
         key = jax.random.fold_in(state.key, state.step)
         if input_scaling is not None:
             x = input_scaling(x)
