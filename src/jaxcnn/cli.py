@@ -58,7 +58,7 @@ _TRAIN_FLAGS: dict[str, tuple[type, str]] = {
     "image_size": (int, "side of the square images an image folder is cropped and resized to"),
     "data_workers": (int, "processes decoding an image folder (0: in the training process)"),
     "checkpoint_every": (int, "also checkpoint every this many steps within an epoch (exact mid-epoch resume)"),
-    "dp_clip": (float, "DP-SGD: clip each example's gradient to this L2 norm (needs --dp-noise or --dp-target-epsilon)"),
+    "dp_clip": (float, "DP-SGD: clip each example's gradient to this L2 norm (with --dp-noise or --dp-target-epsilon)"),
     "dp_noise": (float, "DP-SGD noise multiplier sigma: N(0, (sigma C)^2) on the clipped sum"),
     "dp_delta": (float, "DP-SGD delta of the (epsilon, delta) guarantee"),
     "dp_target_epsilon": (float, "DP-SGD: choose the noise multiplier that spends this epsilon over --epochs"),

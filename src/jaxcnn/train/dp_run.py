@@ -63,10 +63,10 @@ def check_config(config: Any) -> None:
             "dp_target_epsilon",
         )
     refused = {
-        "ensemble": (config.ensemble > 1, "an ensemble"),
+        "ensemble": (config.ensemble > 1, f"ensemble {config.ensemble}"),
         "dtype": (config.dtype != "float32", f"dtype {config.dtype!r} (DP-SGD computes in float32)"),
         "remat": (config.remat, "remat"),
-        "dataset": (config.dataset in STREAMED_DATASETS, "a streamed image folder (its batches are not counted)"),
+        "dataset": (config.dataset in STREAMED_DATASETS, f"dataset {config.dataset!r} (a streamed image folder)"),
     }
     for name, (bad, what) in refused.items():
         if bad:
@@ -121,6 +121,11 @@ class PrivatePlan:
             steps=steps,
         )
 
+    @property
+    def step_key(self) -> tuple:
+        """What the compiled step depends on (a run of more epochs or another delta reuses it)."""
+        return (self.clip, self.noise, self.method, self.gradients, self.sampling, self.batch_size)
+
     def describe(self) -> str:
         """One line for the run's log: the mechanism, and which sampling the accountant assumes."""
         noise = f"noise {self.noise:.6g}"
@@ -159,7 +164,9 @@ def plan_of(config: Any, n: int, steps_per_epoch: int) -> PrivatePlan | None:
         return None
     rate = min(1.0, config.batch_size / n)
     if privacy.steps_per_epoch(rate) != steps_per_epoch:  # the accountant's epochs must be the loop's
-        raise ValueError(f"the accountant's epoch ({privacy.steps_per_epoch(rate)}) is not the loop's ({steps_per_epoch})")
+        raise ValueError(
+            f"the accountant's epoch ({privacy.steps_per_epoch(rate)} steps) is not the loop's ({steps_per_epoch})"
+        )
     delta = config.dp_delta if config.dp_delta is not None else privacy.default_delta(n)
     planned = config.epochs * steps_per_epoch
     options = dict(sampling_rate=rate, delta=delta, accountant=config.dp_accountant, sampling=config.dp_sampling)

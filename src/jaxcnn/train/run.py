@@ -280,6 +280,15 @@ NONCOMPILING = (
     "data_workers",
     "skip_bad_files",
     "checkpoint_every",
+    # a DP run's step depends on its resolved plan, which compiled_steps' key carries (PrivatePlan.step_key: the
+    # noise a target epsilon chose too), not on how its flags gave it
+    "dp_clip",
+    "dp_noise",
+    "dp_target_epsilon",
+    "dp_delta",
+    "dp_method",
+    "dp_sampling",
+    "dp_accountant",
 )
 _CACHE: dict[tuple, Any] = {}
 _CACHE_KEPT = 8
@@ -317,7 +326,8 @@ def cached_optimizer(config: Config, steps_per_epoch: int) -> tuple[Any, Any]:
 def compiled_steps(run: Run, mesh: Any) -> tuple[Callable, Callable]:
     """The jitted train and eval steps of ``run``, shared by every run in this process with the same
     :func:`compile_key` (so a resumed or repeated run compiles nothing again)."""
-    key = ("steps", *compile_key(run.config, run.model, run.steps_per_epoch, mesh), run.input_scaling, run.privacy)
+    key = ("steps", *compile_key(run.config, run.model, run.steps_per_epoch, mesh), run.input_scaling)
+    key += (run.privacy.step_key,) if run.privacy is not None else ()
     return _cached(key, lambda: _make_steps(run, mesh))
 
 
