@@ -4,7 +4,6 @@ target epsilon met; every refused flag or combination one line with exit code 2.
 
 import contextlib
 import io
-import json
 import math
 
 import dp_accounting
@@ -81,12 +80,20 @@ def test_resume_continues_params_and_ledger_bit_for_bit(shuffled, tmp_path):
     for a, b in zip(state_leaves(train.restore(workdir)), state_leaves(train.restore(straight)), strict=True):
         assert a.dtype == b.dtype and np.array_equal(a, b)
     ledgers = [Checkpointer(w / "checkpoints").read_meta(2 * STEPS)["privacy"] for w in (workdir, straight)]
-    assert ledgers[0] == ledgers[1] == dict(
-        noise_multiplier=NOISE, sampling_rate=RATE, delta=1e-4, accountant="rdp", sampling="shuffle", steps=2 * STEPS
+    assert (
+        ledgers[0]
+        == ledgers[1]
+        == dict(
+            noise_multiplier=NOISE,
+            sampling_rate=RATE,
+            delta=1e-4,
+            accountant="rdp",
+            sampling="shuffle",
+            steps=2 * STEPS,
+        )
     )
-    assert train.read_metrics(workdir) == [
-        dict(r, seconds=s["seconds"]) for r, s in zip(train.read_metrics(straight), train.read_metrics(workdir))
-    ]
+    resumed, reference = train.read_metrics(workdir), train.read_metrics(straight)
+    assert resumed == [dict(r, seconds=s["seconds"]) for r, s in zip(reference, resumed, strict=True)]
 
 
 def test_poisson_sampling_is_accounted_as_poisson(tmp_path):
@@ -113,7 +120,8 @@ def test_target_epsilon_is_met_and_fixes_the_epochs(tmp_path):
 
 def test_resuming_with_other_dp_settings_is_refused(shuffled, capsys):
     workdir, _ = shuffled
-    for flags, message in ((["--dp-noise", "2"], f"dp_noise: {NOISE!r} -> 2.0"), (["--dp-sampling", "poisson"], "poisson")):
+    changes = ((["--dp-noise", "2"], f"dp_noise: {NOISE!r} -> 2.0"), (["--dp-sampling", "poisson"], "poisson"))
+    for flags, message in changes:
         assert cli.main(["train", "--workdir", str(workdir), *flags]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "cannot resume" in err and message in err
@@ -134,6 +142,7 @@ REFUSED = {
     ),
     "target without clip": (["--dp-target-epsilon", "3"], "--dp-target-epsilon is for DP-SGD: give --dp-clip"),
     "noise without clip": (["--dp-noise", "1"], "--dp-noise is for DP-SGD: give --dp-clip"),
+    "sampling without clip": (["--dp-sampling", "poisson"], "--dp-sampling is for DP-SGD: give --dp-clip"),
     "clip alone": (["--dp-clip", "1"], "--dp-clip needs --dp-noise (the noise multiplier) or --dp-target-epsilon"),
     "batchnorm": ([*DP, "--model", "resnet20_cifar"], "model resnet20_cifar keeps running statistics (BatchNorm)"),
     "ensemble": ([*DP, "--ensemble", "2"], "DP-SGD (--dp-clip) cannot train with --ensemble 2"),
@@ -157,11 +166,9 @@ def test_refused_dp_flags_are_one_line_and_exit_2(case, tmp_path, capsys):
     assert not workdir.exists()
 
 
-def test_dp_flags_without_dp_clip_are_dropped_with_a_warning():
+def test_log_grad_norms_is_dropped_with_a_warning():
+    """Per-layer gradient norms of a DP run would publish what its noise hides."""
     said = []
-    config = _train_flags.resolve({"dp_method": "vmap", "dp_sampling": "poisson"}, None, said.append)
-    assert (config.dp_method, config.dp_sampling) == ("ghost", "shuffle")  # config.json keeps describing the run
-    assert said == [
-        f"jaxcnn train: warning: --dp-{name} has no effect with --dp-clip None (ignored, not saved)"
-        for name in ("method", "sampling")
-    ]
+    config = _train_flags.resolve({"dp_clip": 1.0, "dp_noise": 1.0, "log_grad_norms": True}, None, said.append)
+    assert config.log_grad_norms is False  # config.json keeps describing the run
+    assert said == ["jaxcnn train: warning: --log-grad-norms has no effect with --dp-clip 1.0 (ignored, not saved)"]

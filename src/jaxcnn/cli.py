@@ -132,7 +132,7 @@ def _train_run(args: argparse.Namespace) -> int:
     # inferred, refused or dropped with a warning; a preset's values go under the flags given
     given = _overrides(args)
     config = _train_flags.resolve(given, saved, note, preset=args.preset)
-    dp_run.check_gradients_flag(config, given)
+    dp_run.check_given(config, given)
     if distributed and not args.workdir:
         raise ValueError("a multi-process run needs --workdir (the same directory for every process)")
     placement = ""

@@ -19,6 +19,7 @@ import numpy as np
 
 from jaxcnn._validate import is_int
 from jaxcnn.backprop import GRADIENTS
+from jaxcnn.train.dp_run import DP_ACCOUNTANTS, DP_FIXED, DP_METHODS, DP_SAMPLINGS, check_config  # noqa: F401
 
 # the optimizer, schedule and loss a config makes, importable from here as before they moved
 from jaxcnn.train.optimizer import decayed_leaves, make_loss, make_optimizer, make_schedule  # noqa: F401
@@ -27,14 +28,6 @@ OPTIMIZERS = ("adam", "adamw", "momentum", "nesterov", "rmsprop", "sgd")
 SCHEDULES = ("constant", "cosine", "exponential", "warmup_cosine")
 DTYPES = ("float32", "bfloat16")
 DATASETS = ("cifar10", "digits", "fashion_mnist", "folder", "mnist", "npz", "synthetic")
-
-# DP-SGD (jaxcnn.train.dp): its methods, the accountant's samplings and accountants (jaxcnn.train.privacy)
-DP_METHODS = ("ghost", "vmap")
-DP_SAMPLINGS = ("shuffle", "poisson")
-DP_ACCOUNTANTS = ("rdp", "pld")
-# the DP fields a resumed run must keep: its privacy ledger counts steps of this mechanism (the method may change,
-# as the gradient mode may: both compute the same clipped, noised update)
-DP_FIXED = ("dp_clip", "dp_noise", "dp_delta", "dp_target_epsilon", "dp_sampling", "dp_accountant")
 
 # Fields a resumed run must share with the run it continues: its checkpoints hold this model's parameters for
 # this data set, in this optimizer's state; its random stream comes from this seed, and its data order and
@@ -158,21 +151,12 @@ class Config:
       checkpoint_every: also write a checkpoint every this many steps (>= 1) within an epoch, with the data
         stream's position, so that a run stopped or killed mid-epoch resumes exactly where it was; None writes
         one at the end of each epoch only.
-      dp_clip: train by DP-SGD (:mod:`jaxcnn.train.dp`): clip every example's gradient to this L2 norm (> 0);
-        None trains without privacy. Needs ``dp_noise`` or ``dp_target_epsilon``, a model without running
-        statistics, one device, float32, no ensemble and no remat (see :mod:`jaxcnn.train.dp_run`).
-      dp_noise: the noise multiplier sigma (> 0): Gaussian noise of standard deviation ``sigma * dp_clip`` on the
-        clipped sum.
-      dp_delta: the delta of the (epsilon, delta) guarantee, in (0, 1); None: 1/N rounded down to a power of ten
-        (:func:`jaxcnn.train.privacy.default_delta`).
-      dp_target_epsilon: choose the noise multiplier that spends this epsilon (> 0) over the planned steps
-        (``epochs`` x steps per epoch) at the default delta, instead of ``dp_noise``.
-      dp_method: ``"ghost"`` (per-example norms from the hand rules; it runs the hand reverse pass and ignores
-        ``gradients``) or ``"vmap"`` (per-example gradients by ``jax.vmap`` in the mode ``gradients`` names).
-      dp_sampling: how the loop draws batches and the accountant counts them: ``"shuffle"`` (the loop's
-        shuffled fixed batches; a proven, larger bound) or ``"poisson"`` (each example joins each step with
-        probability ``batch_size / N``, padded batches with a mask; the accountant's figure is exact).
-      dp_accountant: ``"rdp"`` or ``"pld"`` (:mod:`jaxcnn.train.privacy`).
+      dp_clip: train by DP-SGD, each example's gradient clipped to this L2 norm (> 0); None: no privacy. With
+        ``dp_noise`` (the noise multiplier sigma > 0) or ``dp_target_epsilon`` (the epsilon > 0 to spend over
+        ``epochs``, which chooses sigma); ``dp_delta`` in (0, 1) (None: 1/N rounded down to a power of ten);
+        ``dp_method`` ``"ghost"`` (the hand reverse pass; ``gradients`` unused) or ``"vmap"``; ``dp_sampling``
+        ``"shuffle"`` (the loop's batches, a proven bound) or ``"poisson"`` (padded masked batches, exact);
+        ``dp_accountant`` ``"rdp"`` or ``"pld"``. What each means and what it excludes: :mod:`jaxcnn.train.dp_run`.
     """
 
     model: str = "mnist_cnn"
@@ -280,8 +264,6 @@ class Config:
             raise ConfigError(
                 f"ensemble {self.ensemble} from seed {self.seed} needs seeds past 2**32 - 1", "ensemble", "seed"
             )
-        from jaxcnn.train.dp_run import check_config
-
         check_config(self)
         switches = ("normalize", "remat", "log_grad_norms", "augment_flip", "skip_bad_files", "decay_norms_and_biases")
         for name in switches:
@@ -419,8 +401,6 @@ def ignored_fields(config: Config) -> dict[str, str]:
         ignored["decay_norms_and_biases"] = "weight_decay"
     if config.dp_clip is not None:  # per-layer norms of a DP run's gradients would leak what the noise hides
         ignored["log_grad_norms"] = "dp_clip"
-    else:
-        ignored.update(dict.fromkeys(("dp_method", "dp_sampling", "dp_accountant"), "dp_clip"))
     if config.dataset not in STREAMED_DATASETS:
         ignored.update(dict.fromkeys(("image_size", "data_workers", "skip_bad_files"), "dataset"))
     return ignored

@@ -29,13 +29,19 @@ from typing import Any
 
 from jaxcnn.train import privacy
 
+DP_METHODS = ("ghost", "vmap")  # jaxcnn.train.dp's
+DP_SAMPLINGS = ("shuffle", "poisson")
+DP_ACCOUNTANTS = ("rdp", "pld")  # jaxcnn.train.privacy's
+# the DP fields a resumed run must keep: its privacy ledger counts steps of one mechanism (the method may change,
+# as the gradient mode may: both compute the same clipped, noised update)
+DP_FIXED = ("dp_clip", "dp_noise", "dp_delta", "dp_target_epsilon", "dp_sampling", "dp_accountant")
 EXCLUSIVE = ("dp_noise", "dp_target_epsilon")
 
 
 def check_config(config: Any) -> None:
     """Raise :class:`jaxcnn.train.config.ConfigError` (one line, naming the fields) for DP fields that are bad
     alone or together, or a run DP-SGD cannot honour (an ensemble, mixed precision, remat, a streamed folder)."""
-    from jaxcnn.train.config import DP_ACCOUNTANTS, DP_METHODS, DP_SAMPLINGS, STREAMED_DATASETS, ConfigError
+    from jaxcnn.train.config import STREAMED_DATASETS, ConfigError
 
     for name, known in (("dp_method", DP_METHODS), ("dp_sampling", DP_SAMPLINGS), ("dp_accountant", DP_ACCOUNTANTS)):
         if getattr(config, name) not in known:
@@ -73,9 +79,15 @@ def check_config(config: Any) -> None:
             raise ConfigError(f"DP-SGD (dp_clip) cannot train with {what}", "dp_clip", name)
 
 
-def check_gradients_flag(config: Any, given: dict[str, Any]) -> None:
-    """ValueError when ``--gradients`` was typed with a DP method that cannot use it: ``"ghost"`` is the hand
-    reverse pass itself (``--gradients engine``)."""
+def check_given(config: Any, given: dict[str, Any]) -> None:
+    """ValueError for flags typed (``given``, field -> value) that ``config``'s run would not honour: a DP flag
+    without DP-SGD (``--dp-sampling poisson`` alone must not look like a private run), or ``--gradients`` with a
+    DP method that cannot use it (``"ghost"`` is the hand reverse pass itself, ``--gradients engine``)."""
+    if config.dp_clip is None:
+        typed = [name for name in ("dp_method", "dp_sampling", "dp_accountant") if name in given]
+        if typed:
+            flag = "--" + typed[0].replace("_", "-")
+            raise ValueError(f"{flag} is for DP-SGD: give --dp-clip (the clipping norm) too")
     typed = given.get("gradients")
     if config.dp_clip is not None and config.dp_method == "ghost" and typed not in (None, "engine"):
         raise ValueError(
