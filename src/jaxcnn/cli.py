@@ -58,6 +58,13 @@ _TRAIN_FLAGS: dict[str, tuple[type, str]] = {
     "image_size": (int, "side of the square images an image folder is cropped and resized to"),
     "data_workers": (int, "processes decoding an image folder (0: in the training process)"),
     "checkpoint_every": (int, "also checkpoint every this many steps within an epoch (exact mid-epoch resume)"),
+    "dp_clip": (float, "DP-SGD: clip each example's gradient to this L2 norm (with --dp-noise or --dp-target-epsilon)"),
+    "dp_noise": (float, "DP-SGD noise multiplier sigma: N(0, (sigma C)^2) on the clipped sum"),
+    "dp_delta": (float, "DP-SGD delta of the (epsilon, delta) guarantee"),
+    "dp_target_epsilon": (float, "DP-SGD: choose the noise multiplier that spends this epsilon over --epochs"),
+    "dp_method": (str, "DP-SGD per-example clipping: ghost (norms from the hand rules) or vmap (per-example grads)"),
+    "dp_sampling": (str, "DP-SGD batches: shuffle (fixed batches, proven bound) or poisson (padded, exact figure)"),
+    "dp_accountant": (str, "DP-SGD privacy accountant (dp_accounting): rdp or pld (tighter, slower)"),
 }
 
 # on/off Config fields: --name / --no-name
@@ -77,6 +84,10 @@ _DEFAULT_TEXT = {
     "early_stopping": "off",
     "data_workers": "one per CPU but one",
     "checkpoint_every": "off",
+    "dp_clip": "off",
+    "dp_noise": "none",
+    "dp_delta": "1/N rounded down to a power of ten",
+    "dp_target_epsilon": "none",
 }
 
 
@@ -109,6 +120,7 @@ def _train_run(args: argparse.Namespace) -> int:
     import jax
 
     from jaxcnn import _signals, train
+    from jaxcnn.train import dp_run
 
     _signals.check("while starting; nothing was written")  # joining the peers and importing JAX take a while
     primary = jax.process_index() == 0
@@ -118,7 +130,9 @@ def _train_run(args: argparse.Namespace) -> int:
     saved = train.read_config(workdir) if (workdir / train.loop.CONFIG_FILE).exists() else None
     note = (lambda line: print(line, file=sys.stderr, flush=True)) if primary else (lambda line: None)
     # inferred, refused or dropped with a warning; a preset's values go under the flags given
-    config = _train_flags.resolve(_overrides(args), saved, note, preset=args.preset)
+    given = _overrides(args)
+    config = _train_flags.resolve(given, saved, note, preset=args.preset)
+    dp_run.check_given(config, given)
     if distributed and not args.workdir:
         raise ValueError("a multi-process run needs --workdir (the same directory for every process)")
     placement = ""
@@ -127,9 +141,10 @@ def _train_run(args: argparse.Namespace) -> int:
         placement = f", data parallel over {_plural(count, 'device')}"
         if distributed:
             placement += f" in {jax.process_count()} processes"
+    gradients = config.gradients if config.dp_clip is None or config.dp_method == "vmap" else "engine"
     say(
         f"training {config.model} on {config.dataset}: {_plural(config.epochs, 'epoch')}, batch {config.batch_size}, "
-        f"{config.optimizer} lr {config.learning_rate:g} ({config.schedule}), gradients {config.gradients}"
+        f"{config.optimizer} lr {config.learning_rate:g} ({config.schedule}), gradients {gradients}"
         + (f", {config.dtype}" if config.dtype != "float32" else "")
         + (", remat" if config.remat else "")
         + (f", ensemble of {config.ensemble}" if config.ensemble > 1 else "")
@@ -167,9 +182,14 @@ def _say_done(say, config, step: int, history: list[dict], workdir: Path) -> Non
             f"test loss {_number(member['test_loss'])}"
         )
     which = "ensemble " if "members" in last else ""
+    private = ""
+    if "epsilon" in last:
+        from jaxcnn.train.progress import epsilon_text
+
+        private = f", epsilon {epsilon_text(last)} (delta {last['delta']:g})"
     say(
         f"done: {which}test accuracy {_number(last.get('test_accuracy'))}, test loss {_number(last.get('test_loss'))} "
-        f"after {_plural(last['epoch'], 'epoch')} ({steps}); workdir {workdir}"
+        f"after {_plural(last['epoch'], 'epoch')} ({steps}){private}; workdir {workdir}"
     )
 
 
@@ -189,6 +209,9 @@ def _add_train(commands) -> None:
         "schedule": config.SCHEDULES,
         "gradients": config.GRADIENTS,
         "dtype": config.DTYPES,
+        "dp_method": config.DP_METHODS,
+        "dp_sampling": config.DP_SAMPLINGS,
+        "dp_accountant": config.DP_ACCOUNTANTS,
     }
     defaults = config.Config()
     parser = commands.add_parser(

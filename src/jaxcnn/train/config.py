@@ -19,6 +19,7 @@ import numpy as np
 
 from jaxcnn._validate import is_int
 from jaxcnn.backprop import GRADIENTS
+from jaxcnn.train.dp_run import DP_ACCOUNTANTS, DP_FIXED, DP_METHODS, DP_SAMPLINGS, check_config  # noqa: F401
 
 # the optimizer, schedule and loss a config makes, importable from here as before they moved
 from jaxcnn.train.optimizer import decayed_leaves, make_loss, make_optimizer, make_schedule  # noqa: F401
@@ -30,10 +31,11 @@ DATASETS = ("cifar10", "digits", "fashion_mnist", "folder", "mnist", "npz", "syn
 
 # Fields a resumed run must share with the run it continues: its checkpoints hold this model's parameters for
 # this data set, in this optimizer's state; its random stream comes from this seed, and its data order and
-# per-epoch schedule from this batch size; an ensemble's checkpoints hold its K members. Everything else (more
+# per-epoch schedule from this batch size; an ensemble's checkpoints hold its K members; a DP run's privacy
+# ledger counts steps of one mechanism (DP_FIXED). Everything else (more
 # epochs, a new learning rate or schedule, another gradient mode, the devices it runs on) may change on resume;
 # the data themselves are checked by fingerprint.
-RESUME_FIXED = ("model", "dataset", "optimizer", "seed", "batch_size", "ensemble")
+RESUME_FIXED = ("model", "dataset", "optimizer", "seed", "batch_size", "ensemble", *DP_FIXED)
 
 # Each step of an ensemble trains every member (K runs' work per step, K copies of the state): beyond this, train
 # the members as several runs (seeds SEED, SEED + K, ...), which is the same computation.
@@ -149,6 +151,12 @@ class Config:
       checkpoint_every: also write a checkpoint every this many steps (>= 1) within an epoch, with the data
         stream's position, so that a run stopped or killed mid-epoch resumes exactly where it was; None writes
         one at the end of each epoch only.
+      dp_clip: train by DP-SGD, each example's gradient clipped to this L2 norm (> 0); None: no privacy. With
+        ``dp_noise`` (the noise multiplier sigma > 0) or ``dp_target_epsilon`` (the epsilon > 0 to spend over
+        ``epochs``, which chooses sigma); ``dp_delta`` in (0, 1) (None: 1/N rounded down to a power of ten);
+        ``dp_method`` ``"ghost"`` (the hand reverse pass; ``gradients`` unused) or ``"vmap"``; ``dp_sampling``
+        ``"shuffle"`` (the loop's batches, a proven bound) or ``"poisson"`` (padded masked batches, exact);
+        ``dp_accountant`` ``"rdp"`` or ``"pld"``. What each means and what it excludes: :mod:`jaxcnn.train.dp_run`.
     """
 
     model: str = "mnist_cnn"
@@ -186,6 +194,13 @@ class Config:
     data_workers: int | None = None
     skip_bad_files: bool = False
     checkpoint_every: int | None = None
+    dp_clip: float | None = None
+    dp_noise: float | None = None
+    dp_delta: float | None = None
+    dp_target_epsilon: float | None = None
+    dp_method: str = "ghost"
+    dp_sampling: str = "shuffle"
+    dp_accountant: str = "rdp"
 
     def __post_init__(self) -> None:
         # numpy scalars (np.int64(3)) are accepted and stored as Python numbers, so the config stays JSON-able
@@ -249,6 +264,7 @@ class Config:
             raise ConfigError(
                 f"ensemble {self.ensemble} from seed {self.seed} needs seeds past 2**32 - 1", "ensemble", "seed"
             )
+        check_config(self)
         switches = ("normalize", "remat", "log_grad_norms", "augment_flip", "skip_bad_files", "decay_norms_and_biases")
         for name in switches:
             if not isinstance(getattr(self, name), bool):
@@ -312,11 +328,14 @@ class Config:
 
     def resume_conflicts(self, saved: Config) -> list[str]:
         """The fields in :data:`RESUME_FIXED` where this config differs from ``saved`` (``"model: a -> b"``)."""
-        return [
+        conflicts = [
             f"{name}: {getattr(saved, name)!r} -> {getattr(self, name)!r}"
             for name in RESUME_FIXED
             if getattr(saved, name) != getattr(self, name)
         ]
+        if self.dp_target_epsilon is not None and saved.epochs != self.epochs:  # its noise was chosen for them
+            conflicts.append(f"epochs: {saved.epochs} -> {self.epochs} (dp_target_epsilon chose the noise for them)")
+        return conflicts
 
 
 def _check_model(model: Any) -> None:
@@ -380,6 +399,8 @@ def ignored_fields(config: Config) -> dict[str, str]:
         ignored["decay_rate"] = "schedule"
     if config.weight_decay == 0:
         ignored["decay_norms_and_biases"] = "weight_decay"
+    if config.dp_clip is not None:  # per-layer norms of a DP run's gradients would leak what the noise hides
+        ignored["log_grad_norms"] = "dp_clip"
     if config.dataset not in STREAMED_DATASETS:
         ignored.update(dict.fromkeys(("image_size", "data_workers", "skip_bad_files"), "dataset"))
     return ignored

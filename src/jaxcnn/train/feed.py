@@ -1,11 +1,12 @@
 """How batches reach a run's compiled steps, and where the run's data stream stands.
 
-Three feeds share one interface for :mod:`jaxcnn.train.loop`: ``place(state)``, ``batches(epoch, start)`` (the
+Four feeds share one interface for :mod:`jaxcnn.train.loop`: ``place(state)``, ``batches(epoch, start)`` (the
 epoch's batches from its ``start``-th on, each put on the device ahead of use), ``position`` (where the stream
 stands after the last batch handed out: a JSON-able record a checkpoint keeps) and ``evaluate(state)``.
 
 * :class:`Replicas`: an in-memory data set, one model, on the default device or data-parallel over a mesh.
 * :class:`Ensemble`: an in-memory data set, K models in one vmapped step.
+* :class:`Poisson`: a DP run's Poisson-sampled, padded and masked batches from an in-memory data set.
 * :class:`Stream`: an image folder read through Grain (:mod:`jaxcnn.data.stream`); uint8 batches, normalised
   on the device; in a multi-process run each process reads its slice and the global batch is assembled with
   ``jax.make_array_from_process_local_data``.
@@ -59,6 +60,43 @@ class Replicas:
 
     def close(self) -> None:
         pass
+
+
+class Poisson(Replicas):
+    """A DP run's Poisson-sampled batches (``dp_sampling="poisson"``, see :mod:`jaxcnn.train.dp_run`): step ``s``
+    takes every example with probability ``q`` from ``fold_in(data_key, s)``, padded to the plan's size; each
+    batch is ``(x, y, mask)``. An epoch's draws are made on the device at once and read back to check that each
+    fits (an overflow stops the run, never truncates a batch) and to gather its rows on the host."""
+
+    def __init__(self, run: Run):
+        super().__init__(run, None)
+        from jaxcnn.data.poisson import poisson_batch
+
+        plan, n = run.privacy, len(run.data.y_train)
+
+        def draw(key: jax.Array, steps: jax.Array) -> Any:
+            keys = jax.vmap(lambda s: jax.random.fold_in(key, s))(steps)
+            sample = lambda k: poisson_batch(k, n, sampling_rate=plan.sampling_rate, max_batch_size=plan.padded_batch)  # noqa: E731
+            return jax.vmap(sample)(keys)
+
+        self._draw = jax.jit(draw)
+
+    def batches(self, epoch: int, start: int = 0) -> Iterator[tuple[jax.Array, ...]]:
+        from jaxcnn.data.poisson import PoissonBatch, check_fits
+
+        x, y = self.run.data.train
+        first = (epoch - 1) * self.run.steps_per_epoch  # the global step of the epoch's first batch
+        steps = np.arange(first + start, first + self.run.steps_per_epoch, dtype=np.uint32)
+        indices, masks, counts = jax.device_get(self._draw(self.order_key, steps))
+        check_fits(PoissonBatch(indices, masks, counts.max(initial=0)), self.run.privacy.padded_batch)
+
+        def placed():
+            for k, (rows, mask) in enumerate(zip(indices, masks, strict=True), start=start + 1):
+                yield k, jax.device_put(x[rows]), jax.device_put(y[rows]), jax.device_put(mask)
+
+        for k, *batch in data_lib.ahead(placed(), PREFETCH):
+            self.position = {"epoch": epoch, "batch": k}
+            yield tuple(batch)
 
 
 class Ensemble(Replicas):

@@ -115,6 +115,8 @@ def fit(
         if devices is not None or jax.process_count() > 1:
             if config.ensemble > 1:
                 raise ValueError("an ensemble trains on one device: --ensemble cannot be combined with --devices")
+            if config.dp_clip is not None:
+                raise ValueError("DP-SGD trains on one device: --dp-clip cannot be combined with --devices")
             mesh = distributed.data_mesh(devices)
         return _fit(config, Path(workdir) if workdir is not None else None, model, data, log, progress, mesh)
 
@@ -140,8 +142,11 @@ def _fit(
     state = run.initial_state()
     stop_if_interrupted("while starting, before any step; nothing was written", collective=True)
     session = Session(directory, config, primary, say)
+    if run.privacy is not None:
+        say(run.privacy.describe())
     driver = feed.Ensemble(run) if config.ensemble > 1 else feed.Stream(run, mesh, say) if run.streamed else None
-    driver = driver or feed.Replicas(run, mesh)
+    poisson = run.privacy is not None and run.privacy.sampling == "poisson"
+    driver = driver or (feed.Poisson(run) if poisson else feed.Replicas(run, mesh))
     try:
         check = None
         if isinstance(driver, feed.Stream):
@@ -216,8 +221,8 @@ def _train_epoch(
         losses.resume(resume["metrics"])
     every = run.config.checkpoint_every if session.directory is not None else None
     bar.start(epoch, run.config.epochs, run.steps_per_epoch)
-    for x, y in driver.batches(epoch, start):
-        state, metrics = driver.train_step(state, x, y)  # the first call compiles
+    for batch in driver.batches(epoch, start):  # (x, y), or (x, y, mask) for a DP run's Poisson batches
+        state, metrics = driver.train_step(state, *batch)  # the first call compiles
         losses.add(metrics)
         if every is not None and (losses.step + losses.pending) % every == 0:
             if driver.position["batch"] < run.steps_per_epoch:  # the epoch's end has its own checkpoint
@@ -262,6 +267,8 @@ def _record(
         "learning_rate": json_number(float(run.schedule(step - 1))),
         "seconds": round(time.perf_counter() - started, 3),
     }
+    if run.privacy is not None:  # the accountant's figure after the steps so far (privacy.PrivacyLedger)
+        record.update(epsilon=json_number(run.privacy.ledger(step).epsilon()), delta=run.privacy.delta)
     order = layer_order(run.model)
     for kind in ("grad_norms", "update_ratios"):
         if kind in train:

@@ -63,11 +63,17 @@ def summary(record: dict[str, Any], epochs: int) -> str:
     if "members" in record:
         accuracies = ["n/a" if m["test_accuracy"] is None else f"{m['test_accuracy']:.4f}" for m in record["members"]]
         members = f" (ensemble; members {' '.join(accuracies)})"
+    private = f"  epsilon {epsilon_text(record)} (delta {record['delta']:g})" if "epsilon" in record else ""
     return (
         f"epoch {record['epoch']}/{epochs}  step {record['step']}  train loss {number('train_loss')} "
         f"acc {number('train_accuracy')}  test loss {number('test_loss')} acc {number('test_accuracy')}{members}  "
-        f"lr {record['learning_rate']:.3g}  {record['seconds']:.1f}s"
+        f"lr {record['learning_rate']:.3g}{private}  {record['seconds']:.1f}s"
     )
+
+
+def epsilon_text(record: dict[str, Any]) -> str:
+    """A DP run's epsilon as the log shows it (4 significant digits; ``metrics.jsonl``'s None is ``inf``)."""
+    return "inf" if record["epsilon"] is None else f"{record['epsilon']:.4g}"
 
 
 class LossWatch:

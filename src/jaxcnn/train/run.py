@@ -150,6 +150,12 @@ class Run:
             raise ValueError(
                 f"epochs ({config.epochs}) x steps per epoch ({self.steps_per_epoch}) exceeds the int32 step counter"
             )
+        self.privacy = None  # a DP run's plan (jaxcnn.train.dp_run): its step, sampling and ledger
+        if config.dp_clip is not None:
+            from jaxcnn.train import dp_run
+
+            dp_run.check_model(self.signature, config.model if model is None else model_label(self.model))
+            self.privacy = dp_run.plan_of(config, len(self.data.y_train), self.steps_per_epoch)
         self.optimizer, self.schedule = cached_optimizer(config, self.steps_per_epoch)
         limits.check_state_memory(config, self.initial_state, self.data.num_classes)  # before allocating it
         self._fingerprint: str | None = None
@@ -274,6 +280,15 @@ NONCOMPILING = (
     "data_workers",
     "skip_bad_files",
     "checkpoint_every",
+    # a DP run's step depends on its resolved plan, which compiled_steps' key carries (PrivatePlan.step_key: the
+    # noise a target epsilon chose too), not on how its flags gave it
+    "dp_clip",
+    "dp_noise",
+    "dp_target_epsilon",
+    "dp_delta",
+    "dp_method",
+    "dp_sampling",
+    "dp_accountant",
 )
 _CACHE: dict[tuple, Any] = {}
 _CACHE_KEPT = 8
@@ -312,12 +327,16 @@ def compiled_steps(run: Run, mesh: Any) -> tuple[Callable, Callable]:
     """The jitted train and eval steps of ``run``, shared by every run in this process with the same
     :func:`compile_key` (so a resumed or repeated run compiles nothing again)."""
     key = ("steps", *compile_key(run.config, run.model, run.steps_per_epoch, mesh), run.input_scaling)
+    key += (run.privacy.step_key,) if run.privacy is not None else ()
     return _cached(key, lambda: _make_steps(run, mesh))
 
 
 def _make_steps(run: Run, mesh: Any) -> tuple[Callable, Callable]:
     options = step_options(run.config, run.input_scaling)
     loss_fn = options.loss_fn  # the test loss is the training loss (label smoothing included)
+    if run.privacy is not None:  # one device, one model (dp_run.check_config, fit)
+        evaluation = make_eval_step(run.model, loss_fn=loss_fn, input_scaling=run.input_scaling)
+        return run.privacy.train_step(run.model, options), evaluation
     if run.config.ensemble > 1:
         from jaxcnn.train.ensemble import make_ensemble_eval_step, make_ensemble_train_step
 

@@ -102,7 +102,7 @@ class Session:
             append_line(self.directory / METRICS_FILE, json.dumps(record) + "\n", metrics_text(history))
             if first:  # the first good epoch of this invocation: its config becomes the run's
                 write_atomically(self.directory / CONFIG_FILE, self.config.to_json())
-        meta = dict(run.meta(record["epoch"]), **self.extra_meta)
+        meta = dict(run.meta(record["epoch"]), **self.extra_meta, **_ledger(run, state))
         if position is not None:
             meta["position"] = position
         # every process takes part; orbax writes it once
@@ -113,7 +113,7 @@ class Session:
         position and the epoch's metrics so far (``position["metrics"]``), so that a resume continues exactly."""
         if self.directory is None:
             return
-        meta = dict(run.meta(epoch - 1), **self.extra_meta, position=position)
+        meta = dict(run.meta(epoch - 1), **self.extra_meta, **_ledger(run, state), position=position)
         self.checkpointer.save(state, meta)
 
     def close(self) -> None:
@@ -121,6 +121,11 @@ class Session:
             self.checkpointer.close()
         if self.lock is not None:
             self.lock.release()
+
+
+def _ledger(run: Run, state: TrainState) -> dict[str, Any]:
+    """A DP run's privacy ledger after the state's steps, for its checkpoint's JSON (``{}`` without DP)."""
+    return {} if run.privacy is None else {"privacy": run.privacy.ledger(step_number(state)).to_json()}
 
 
 def lock_workdir(directory: Path, primary: bool) -> WorkdirLock | None:
@@ -208,3 +213,6 @@ def check_meta(meta: dict[str, Any], run: Run, checkpointer: Checkpointer) -> No
             "normalisation switched); resume with the same data, or use a new workdir"
         )
     check_signature(meta.get("params"), run.model, run.input_shape, f"checkpoint {where}")
+    from jaxcnn.train.dp_run import check_ledger
+
+    check_ledger(meta.get("privacy"), run.privacy, int(meta["step"]), str(where))
