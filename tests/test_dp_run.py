@@ -15,7 +15,7 @@ from dp_accounting.rdp import rdp_privacy_accountant
 
 from jaxcnn import _train_flags, cli, train
 from jaxcnn.data import poisson
-from jaxcnn.train import privacy
+from jaxcnn.train import dp_run, privacy
 from jaxcnn.train.checkpoint import Checkpointer
 
 N, BATCH, STEPS = 1437, 479, 3  # the digits' training set, a batch dividing it (one shape to compile), steps/epoch
@@ -118,6 +118,14 @@ def test_target_epsilon_is_met_and_fixes_the_epochs(tmp_path):
     assert code == 2
 
 
+def test_a_target_epsilon_is_met_at_the_given_delta():
+    config = train.Config(dp_clip=1.0, dp_target_epsilon=3.0, dp_delta=1e-5, epochs=2, batch_size=32)
+    plan = dp_run.plan_of(config, 1437, privacy.steps_per_epoch(32 / 1437))
+    assert plan.delta == 1e-5 and plan.target_epsilon == 3.0
+    options = dict(sampling_rate=32 / 1437, delta=1e-5, accountant="rdp", sampling="shuffle")
+    assert plan.noise == privacy.noise_for_epsilon(3.0, steps=plan.planned_steps, **options)
+
+
 def test_resuming_with_other_dp_settings_is_refused(shuffled, capsys):
     workdir, _ = shuffled
     changes = ((["--dp-noise", "2"], f"dp_noise: {NOISE!r} -> 2.0"), (["--dp-sampling", "poisson"], "poisson"))
@@ -132,10 +140,6 @@ REFUSED = {
     "noise < 0": (["--dp-clip", "1", "--dp-noise", "-1"], "--dp-noise must be a finite number > 0, got -1.0"),
     "delta 1": (["--dp-clip", "1", "--dp-noise", "1", "--dp-delta", "1"], "--dp-delta must be a number in (0, 1)"),
     "delta 0": (["--dp-clip", "1", "--dp-noise", "1", "--dp-delta", "0"], "--dp-delta must be a number in (0, 1)"),
-    "delta and target": (
-        ["--dp-clip", "1", "--dp-target-epsilon", "3", "--dp-delta", "1e-5"],
-        "give --dp-delta or --dp-target-epsilon, not both",
-    ),
     "noise and target": (
         ["--dp-clip", "1", "--dp-noise", "1", "--dp-target-epsilon", "3"],
         "give --dp-noise or --dp-target-epsilon, not both",

@@ -62,12 +62,6 @@ def check_config(config: Any) -> None:
         raise ConfigError("give dp_noise or dp_target_epsilon, not both (the target chooses the noise)", *EXCLUSIVE)
     if all(getattr(config, name) is None for name in EXCLUSIVE):
         raise ConfigError("dp_clip needs dp_noise (the noise multiplier) or dp_target_epsilon", "dp_clip", *EXCLUSIVE)
-    if config.dp_delta is not None and config.dp_target_epsilon is not None:
-        raise ConfigError(
-            "give dp_delta or dp_target_epsilon, not both (the target is met at the default delta)",
-            "dp_delta",
-            "dp_target_epsilon",
-        )
     refused = {
         "ensemble": (config.ensemble > 1, f"ensemble {config.ensemble}"),
         "dtype": (config.dtype != "float32", f"dtype {config.dtype!r} (DP-SGD computes in float32)"),
