@@ -35,8 +35,10 @@ import optax
 
 import jaxcnn as jc
 from jaxcnn import nn
-from jaxcnn.data import poisson
-from jaxcnn.train import dp, privacy
+from jaxcnn.train import dp
+
+# jaxcnn.data.poisson and jaxcnn.train.privacy are imported where they are used: with scipy.stats and dp_accounting
+# they take about 2 s to import, which --help need not wait for
 
 EXPECTED_BATCH = 64
 CLIP = 1.0
@@ -72,9 +74,13 @@ class Setup:
     Poisson sampler (each DP run compiles only its own step, whose noise multiplier is a constant of it)."""
 
     def __init__(self, data: jc.data.Dataset, epochs: int):
+        from jaxcnn.data import poisson
+        from jaxcnn.train import privacy
+
         self.data, self.epochs = data, epochs
         self.n = len(data.y_train)
         self.rate = EXPECTED_BATCH / self.n
+        self.delta = privacy.default_delta(self.n)
         self.steps_per_epoch = privacy.steps_per_epoch(self.rate)
         self.padded = poisson.padded_batch_size(self.n, self.rate, epochs * self.steps_per_epoch)
         self.model = dp_digits_cnn(data.num_classes)
@@ -103,19 +109,21 @@ class Setup:
 def train_private(setup: Setup, noise: float, seed: int) -> list[dict]:
     """DP-SGD on Poisson-sampled batches: per epoch the test accuracy, the epsilon spent, the fraction of examples
     whose gradient norm exceeded the clip and their mean norm before clipping (means over examples)."""
+    from jaxcnn.data.poisson import check_fits
+    from jaxcnn.train.privacy import PrivacyLedger
+
     init_key, sampling_key = jax.random.split(jax.random.key(seed))
     state = setup.state(init_key)
     step = dp.make_dp_train_step(
         setup.model, state.tx, l2_norm_clip=CLIP, noise_multiplier=noise, method="ghost", batch_size=EXPECTED_BATCH
     )
-    delta = privacy.default_delta(setup.n)
-    ledger = privacy.PrivacyLedger(noise, setup.rate, delta, accountant=ACCOUNTANT, sampling="poisson")
+    ledger = PrivacyLedger(noise, setup.rate, setup.delta, accountant=ACCOUNTANT, sampling="poisson")
     history = []
     for epoch in range(1, setup.epochs + 1):
         clipped, norms, counts = [], [], []
         for index in range(setup.steps_per_epoch):
             x, y, mask, batch = setup.draw(jax.random.fold_in(sampling_key, ledger.steps + index))
-            poisson.check_fits(batch, setup.padded)  # an overflow is an error, never a truncation
+            check_fits(batch, setup.padded)  # an overflow is an error, never a truncation
             state, metrics = step(state, x, y, mask)
             clipped.append(metrics["clipped"])
             norms.append(metrics["grad_norm"])
@@ -245,7 +253,7 @@ def _setting(setup: Setup, epochs: int) -> dict:
         "steps_per_epoch": setup.steps_per_epoch,
         "padded_batch": setup.padded,
         "l2_norm_clip": CLIP,
-        "delta": privacy.default_delta(setup.n),
+        "delta": setup.delta,
         "accountant": ACCOUNTANT,
         "method": "ghost",
         "optimizer": f"sgd {LEARNING_RATE}, momentum 0.9",
