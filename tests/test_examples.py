@@ -19,6 +19,7 @@ EXAMPLES = {
     "activations": ["activations.png", "results.json", "results.md"],
     "alternatives": ["alternatives.png", "results.json", "results.md"],
     "autoencoder": ["reconstructions.png", "loss.png", "results.json", "results.md"],
+    "dp_sgd": ["dp_sgd.png", "results.json", "results.md"],
     "overfitting": ["overfitting.png", "results.json", "results.md"],
     "rnn_vs_cnn": ["rnn_vs_cnn.png", "results.json", "results.md"],
     "vanishing_gradients": ["vanishing_gradients.png", "results.json", "results.md"],
@@ -68,6 +69,35 @@ def test_alternatives_table_reports_accuracy_per_second_and_per_evaluation(tmp_p
         )
     evaluations = {row["method"]: row["forward_evaluations"] for row in rows}
     assert evaluations == {"backprop": 150, "es": 150 * 64, "forward": 150 * 16, "spsa": 150 * 64}
+
+
+@pytest.mark.slow
+def test_dp_sgd_reports_each_epochs_poisson_epsilon_as_dp_accounting_computes_it(tmp_path):
+    from dp_accounting import dp_event, rdp
+
+    subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "dp_sgd.py"), "--quick", "--output", str(tmp_path)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert (result["sampling"], result["method"], result["accountant"]) == ("poisson", "ghost", "rdp")
+    q, delta, steps_per_epoch = result["sampling_rate"], result["delta"], result["steps_per_epoch"]
+    assert (q, delta, steps_per_epoch) == (64 / 1437, 1e-4, 23)
+    finals = []
+    for row in result["rows"]:
+        sigma, history = row["noise_multiplier"], result["history"][str(row["noise_multiplier"])]
+        assert [h["steps"] for h in history] == [steps_per_epoch * h["epoch"] for h in history]
+        for h in history:  # the accountant's figure for Poisson sampling, computed here without jaxcnn
+            event = dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(sigma))
+            accountant = rdp.RdpAccountant().compose(dp_event.SelfComposedDpEvent(event, h["steps"]))
+            assert h["epsilon"] == pytest.approx(accountant.get_epsilon(delta), rel=1e-9)
+            assert 0 <= h["clipped"] <= 1 and abs(h["mean_batch"] - 64) < 8  # Poisson batches of mean q N = 64
+        assert [h["epsilon"] for h in history] == sorted({h["epsilon"] for h in history})  # grows every epoch
+        assert row["test_accuracy"] < result["non_private"]["test_accuracy"]  # the ceiling
+        finals.append((sigma, row["epsilon"]))
+    assert [e for _, e in sorted(finals)] == sorted((e for _, e in finals), reverse=True)  # more noise, less spent
 
 
 def test_the_readme_links_every_example_with_a_figure():
