@@ -39,7 +39,16 @@ import numpy as np
 import optax
 
 from jaxcnn import models, nn
-from jaxcnn.bench.contenders import LEARNING_RATE, MOMENTUM, Options, Runner, _jax_runner, _jaxcnn_runner, torch_device
+from jaxcnn.bench.contenders import (
+    LEARNING_RATE,
+    MOMENTUM,
+    Options,
+    Runner,
+    _jax_runner,
+    _jaxcnn_runner,
+    torch_device,
+    torch_timed,
+)
 from jaxcnn.bench.harness import _batch, _ready, _rows, _time_rounds
 from jaxcnn.bench.report import machine, peak_memory
 from jaxcnn.interop.torch import torch_module
@@ -243,19 +252,12 @@ def _opacus_runner(model, input_shape, x, y, clip: float, sigma: float) -> Runne
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
-    def run(steps: int) -> None:
+    def step():
         with quiet():
-            for _ in range(steps):
-                optimizer.zero_grad(set_to_none=True)
-                loss = criterion(module(images), labels)
-                loss.backward()
-                optimizer.step()
-            loss.item()  # the device sync
+            optimizer.zero_grad(set_to_none=True)
+            loss = criterion(module(images), labels)
+            loss.backward()
+            optimizer.step()
+        return loss
 
-    def memory() -> dict[str, int] | None:  # read after the warm-up steps
-        if device != "cuda":
-            return None
-        return {"peak_allocated_bytes": int(torch.cuda.max_memory_allocated())}
-
-    run.memory = memory  # type: ignore[attr-defined]
-    return run
+    return torch_timed(step, device)

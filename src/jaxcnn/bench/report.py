@@ -51,12 +51,18 @@ def _memory_text(memory: dict[str, int] | None) -> str:
     return f"{memory['peak_allocated_bytes'] / 2**20:,.1f} peak"
 
 
+def _machine_line(machine: dict[str, Any]) -> str:
+    return (
+        f"Machine: {machine['processor']}, {machine['cpu_count']} CPUs, backend {machine['backend']} "
+        f"({', '.join(sorted(set(machine['devices'])))}); {machine['platform']}"
+    )
+
+
 def markdown(result: dict[str, Any]) -> str:
     """The result as a Markdown table (median img/s, ratio, compile time) with the machine and settings."""
     machine, settings = result["machine"], result["settings"]
     lines = [
-        f"Machine: {machine['processor']}, {machine['cpu_count']} CPUs, backend {machine['backend']} "
-        f"({', '.join(sorted(set(machine['devices'])))}); {machine['platform']}",
+        _machine_line(machine),
         f"Versions: python {machine['python']}, jax {machine['jax']}, flax {machine['flax']}, "
         f"optax {machine['optax']}, torch {machine['torch']}",
         f"Settings: batch {settings['batch_size']}, {settings['rounds']} interleaved rounds of "
@@ -91,8 +97,7 @@ def dp_markdown(result: dict[str, Any]) -> str:
     and a line per contender that did not run."""
     machine, settings = result["machine"], result["settings"]
     lines = [
-        f"Machine: {machine['processor']}, {machine['cpu_count']} CPUs, backend {machine['backend']} "
-        f"({', '.join(sorted(set(machine['devices'])))}); {machine['platform']}",
+        _machine_line(machine),
         f"Versions: python {machine['python']}, jax {machine['jax']}, optax {machine['optax']}, torch "
         f"{machine['torch']}, opacus {machine.get('opacus')}, jax_privacy {machine.get('jax_privacy')}",
         f"Settings: batch {settings['batch_size']}, {settings['rounds']} interleaved rounds of {settings['steps']} "
