@@ -92,7 +92,8 @@ def run_dp(
     Returns:
       ``{"machine", "settings", "results", "skipped", "memory"}`` as :func:`jaxcnn.bench.run` gives, every row's
       ratio taken to ``jaxcnn-engine`` (the non-private step), with ``"what"`` (what it computes),
-      ``"time_ratio"`` (its median step time over the non-private one's) and ``"temp_ratio"`` (its XLA temp size
+      ``"time_ratio"`` (its median step time over the non-private one's), ``"round_time_ratios"`` (the same in
+      each round, against that round's non-private step) and ``"temp_ratio"`` (its XLA temp size
       over the non-private step's; None for PyTorch); ``"skipped"`` maps ``model/contender`` to the reason it did
       not run.
 
@@ -134,11 +135,17 @@ def _dp_rows(rows: list[dict]) -> list[dict]:
     reference = next((row for row in rows if row["contender"] == REFERENCE), None)
     temp = lambda row: (row.get("memory") or {}).get("temp_bytes")  # noqa: E731
     base = None if reference is None else temp(reference)
+
+    def by_round(row: dict) -> list[float]:  # against the same round's non-private step: a slow phase cancels
+        pairs = zip(row["rounds_images_per_second"], reference["rounds_images_per_second"], strict=True)
+        return [ref / own for own, ref in pairs]
+
     return [
         row
         | {
             "what": WHAT[row["contender"]],
             "time_ratio": None if row["ratio"] is None else 1 / row["ratio"],
+            "round_time_ratios": None if reference is None else by_round(row),
             "temp_ratio": temp(row) / base if temp(row) is not None and base else None,
         }
         for row in rows

@@ -93,8 +93,8 @@ def markdown(result: dict[str, Any]) -> str:
 
 def dp_markdown(result: dict[str, Any]) -> str:
     """The DP-SGD benchmark (:func:`jaxcnn.bench.dp.run_dp`) as a Markdown table: median milliseconds per step
-    and the rounds' range, time and XLA temp size as ratios to the non-private step, what each contender computes,
-    and a line per contender that did not run."""
+    and the rounds' range, time (median, and its range round by round) and XLA temp size as ratios to the
+    non-private step, what each contender computes, and a line per contender that did not run."""
     machine, settings = result["machine"], result["settings"]
     lines = [
         _machine_line(machine),
@@ -104,14 +104,16 @@ def dp_markdown(result: dict[str, Any]) -> str:
         f"steps (median), {settings['optimizer']}, float32, clip {settings['l2_norm_clip']}, noise multiplier "
         f"{settings['noise_multiplier']}; ratios to {settings['reference']} (the non-private step)",
         "",
-        "| model | contender | what it computes | median ms/step (range) | time ratio | XLA temp MiB | temp ratio | "
-        "compile s |",
+        "| model | contender | what it computes | median ms/step (range) | time ratio (range by round) | "
+        "XLA temp MiB | temp ratio | compile s |",
         "|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for row in result["results"]:
         ms = [1000 * settings["batch_size"] / rate for rate in row["rounds_images_per_second"]]
         median = 1000 * settings["batch_size"] / row["images_per_second"]
         ratio = "" if row["time_ratio"] is None else f"{row['time_ratio']:.2f}x"
+        if row.get("round_time_ratios"):
+            ratio += f" ({min(row['round_time_ratios']):.2f}-{max(row['round_time_ratios']):.2f})"
         memory = row.get("memory") or {}
         temp = memory.get("temp_bytes")
         temp_text = f"{temp / 2**20:,.1f}" if temp is not None else _torch_memory_text(memory)
