@@ -71,6 +71,10 @@ def test_bench_dp_command_times_ghost_against_the_non_private_step_and_skips_abs
     assert ghost["ratio_to"] == "jaxcnn-engine" and engine["time_ratio"] == 1.0
     assert ghost["time_ratio"] == pytest.approx(engine["images_per_second"] / ghost["images_per_second"])
     assert ghost["images_per_second"] == sorted(ghost["rounds_images_per_second"])[1]  # the median
+    rounds = zip(engine["rounds_images_per_second"], ghost["rounds_images_per_second"], strict=True)
+    assert (
+        ghost["round_time_ratios"] == pytest.approx([e / g for e, g in rounds]) and len(ghost["round_time_ratios"]) == 3
+    )
     if engine["memory"] and engine["memory"]["temp_bytes"]:  # XLA's temp size, where the backend tells it
         assert ghost["temp_ratio"] == pytest.approx(ghost["memory"]["temp_bytes"] / engine["memory"]["temp_bytes"])
     assert result["settings"]["l2_norm_clip"] == 1.0 and result["machine"]["opacus"] is None

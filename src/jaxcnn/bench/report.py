@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import resource
+import statistics
 from typing import Any
 
 import jax
@@ -104,7 +105,7 @@ def dp_markdown(result: dict[str, Any]) -> str:
         f"steps (median), {settings['optimizer']}, float32, clip {settings['l2_norm_clip']}, noise multiplier "
         f"{settings['noise_multiplier']}; ratios to {settings['reference']} (the non-private step)",
         "",
-        "| model | contender | what it computes | median ms/step (range) | time ratio (range by round) | "
+        "| model | contender | what it computes | median ms/step (range) | time ratio (by round: median: range) | "
         "XLA temp MiB | temp ratio | compile s |",
         "|---|---|---|---:|---:|---:|---:|---:|",
     ]
@@ -112,8 +113,9 @@ def dp_markdown(result: dict[str, Any]) -> str:
         ms = [1000 * settings["batch_size"] / rate for rate in row["rounds_images_per_second"]]
         median = 1000 * settings["batch_size"] / row["images_per_second"]
         ratio = "" if row["time_ratio"] is None else f"{row['time_ratio']:.2f}x"
-        if row.get("round_time_ratios"):
-            ratio += f" ({min(row['round_time_ratios']):.2f}-{max(row['round_time_ratios']):.2f})"
+        rounds = row.get("round_time_ratios")
+        if rounds and row["contender"] != settings["reference"]:
+            ratio += f" ({statistics.median(rounds):.2f}: {min(rounds):.2f}-{max(rounds):.2f})"
         memory = row.get("memory") or {}
         temp = memory.get("temp_bytes")
         temp_text = f"{temp / 2**20:,.1f}" if temp is not None else _torch_memory_text(memory)
