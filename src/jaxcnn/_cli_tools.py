@@ -122,7 +122,9 @@ def _bench(args: argparse.Namespace) -> int:
     """Time one training step (SGD momentum, synthetic batch on the device) of each model for jaxcnn's three gradient
     modes, the same model in Flax linen, and in PyTorch eager and torch.compile when torch is installed. Contenders
     take turns for several rounds; the median img/s and ratios to PyTorch eager are printed as a Markdown table and
-    written with the raw rounds as JSON."""
+    written with the raw rounds as JSON (bench.json, bench.md). With --dp: one DP-SGD step instead, jaxcnn's ghost
+    and vmap methods, Opacus's ghost clipping and jax_privacy's clipped_grad (when installed) against jaxcnn's
+    non-private step, with XLA temp sizes (bench-dp.json, bench-dp.md); models with BatchNorm are refused."""
     import json
 
     from jaxcnn import bench, models
@@ -130,18 +132,34 @@ def _bench(args: argparse.Namespace) -> int:
     names = [name.strip() for name in args.models.split(",") if name.strip()]
     for name in names:
         models.get(name)  # unknown names: the one-line error listing the known ones
-    contenders = [c.strip() for c in args.contenders.split(",") if c.strip()] if args.contenders else bench.CONTENDERS
+    known = bench.DP_CONTENDERS if args.dp else bench.CONTENDERS
+    contenders = [c.strip() for c in args.contenders.split(",") if c.strip()] if args.contenders else known
     log = (lambda line: print(line, file=sys.stderr, flush=True)) if not args.quiet else None
-    settings = ("batch_size", "rounds", "steps", "warmup", "dtype", "steps_per_call", "remat")
-    result = bench.run(names, contenders=contenders, log=log, **{name: getattr(args, name) for name in settings})
-    table = bench.markdown(result)
+    settings = ("batch_size", "rounds", "steps", "warmup")
+    options = {name: getattr(args, name) for name in settings}
+    if args.dp:
+        _check_dp_flags(args)
+        result = bench.run_dp(names, contenders=contenders, log=log, **options)
+        table, stem = bench.dp_markdown(result), "bench-dp"
+    else:
+        options |= {name: getattr(args, name) for name in ("dtype", "steps_per_call", "remat")}
+        result = bench.run(names, contenders=contenders, log=log, **options)
+        table, stem = bench.markdown(result), "bench"
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
-    (output / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
-    (output / "bench.md").write_text(table)
+    (output / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (output / f"{stem}.md").write_text(table)
     print(table, end="")
-    print(f"written: {output / 'bench.json'}, {output / 'bench.md'}")
+    print(f"written: {output / f'{stem}.json'}, {output / f'{stem}.md'}")
     return 0
+
+
+def _check_dp_flags(args: argparse.Namespace) -> None:
+    """ValueError, in one line, for a flag ``bench --dp`` does not take (it times float32 single steps)."""
+    if args.dtype != "float32":
+        raise ValueError(f"bench --dp times float32 steps; got --dtype {args.dtype}")
+    if args.steps_per_call != 1 or args.remat:
+        raise ValueError("bench --dp takes one step per call without remat; drop --steps-per-call and --remat")
 
 
 def _add_bench(commands) -> None:
@@ -155,7 +173,13 @@ def _add_bench(commands) -> None:
     parser.add_argument("--steps", type=int, default=10, help="steps per round (default: 10)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps after compiling (default: 3)")
     parser.add_argument(
-        "--contenders", default=None, help=f"comma-separated subset of: {', '.join(bench.CONTENDERS)} (default: all)"
+        "--contenders",
+        default=None,
+        help=f"comma-separated subset of: {', '.join(bench.CONTENDERS)}; with --dp: "
+        f"{', '.join(bench.DP_CONTENDERS)} (default: all)",
+    )
+    parser.add_argument(
+        "--dp", action="store_true", help="time a DP-SGD step (clip 1, noise 1) against the non-private one instead"
     )
     parser.add_argument(
         "--dtype", default="float32", choices=bench.DTYPES, help="compute dtype (bfloat16: mixed precision)"

@@ -99,8 +99,19 @@ def digits_cnn(num_classes: int = 10) -> nn.Sequential:
     )
 
 
-def _basic_block(features: int, stride: int, in_features: int, shortcut: str) -> list[nn.Layer]:
-    """Two 3x3 convolutions with BatchNorm, added to a shortcut, then ReLU (He et al., 2015, figure 2).
+def _norm(kind: str, features: int) -> nn.Layer:
+    """``"batch"``: the built-in BatchNorm; ``"group"``: GroupNorm with ``min(32, features)`` groups (what Opacus's
+    ``ModuleValidator.fix`` puts in BatchNorm's place), for models whose examples must stay independent (DP-SGD)."""
+    if kind == "batch":
+        return _batch_norm()
+    if kind == "group":
+        return nn.GroupNorm(groups=min(32, features))
+    raise ValueError(f"norm must be 'batch' or 'group', got {kind!r}")
+
+
+def _basic_block(features: int, stride: int, in_features: int, shortcut: str, norm: str = "batch") -> list[nn.Layer]:
+    """Two 3x3 convolutions with BatchNorm (or ``norm="group"``: GroupNorm), added to a shortcut, then ReLU
+    (He et al., 2015, figure 2).
 
     ``shortcut`` says what maps the input when the shape changes: ``"projection"`` (1x1 conv + BatchNorm) or
     ``"subsample"`` (the parameter-free "option A" of the CIFAR ResNets).
@@ -108,10 +119,10 @@ def _basic_block(features: int, stride: int, in_features: int, shortcut: str) ->
     block = nn.Sequential(
         [
             nn.Conv2D(features, 3, stride=stride, padding=1, use_bias=False),
-            _batch_norm(),
+            _norm(norm, features),
             nn.ReLU(),
             nn.Conv2D(features, 3, padding=1, use_bias=False),
-            _batch_norm(),
+            _norm(norm, features),
         ]
     )
     skip = None
@@ -172,15 +183,17 @@ def resnet18_cifar(num_classes: int = 10) -> nn.Sequential:
     return nn.Sequential([*stem, *body, nn.GlobalAvgPool2D(), nn.Dense(num_classes)])
 
 
-def resnet20_cifar(num_classes: int = 10) -> nn.Sequential:
+def resnet20_cifar(num_classes: int = 10, norm: str = "batch") -> nn.Sequential:
     """ResNet-20 of the original ResNet paper's CIFAR-10 section (He et al., 2015, section 4.2): a 3x3 stem, three
     stages of three basic blocks (16, 32, 64 channels) with parameter-free shortcuts (stride-2 subsampling and
     zero channels, "option A"), global average pooling, dense.
 
-    269,722 parameters for 10 classes (the paper's "0.27M").
+    269,722 parameters for 10 classes (the paper's "0.27M"). ``norm="group"`` puts GroupNorm (``min(32, C)``
+    groups, the same parameters, no running statistics) in place of every BatchNorm: the variant DP-SGD can train
+    (registered as ``resnet20_cifar_groupnorm``).
     """
-    stem = [nn.Conv2D(16, 3, padding=1, use_bias=False), _batch_norm(), nn.ReLU()]
-    block = lambda width, stride, in_features: _basic_block(width, stride, in_features, "subsample")
+    stem = [nn.Conv2D(16, 3, padding=1, use_bias=False), _norm(norm, 16), nn.ReLU()]
+    block = lambda width, stride, in_features: _basic_block(width, stride, in_features, "subsample", norm)
     body = _stages((16, 32, 64), (3, 3, 3), 16, block)
     return nn.Sequential([*stem, *body, nn.GlobalAvgPool2D(), nn.Dense(num_classes)])
 
@@ -382,5 +395,10 @@ for _name, _builder, _shape in (
     ("resnet50", resnet50, (224, 224, 3)),
 ):
     register(_name, _builder, input_shape=_shape)
+register(
+    "resnet20_cifar_groupnorm",
+    lambda num_classes=10: resnet20_cifar(num_classes, norm="group"),
+    input_shape=(32, 32, 3),
+)
 register("conv_autoencoder", conv_autoencoder, input_shape=(28, 28, 1), task="reconstruction")
 del _name, _builder, _shape

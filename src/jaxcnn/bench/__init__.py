@@ -9,24 +9,31 @@ rounds; ratios are to PyTorch eager when it ran (else to jaxcnn autodiff). PyTor
 when installed, never a dependency of jaxcnn.
 
 ``run(...)`` returns the result as a dict (JSON-able); :func:`markdown` renders its table. ``jaxcnn bench``
-writes both to a directory. The parts: :mod:`jaxcnn.bench.harness` (:func:`run`), :mod:`jaxcnn.bench.contenders`
-(each contender's runner; the PyTorch model comes from :func:`jaxcnn.interop.torch_module`) and
-:mod:`jaxcnn.bench.report` (the machine, memory and the Markdown table).
+writes both to a directory. ``run_dp(...)`` and :func:`dp_markdown` do the same for one DP-SGD step
+(``jaxcnn bench --dp``, :mod:`jaxcnn.bench.dp`): jaxcnn's ghost and vmap DP steps, Opacus's ghost clipping and
+jax_privacy's clipped gradients, timed against jaxcnn's non-private step. The parts: :mod:`jaxcnn.bench.harness`
+(:func:`run`), :mod:`jaxcnn.bench.contenders` (each contender's runner; the PyTorch model comes from
+:func:`jaxcnn.interop.torch_module`), :mod:`jaxcnn.bench.dp` (:func:`run_dp` and its contenders) and
+:mod:`jaxcnn.bench.report` (the machine, memory and the Markdown tables).
 """
 
 from jaxcnn.bench.contenders import CONTENDERS, LEARNING_RATE, MOMENTUM, Options, flax_loss
+from jaxcnn.bench.dp import DP_CONTENDERS, run_dp
 from jaxcnn.bench.harness import DTYPES, run
-from jaxcnn.bench.report import markdown
+from jaxcnn.bench.report import dp_markdown, markdown
 from jaxcnn.interop.torch import torch_module  # where it lived before jaxcnn.interop.torch
 
 __all__ = [
     "CONTENDERS",
+    "DP_CONTENDERS",
     "DTYPES",
     "LEARNING_RATE",
     "MOMENTUM",
     "Options",
+    "dp_markdown",
     "flax_loss",
     "markdown",
     "run",
+    "run_dp",
     "torch_module",
 ]

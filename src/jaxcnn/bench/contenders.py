@@ -178,11 +178,17 @@ def _torch_runner(model: nn.Layer, input_shape, x, y, compiled: bool, options: O
         optimizer.step()
         return loss
 
-    step_fn = torch.compile(step) if compiled else step
+    return torch_timed(torch.compile(step) if compiled else step, device)
+
+
+def torch_timed(step: Callable[[], Any], device: str) -> Runner:
+    """The runner of a PyTorch ``step() -> loss``: ``runner(steps)`` takes that many steps and syncs on the last
+    loss; ``runner.memory()`` is the CUDA peak since the last reset (None on CPU: PyTorch keeps no peak there)."""
+    import torch
 
     def run(steps: int) -> None:
         for _ in range(steps):
-            loss = step_fn()
+            loss = step()
         loss.item()  # the device sync
 
     def memory() -> dict[str, int] | None:  # read after the warm-up steps

@@ -109,15 +109,22 @@ def _batch(input_shape: tuple[int, ...], batch_size: int, num_classes: int, seed
 
 
 def _ready(
-    name: str, build: dict[str, Callable[[], Runner] | None], steps_per_call: int, warmup: int, say: Callable
+    name: str,
+    build: dict[str, Callable[[], Runner] | str | None],
+    steps_per_call: int,
+    warmup: int,
+    say: Callable,
+    skipped: dict[str, str] | None = None,
 ) -> dict[str, tuple[Runner, float, Any]]:
     """``{contender: (runner, seconds to build and compile, memory)}``, each compiled and warmed up; a
-    contender that cannot be built (None: torch is not installed; a layer without a counterpart) is skipped
-    with a line saying why."""
+    contender that cannot be built (None: torch is not installed; a string: the reason it cannot run; a layer
+    without a counterpart) is skipped with a line saying why, and the reason put in ``skipped`` when given."""
     ready = {}
+    skipped = {} if skipped is None else skipped
     for contender, builder in build.items():
-        if builder is None:
-            say(f"{name}: {contender} skipped (torch is not installed)")
+        if builder is None or isinstance(builder, str):
+            skipped[contender] = builder or "torch is not installed"
+            say(f"{name}: {contender} skipped ({skipped[contender]})")
             continue
         per_call = 1 if contender.startswith("torch") else steps_per_call
         try:
@@ -130,6 +137,7 @@ def _ready(
             ready[contender] = (runner, seconds, runner.memory())
             say(f"{name}: {contender} ready ({seconds:.1f}s to build and compile)")
         except ValueError as error:
+            skipped[contender] = str(error)
             say(f"{name}: {contender} skipped ({error})")
     return ready
 
@@ -152,9 +160,15 @@ def _time_rounds(
     return timings
 
 
-def _rows(name: str, timings: dict[str, list[float]], ready: dict[str, tuple[Runner, float, Any]]) -> list[dict]:
-    """One result row per contender: the median, the rounds, the ratio to the reference, compile time, memory."""
-    reference = "torch-eager" if "torch-eager" in timings else "jaxcnn-autodiff"
+def _rows(
+    name: str,
+    timings: dict[str, list[float]],
+    ready: dict[str, tuple[Runner, float, Any]],
+    reference: str | None = None,
+) -> list[dict]:
+    """One result row per contender: the median, the rounds, the ratio to the reference (default: PyTorch eager
+    when it ran, else jaxcnn autodiff), compile time, memory."""
+    reference = reference or ("torch-eager" if "torch-eager" in timings else "jaxcnn-autodiff")
     medians = {contender: statistics.median(values) for contender, values in timings.items()}
     return [
         {

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import resource
+import statistics
 from typing import Any
 
 import jax
@@ -51,12 +52,18 @@ def _memory_text(memory: dict[str, int] | None) -> str:
     return f"{memory['peak_allocated_bytes'] / 2**20:,.1f} peak"
 
 
+def _machine_line(machine: dict[str, Any]) -> str:
+    return (
+        f"Machine: {machine['processor']}, {machine['cpu_count']} CPUs, backend {machine['backend']} "
+        f"({', '.join(sorted(set(machine['devices'])))}); {machine['platform']}"
+    )
+
+
 def markdown(result: dict[str, Any]) -> str:
     """The result as a Markdown table (median img/s, ratio, compile time) with the machine and settings."""
     machine, settings = result["machine"], result["settings"]
     lines = [
-        f"Machine: {machine['processor']}, {machine['cpu_count']} CPUs, backend {machine['backend']} "
-        f"({', '.join(sorted(set(machine['devices'])))}); {machine['platform']}",
+        _machine_line(machine),
         f"Versions: python {machine['python']}, jax {machine['jax']}, flax {machine['flax']}, "
         f"optax {machine['optax']}, torch {machine['torch']}",
         f"Settings: batch {settings['batch_size']}, {settings['rounds']} interleaved rounds of "
@@ -83,3 +90,48 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"\nDevice peak memory: {memory['device_peak_bytes'] / 2**20:,.0f} MiB")
     lines.append(f"\nProcess max RSS: {memory['process_max_rss_bytes'] / 2**20:,.0f} MiB")
     return "\n".join(lines) + "\n"
+
+
+def dp_markdown(result: dict[str, Any]) -> str:
+    """The DP-SGD benchmark (:func:`jaxcnn.bench.dp.run_dp`) as a Markdown table: median milliseconds per step
+    and the rounds' range, time (median, and its range round by round) and XLA temp size as ratios to the
+    non-private step, what each contender computes, and a line per contender that did not run."""
+    machine, settings = result["machine"], result["settings"]
+    lines = [
+        _machine_line(machine),
+        f"Versions: python {machine['python']}, jax {machine['jax']}, optax {machine['optax']}, torch "
+        f"{machine['torch']}, opacus {machine.get('opacus')}, jax_privacy {machine.get('jax_privacy')}",
+        f"Settings: batch {settings['batch_size']}, {settings['rounds']} interleaved rounds of {settings['steps']} "
+        f"steps (median), {settings['optimizer']}, float32, clip {settings['l2_norm_clip']}, noise multiplier "
+        f"{settings['noise_multiplier']}; ratios to {settings['reference']} (the non-private step)",
+        "",
+        "| model | contender | what it computes | median ms/step (range) | time ratio (by round: median: range) | "
+        "XLA temp MiB | temp ratio | compile s |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in result["results"]:
+        ms = [1000 * settings["batch_size"] / rate for rate in row["rounds_images_per_second"]]
+        median = 1000 * settings["batch_size"] / row["images_per_second"]
+        ratio = "" if row["time_ratio"] is None else f"{row['time_ratio']:.2f}x"
+        rounds = row.get("round_time_ratios")
+        if rounds and row["contender"] != settings["reference"]:
+            ratio += f" ({statistics.median(rounds):.2f}: {min(rounds):.2f}-{max(rounds):.2f})"
+        memory = row.get("memory") or {}
+        temp = memory.get("temp_bytes")
+        temp_text = f"{temp / 2**20:,.1f}" if temp is not None else _torch_memory_text(memory)
+        temp_ratio = "" if row["temp_ratio"] is None else f"{row['temp_ratio']:.2f}x"
+        lines.append(
+            f"| {row['model']} | {row['contender']} | {row['what']} | {median:,.1f} ({min(ms):,.1f}-{max(ms):,.1f}) "
+            f"| {ratio} | {temp_text} | {temp_ratio} | {row['seconds_to_compile']:.1f} |"
+        )
+    for contender, reason in result.get("skipped", {}).items():
+        lines.append(f"\nSkipped {contender}: {reason}")
+    lines.append(f"\nProcess max RSS: {result['memory']['process_max_rss_bytes'] / 2**20:,.0f} MiB")
+    return "\n".join(lines) + "\n"
+
+
+def _torch_memory_text(memory: dict[str, int]) -> str:
+    """PyTorch's CUDA peak, or why there is none."""
+    if "peak_allocated_bytes" in memory:
+        return f"{memory['peak_allocated_bytes'] / 2**20:,.1f} (CUDA peak)"
+    return "n/a (CPU)"
