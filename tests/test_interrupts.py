@@ -86,7 +86,9 @@ def test_a_second_signal_leaves_at_once(compile_cache, tmp_path):
 def test_a_signal_while_xla_compiles_stops_after_the_compile(signum, tmp_path):
     """Python's KeyboardInterrupt raised inside XLA's compile and GC callbacks segfaulted or was swallowed."""
     workdir = tmp_path / "run"
-    environment = dict(os.environ, PYTHONUNBUFFERED="1")  # no compilation cache: this process must compile
+    # no compilation cache: this process must compile (the run's cache holds this step once another test of the run
+    # has trained with these flags, and the process then trained 199 steps in the half second below)
+    environment = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"} | {"PYTHONUNBUFFERED": "1"}
     process = start(environment, "train", "--workdir", str(workdir), *FLAGS)
     read_until(process, "workdir:")  # the train step compiles right after this line, for seconds
     try:
