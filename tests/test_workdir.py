@@ -86,7 +86,7 @@ def test_a_run_leaves_a_metrics_link_planted_between_epochs_alone(tmp_path):
             (directory / "metrics.jsonl").unlink()
             plant(directory / "metrics.jsonl", victim)
 
-    config = train.Config(epochs=2, learning_rate=0.05, keep=2)  # test_train.py's SHORT run: compiled once
+    config = train.Config(epochs=2, learning_rate=0.05, keep=2, model="models_for_tests:small_digits_cnn")  # SHORT's
     _, history = train.fit(config, directory, log=log)
     assert victim.read_text() == "precious\n"
     assert not (directory / "metrics.jsonl").is_symlink() and train.read_metrics(directory) == history
