@@ -265,7 +265,8 @@ def test_a_finished_run_without_metrics_reports_nothing_to_train(straight, tmp_p
 def test_data_paths_are_saved_absolute(tmp_path, monkeypatch, capsys):
     write_npz(tmp_path / "mine.npz")
     monkeypatch.chdir(tmp_path)
-    assert cli.main(["train", "--dataset", "npz", "--data-path", "mine.npz", "--epochs", "1", "--workdir", "w"]) == 0
+    flags = ["--dataset", "npz", "--data-path", "mine.npz", *SMALL, "--epochs", "1", "--workdir", "w"]
+    assert cli.main(["train", *flags]) == 0
     assert train.read_config(tmp_path / "w").data_path == str(tmp_path / "mine.npz")
     monkeypatch.chdir(tmp_path.parent)
     assert cli.main(["eval", "--workdir", str(tmp_path / "w")]) == 0
