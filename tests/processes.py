@@ -81,3 +81,48 @@ def assert_one_line(stderr: str, *fragments: str) -> None:
 
 
 SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+# `python -m jaxcnn` in a wrapper that sends SIGNAL to its own process at SIGNAL_AT: "step:N" as the Nth train
+# step is called, "save" as orbax starts writing a checkpoint (the first of this process). SIGSTOP holds it there,
+# at a known point, until a SIGCONT.
+SIGNALLING = """
+import os, sys
+signum, where = int(os.environ["SIGNAL"]), os.environ["SIGNAL_AT"]
+if where == "save":
+    import orbax.checkpoint as ocp
+    save = ocp.CheckpointManager.save
+    def signalling_save(self, *args, **kwargs):
+        ocp.CheckpointManager.save = save
+        os.kill(os.getpid(), signum)
+        return save(self, *args, **kwargs)
+    ocp.CheckpointManager.save = signalling_save
+else:
+    from jaxcnn.train import feed
+    compiled, calls = feed.compiled_steps, []
+    def signalling_steps(run, mesh):
+        train_step, eval_step = compiled(run, mesh)
+        def counted(state, x, y):
+            calls.append(1)
+            if len(calls) == int(where.split(":")[1]):
+                os.kill(os.getpid(), signum)
+            return train_step(state, x, y)
+        return counted, eval_step
+    feed.compiled_steps = signalling_steps
+from jaxcnn.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def signalling(environment, signum, where, *args):
+    """The command line and environment of `python -m jaxcnn ARGS` in the SIGNALLING wrapper."""
+    return [sys.executable, "-c", SIGNALLING, *args], dict(environment, SIGNAL=str(int(signum)), SIGNAL_AT=where)
+
+
+def stopped(pid: int) -> bool:
+    """Whether process ``pid`` is stopped (by SIGSTOP; from /proc/PID/status)."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            return any(line.startswith("State:") and line.split()[1] == "T" for line in status)
+    except OSError:
+        return False

@@ -86,12 +86,13 @@ def test_bad_options_are_named(options, message):
 
 
 def test_fit_with_augmentation_and_dropout_trains_and_resumes_bit_for_bit(tmp_path):
-    config = train.Config(
-        epochs=2, augment_translate=1, augment_noise=0.05, augment_rotate=10.0, augment_scale=0.1, dropout=0.3, keep=1
-    )
+    # a small user model: fit's handling of augmentation and dropout is under test, which is the same for any model
+    # (mnist_cnn made this test about 14 s)
+    augmented = dict(augment_translate=1, augment_noise=0.05, augment_rotate=10.0, augment_scale=0.1, dropout=0.3)
+    config = train.Config(epochs=2, keep=1, model="models_for_tests:small_digits_cnn", **augmented)
     assert train.run.augmentation_of(config) == {"translate": 1, "noise": 0.05, "rotate": 10.0, "scale": 0.1}
     straight, history = train.fit(config, None, log=None)
-    assert history[-1]["test_accuracy"] > 0.8
+    assert history[-1]["test_accuracy"] > 0.6  # it learns: chance is 0.1 (0.81 here after 2 epochs)
     train.fit(config.replace(epochs=1), tmp_path, log=None)
     resumed, _ = train.fit(config, tmp_path, log=None)
     for a, b in zip(jax.tree.leaves(resumed.params), jax.tree.leaves(straight.params), strict=True):

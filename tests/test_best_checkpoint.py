@@ -13,6 +13,9 @@ from jaxcnn.cli import main
 from jaxcnn.train.checkpoint import Checkpointer
 
 STEPS = 45  # steps per epoch of the digits at the default batch size
+# a small user model: which checkpoints are kept and read is under test, the same for any model (mnist_cnn cost
+# these two runs about 5 s of CPU)
+SMALL = "models_for_tests:small_digits_cnn"
 
 
 def script(monkeypatch, losses):
@@ -33,7 +36,7 @@ def test_an_early_stopped_run_keeps_and_reads_its_best_checkpoint(tmp_path, monk
     """The test loss is best at epoch 2 and rises after: the run stops at epoch 4 with keep=1, and still holds
     epoch 2's checkpoint, which restore, load_model and eval read by default."""
     script(monkeypatch, [0.5, 0.3, 0.35, 0.4])
-    config = train.Config(epochs=6, early_stopping=2, keep=1)
+    config = train.Config(epochs=6, early_stopping=2, keep=1, model=SMALL)
     lines = []
     state, history = train.fit(config, tmp_path, log=lines.append)
     assert [r["epoch"] for r in history] == [1, 2, 3, 4]
@@ -72,7 +75,7 @@ def _npy(directory, digits):
 
 def test_a_run_resumes_from_its_latest_checkpoint_not_its_best(tmp_path, monkeypatch):
     script(monkeypatch, [0.5, 0.3, 0.4, 0.2])
-    config = train.Config(epochs=3, early_stopping=3, keep=1)
+    config = train.Config(epochs=3, early_stopping=3, keep=1, model=SMALL)
     train.fit(config, tmp_path, log=None)
     assert kept(tmp_path) == [2 * STEPS, 3 * STEPS]
     state, history = train.fit(config.replace(epochs=4), tmp_path, log=None)

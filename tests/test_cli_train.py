@@ -35,6 +35,10 @@ def assert_same_bits(a, b):
 
 # -- end to end ------------------------------------------------------------------------------------------------
 
+# a small user model for the in-process runs where the command, not the model, is under test (each mnist_cnn
+# configuration is another compile of its step, seconds of CPU); the runs in processes train mnist_cnn
+SMALL = ("--model", "models_for_tests:small_digits_cnn")
+
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
@@ -117,7 +121,7 @@ def test_train_on_idx_cifar_and_npz_files(name, tmp_path, capsys):
     runs = {
         "fashion": ["--dataset", "fashion_mnist", "--data-dir", str(tmp_path / "fashion"), "--model", "lenet5"],
         "cifar": ["--dataset", "cifar10", "--data-dir", str(tmp_path / "cifar")],
-        "npz": ["--dataset", "npz", "--data-path", str(npz), "--batch-size", "4", "--gradients", "engine"],
+        "npz": ["--dataset", "npz", "--data-path", str(npz), "--batch-size", "4", "--gradients", "engine", *SMALL],
     }
     for flags in [runs[name]]:  # one format per case (IDX is also read end to end by test_data)
         workdir = tmp_path / f"run-{name}"
@@ -261,7 +265,8 @@ def test_a_finished_run_without_metrics_reports_nothing_to_train(straight, tmp_p
 def test_data_paths_are_saved_absolute(tmp_path, monkeypatch, capsys):
     write_npz(tmp_path / "mine.npz")
     monkeypatch.chdir(tmp_path)
-    assert cli.main(["train", "--dataset", "npz", "--data-path", "mine.npz", "--epochs", "1", "--workdir", "w"]) == 0
+    flags = ["--dataset", "npz", "--data-path", "mine.npz", *SMALL, "--epochs", "1", "--workdir", "w"]
+    assert cli.main(["train", *flags]) == 0
     assert train.read_config(tmp_path / "w").data_path == str(tmp_path / "mine.npz")
     monkeypatch.chdir(tmp_path.parent)
     assert cli.main(["eval", "--workdir", str(tmp_path / "w")]) == 0
@@ -282,7 +287,7 @@ def test_eval_and_plot_errors(tmp_path, capsys):
 
 def test_a_diverging_run_exits_3_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
     workdir = tmp_path / "run"
-    assert cli.main(["train", "--epochs", "1", "--workdir", str(workdir), "--no-progress"]) == 0
+    assert cli.main(["train", "--epochs", "1", *SMALL, "--workdir", str(workdir), "--no-progress"]) == 0
     good = train.restore(workdir)
     capsys.readouterr()
     code = cli.main(["train", "--epochs", "3", "--learning-rate", "1e12", "--workdir", str(workdir), "--no-progress"])

@@ -5,18 +5,31 @@ ignored), keeps the last checkpoint, and the run resumes to the same bits as one
 import os
 import signal
 import subprocess
-import sys
 
 import pytest
 
 from conftest import same_bits
 from jaxcnn import _signals, cli, train
-from processes import SIGNAL_EXIT, assert_one_line, catches, compile_cache, read_until, run, start, wait_until
+from processes import (
+    SIGNAL_EXIT,
+    assert_one_line,
+    catches,
+    compile_cache,
+    read_until,
+    run,
+    signalling,
+    start,
+    wait_until,
+)
 
 assert compile_cache  # a fixture, used by name below
 
 FLAGS = ("--batch-size", "4", "--no-progress")  # 360 steps an epoch on the digits: long enough to land in one
 STEPS = 360
+# where the length of an epoch does not matter, the default batch size: the train step that the runs of
+# test_cli_train.py and test_workdir.py compile (each other batch size is another compile, about 12 s of CPU)
+DEFAULT_FLAGS = ("--no-progress",)
+DEFAULT_STEPS = 45
 
 
 def stop(process, signum):
@@ -86,7 +99,9 @@ def test_a_second_signal_leaves_at_once(compile_cache, tmp_path):
 def test_a_signal_while_xla_compiles_stops_after_the_compile(signum, tmp_path):
     """Python's KeyboardInterrupt raised inside XLA's compile and GC callbacks segfaulted or was swallowed."""
     workdir = tmp_path / "run"
-    environment = dict(os.environ, PYTHONUNBUFFERED="1")  # no compilation cache: this process must compile
+    # no compilation cache: this process must compile (the run's cache holds this step once another test of the run
+    # has trained with these flags, and the process then trained 199 steps in the half second below)
+    environment = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"} | {"PYTHONUNBUFFERED": "1"}
     process = start(environment, "train", "--workdir", str(workdir), *FLAGS)
     read_until(process, "workdir:")  # the train step compiles right after this line, for seconds
     try:
@@ -106,39 +121,8 @@ def uninterrupted(compile_cache, tmp_path_factory):
     return train.restore(workdir)
 
 
-# `python -m jaxcnn` in a wrapper that sends SIGNAL to its own process at SIGNAL_AT: "step:N" as the Nth train
-# step is called, "save" as orbax starts writing a checkpoint (the first of this process)
-SIGNALLING = """
-import os, sys
-signum, where = int(os.environ["SIGNAL"]), os.environ["SIGNAL_AT"]
-if where == "save":
-    import orbax.checkpoint as ocp
-    save = ocp.CheckpointManager.save
-    def signalling_save(self, *args, **kwargs):
-        ocp.CheckpointManager.save = save
-        os.kill(os.getpid(), signum)
-        return save(self, *args, **kwargs)
-    ocp.CheckpointManager.save = signalling_save
-else:
-    from jaxcnn.train import feed
-    compiled, calls = feed.compiled_steps, []
-    def signalling_steps(run, mesh):
-        train_step, eval_step = compiled(run, mesh)
-        def counted(state, x, y):
-            calls.append(1)
-            if len(calls) == int(where.split(":")[1]):
-                os.kill(os.getpid(), signum)
-            return train_step(state, x, y)
-        return counted, eval_step
-    feed.compiled_steps = signalling_steps
-from jaxcnn.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
-
-
 def signalled(environment, signum, where, *args):
-    command = [sys.executable, "-c", SIGNALLING, *args]
-    environment = dict(environment, SIGNAL=str(int(signum)), SIGNAL_AT=where)
+    command, environment = signalling(environment, signum, where, *args)
     result = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=300)
     assert result.returncode == SIGNAL_EXIT[signum], result.stderr[-3000:]  # not -11, not 0
     return result
@@ -168,9 +152,10 @@ def test_a_signal_mid_epoch_keeps_the_last_checkpoint_and_the_run_resumes_exactl
 def test_a_signal_mid_checkpoint_finishes_that_checkpoint(signum, compile_cache, tmp_path):
     """(orbax once printed a 45-line "cannot schedule new futures after shutdown" traceback here.)"""
     workdir = tmp_path / "run"
-    result = signalled(compile_cache, signum, "save", "train", "--epochs", "2", "--workdir", str(workdir), *FLAGS)
+    flags = ("--epochs", "2", "--workdir", str(workdir), *DEFAULT_FLAGS)
+    result = signalled(compile_cache, signum, "save", "train", *flags)
     assert_one_line(
-        result.stderr, f"interrupted by {signum.name} after epoch 1; the last checkpoint (step {STEPS}) is kept"
+        result.stderr, f"interrupted by {signum.name} after epoch 1; the last checkpoint (step {DEFAULT_STEPS}) is kept"
     )
-    assert train.restore(workdir).step == STEPS and [r["epoch"] for r in train.read_metrics(workdir)] == [1]
-    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == [str(STEPS)]  # no temporary left
+    assert train.restore(workdir).step == DEFAULT_STEPS and [r["epoch"] for r in train.read_metrics(workdir)] == [1]
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == [str(DEFAULT_STEPS)]  # no temporary left

@@ -328,7 +328,10 @@ def test_ensemble_keys_are_checked():
         ensemble.create_ensemble_state(model, optax.sgd(0.1), [1, -2], (8, 8, 2))
 
 
-ENSEMBLE = train.Config(epochs=2, ensemble=2, keep=1)
+# a small user model (a factory path, as `jaxcnn train --model` takes one): what is under test is the ensemble's
+# bookkeeping, which is the same for any model; mnist_cnn made these three tests about 20 s of CPU
+SMALL_MODEL = "models_for_tests:small_digits_cnn"
+ENSEMBLE = train.Config(epochs=2, ensemble=2, keep=1, model=SMALL_MODEL)
 
 
 @pytest.fixture(scope="module")
@@ -601,8 +604,9 @@ def test_two_processes_on_one_machine_match_one_process(tmp_path):
 def test_the_cli_reports_each_ensemble_member(ensemble_run, capsys):
     from jaxcnn.cli import main
 
-    workdir, _, history = ensemble_run  # trained as `jaxcnn train --ensemble 2 --epochs 2 --keep 1` would
-    assert main(["train", "--ensemble", "2", "--epochs", "2", "--workdir", str(workdir), "--no-progress"]) == 0
+    workdir, _, history = ensemble_run  # trained as `jaxcnn train --ensemble 2 --epochs 2 --keep 1 --model ...` would
+    flags = ["--ensemble", "2", "--epochs", "2", "--model", SMALL_MODEL, "--workdir", str(workdir), "--no-progress"]
+    assert main(["train", *flags]) == 0
     out = capsys.readouterr().out
     assert "ensemble of 2" in out
     for k, member in enumerate(history[-1]["members"]):

@@ -68,9 +68,11 @@ EPOCHS = 2
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """mnist_cnn trained 2 epochs on the digits; the digits' test images raw (0..16) and as the model saw them."""
+    """A small user model (models_for_tests:small_digits_cnn; what it predicts is read back, whatever the model)
+    trained 2 epochs on the digits; the digits' test images raw (0..16) and as the model saw them."""
     workdir = tmp_path_factory.mktemp("predict") / "run"
-    _, history = train.fit(train.Config(epochs=EPOCHS), workdir, log=None)
+    config = train.Config(epochs=EPOCHS, model="models_for_tests:small_digits_cnn")
+    _, history = train.fit(config, workdir, log=None)
     digits = jc.data.load("digits")
     raw = jc.data.load("digits", normalize=False).x_test * 16
     model, params, state, preprocess = train.load_model(workdir)
@@ -198,8 +200,13 @@ def test_resize_and_max_value(run, tmp_path):
     rows, _ = predict.predict_files(run["workdir"], [big, unit], resize=True, max_value=1.0)
     small, _ = predict.predict_files(run["workdir"], [tmp_path / "unit.npy"], max_value=1.0)
     assert rows[0]["class"] == rows[1]["class"] == run["probabilities"][0].argmax()
-    assert rows[1]["probability"] == pytest.approx(run["probabilities"][0].max(), rel=1e-6)
-    assert small[0] == rows[1]
+    assert rows[1]["probability"] == pytest.approx(run["probabilities"][0].max(), rel=1e-5)
+    # the same row alone; probabilities to float32 rounding here and above (a batch of one, of two and of 360 are
+    # other compiled programs, which may round otherwise: 1.1e-6 apart for the small model)
+    assert small[0]["probability"] == pytest.approx(rows[1]["probability"], rel=1e-5)
+    assert {k: v for k, v in small[0].items() if k not in ("probability", "top")} == {
+        k: v for k, v in rows[1].items() if k not in ("probability", "top")
+    }
 
 
 def bad_inputs(tmp_path):

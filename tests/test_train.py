@@ -282,7 +282,11 @@ def test_the_step_takes_its_optimizer_from_the_state_and_refuses_one_given():
 
 # -- the loop, checkpoints and resume --------------------------------------------------------------------------
 
-SHORT = train.Config(epochs=4, learning_rate=0.05, keep=2)
+# the loop's runs train a small user model (a factory path): fit's files, resumes and schedules are under test,
+# which are the same for any model (mnist_cnn cost these tests about 20 s of CPU); the command's runs, in
+# test_cli_train.py, train mnist_cnn
+SMALL = "models_for_tests:small_digits_cnn"
+SHORT = train.Config(epochs=4, learning_rate=0.05, keep=2, model=SMALL)
 
 
 def leaves(state):
@@ -342,7 +346,7 @@ def test_in_memory_fit_matches_the_workdir_run(straight_run):
 
 def test_resume_refuses_another_model_or_data_set(straight_run):
     workdir, _, _ = straight_run
-    with pytest.raises(ValueError, match="cannot resume .*model: 'mnist_cnn' -> 'lenet5'"):
+    with pytest.raises(ValueError, match=f"cannot resume .*model: '{SMALL}' -> 'lenet5'"):
         train.fit(SHORT.replace(model="lenet5"), workdir, log=None)
     with pytest.raises(ValueError, match="dataset: 'digits' -> 'synthetic'"):
         train.fit(SHORT.replace(dataset="synthetic"), workdir, log=None)
@@ -391,10 +395,10 @@ def test_checkpointer_refuses_non_finite_state(tmp_path):
 
 
 def test_divergence_stops_naming_epoch_and_step_and_keeps_the_good_checkpoint(tmp_path):
-    train.fit(train.Config(epochs=2, optimizer="sgd", learning_rate=0.05), tmp_path, log=None)
+    train.fit(train.Config(epochs=2, optimizer="sgd", learning_rate=0.05, model=SMALL), tmp_path, log=None)
     good = train.restore(tmp_path)
     with pytest.raises(train.NonFiniteError, match=r"training diverged: .* at epoch 3, step \d+") as error:
-        train.fit(train.Config(epochs=4, optimizer="sgd", learning_rate=1e9), tmp_path, log=None)
+        train.fit(train.Config(epochs=4, optimizer="sgd", learning_rate=1e9, model=SMALL), tmp_path, log=None)
     assert error.value.epoch == 3 and error.value.step > int(good.step)
     assert "the last good checkpoint (step 90) is kept" in str(error.value)
     assert_bitwise_equal(train.restore(tmp_path), good)
@@ -427,7 +431,7 @@ def test_labels_beyond_the_model_outputs_are_an_error():
 
 def test_results_do_not_depend_on_64_bit_mode():
     """fit runs in 32-bit mode whatever jax_enable_x64 says (the tests turn it on; the command leaves it off)."""
-    config = train.Config(epochs=1, schedule="cosine", optimizer="adam", learning_rate=1e-3)
+    config = train.Config(epochs=1, schedule="cosine", optimizer="adam", learning_rate=1e-3, model=SMALL)
     with jax.enable_x64(False):
         narrow, _ = train.fit(config, None, log=None)
     assert jax.config.jax_enable_x64
@@ -437,6 +441,7 @@ def test_results_do_not_depend_on_64_bit_mode():
 
 def test_a_cosine_run_in_stages_matches_one_run_with_the_same_horizon(tmp_path):
     config = train.Config(epochs=3, schedule="warmup_cosine", schedule_epochs=3, optimizer="adam", learning_rate=1e-3)
+    config = config.replace(model=SMALL)
     straight, _ = train.fit(config, None, log=None)
     train.fit(config.replace(epochs=1), tmp_path, log=None)
     staged, _ = train.fit(config, tmp_path, log=None)

@@ -14,12 +14,14 @@ import pytest
 from conftest import same_bits
 from jaxcnn import cli, train
 from jaxcnn.train import loop, workdir
-from processes import assert_one_line, compile_cache, read_until, run, start
+from processes import assert_one_line, compile_cache, run, signalling, stopped, wait_until
 
 assert compile_cache  # a fixture, used by name below
 
-FLAGS = ("--batch-size", "4", "--no-progress")  # as in test_interrupts.py: the same compiled steps
-STEPS = 360
+# the default batch size: the same compiled steps as the runs of test_cli_train.py and test_interrupts.py (each
+# other batch size is another compile of the train step, about 12 s of CPU in a process that starts cold)
+FLAGS = ("--no-progress",)
+STEPS = 45
 
 
 # -- files that do not follow symbolic links ---------------------------------------------------------------------
@@ -84,7 +86,7 @@ def test_a_run_leaves_a_metrics_link_planted_between_epochs_alone(tmp_path):
             (directory / "metrics.jsonl").unlink()
             plant(directory / "metrics.jsonl", victim)
 
-    config = train.Config(epochs=2, learning_rate=0.05, keep=2)  # test_train.py's SHORT run: compiled once
+    config = train.Config(epochs=2, learning_rate=0.05, keep=2, model="models_for_tests:small_digits_cnn")  # SHORT's
     _, history = train.fit(config, directory, log=log)
     assert victim.read_text() == "precious\n"
     assert not (directory / "metrics.jsonl").is_symlink() and train.read_metrics(directory) == history
@@ -127,16 +129,19 @@ def test_a_sigkilled_holder_leaves_no_stale_lock(tmp_path):
 
 def test_two_trains_on_one_workdir_one_is_refused_and_readers_keep_working(compile_cache, tmp_path, capsys):
     directory = tmp_path / "run"
-    first = start(compile_cache, "train", "--epochs", "2", "--workdir", str(directory), *FLAGS)
-    read_until(first, "epoch 1/2")
-    first.send_signal(signal.SIGSTOP)  # hold it mid-run, lock held, so that the rest happens while it writes
+    # the run stops itself (SIGSTOP) as it starts epoch 2: held mid-run, lock held, epoch 1 on disk, so that the
+    # rest happens while it writes
+    flags = ("--epochs", "2", "--workdir", str(directory), *FLAGS)
+    command, environment = signalling(compile_cache, signal.SIGSTOP, f"step:{STEPS + 1}", "train", *flags)
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment)
     try:
+        wait_until(lambda: stopped(first.pid), first, what="the run to stop itself in epoch 2")
         for flags in (["--seed", "1"], []):  # another run, and a resume of the same one
             second = run(compile_cache, "train", "--workdir", str(directory), *flags, "--no-progress")
             assert second.returncode == 2
             assert_one_line(second.stderr, f"workdir {directory} is in use: process {first.pid} is training into it")
         assert cli.main(["eval", "--workdir", str(directory)]) == 0  # readers take no lock
-        assert "(checkpoint of epoch 1, step 360)" in capsys.readouterr().out
+        assert f"(checkpoint of epoch 1, step {STEPS})" in capsys.readouterr().out
         assert cli.main(["plot", "--workdir", str(directory), "--output", str(tmp_path / "curves.png")]) == 0
         assert (tmp_path / "curves.png").is_file()
     finally:
