@@ -25,6 +25,9 @@ parameters (weight and bias; scale and bias for the normalisations).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -67,29 +70,73 @@ def _kernel(op: str, kernel_shape: int | Pair) -> Pair:
         raise ValueError(f"{op}: {error}") from None
 
 
-def _outer_sums_sq_norms(taps: list[jax.Array], g: jax.Array, method: str) -> jax.Array:
-    """``sum_groups ||A_ig^T G_ig||^2`` per example, with ``A_ig`` the taps side by side: ``taps`` is a list of
-    ``(N, groups, P, C)`` arrays (a convolution's kernel taps: its unfolded input, one column block per tap) and
-    ``g`` is ``(N, groups, P, F)``.
+class _Taps(NamedTuple):
+    """The unfolded input ``A_i`` ``(P, K)`` of every example as column blocks, one per kernel tap, never
+    concatenated: ``padded`` ``(N, HP, WP, C)`` read at ``offsets`` (one ``(top, left)`` per tap) with ``stride``
+    over ``out`` cells, split into ``groups``. A dense layer is one tap (``offsets`` None, ``padded`` the
+    ``(N, groups, P, C)`` block itself)."""
+
+    padded: jax.Array
+    offsets: tuple[tuple[int, int], ...] | None = None
+    stride: Pair = (1, 1)
+    out: Pair = (1, 1)
+    groups: int = 1
+
+    @property
+    def count(self) -> int:
+        return 1 if self.offsets is None else len(self.offsets)
+
+    def at(self, offset: tuple[int, int]) -> jax.Array:
+        """The tap at ``offset`` (static): ``(N, groups, P, C / groups)``."""
+        return _by_group(tap(self.padded, *offset, self.stride, self.out), self.groups)
+
+    def sum(self, term: Callable[[jax.Array], jax.Array], *, scan: bool) -> jax.Array:
+        """``sum_j term(T_j)`` over the taps ``T_j`` ``(N, groups, P, C / groups)``. With ``scan``, one tap at a
+        time (a ``lax.scan`` over the offsets: memory stays at one tap's size whatever the kernel's); without,
+        unrolled (XLA may hold every tap at once, but schedules the terms freely)."""
+        if self.offsets is None:
+            return term(self.padded)
+        if not scan or len(self.offsets) == 1:
+            return sum(term(self.at(offset)) for offset in self.offsets)
+        n, _, _, channels = self.padded.shape
+        window = (n, (self.out[0] - 1) * self.stride[0] + 1, (self.out[1] - 1) * self.stride[1] + 1, channels)
+
+        def one(total, offset):
+            zero = jnp.zeros((), offset.dtype)
+            cells = lax.dynamic_slice(self.padded, (zero, offset[0], offset[1], zero), window)
+            cells = cells[:, :: self.stride[0], :: self.stride[1], :]
+            return total + term(_by_group(cells, self.groups)), None
+
+        first = term(self.at(self.offsets[0]))
+        total, _ = lax.scan(one, first, jnp.asarray(self.offsets[1:], jnp.int32))
+        return total
+
+
+def _outer_sums_sq_norms(taps: _Taps, g: jax.Array, method: str) -> jax.Array:
+    """``sum_groups ||A_ig^T G_ig||^2`` per example, for the unfolded input ``A_i`` as kernel taps (``(N, groups,
+    P, C)`` each, see :class:`_Taps`) and ``g`` ``(N, groups, P, F)``.
 
     ``method`` is ``"auto"``, ``"ghost"`` or ``"direct"`` (see the module docstring for both forms). Neither
     concatenates the taps into the ``(P, K)`` unfolded input: the Gram matrix of ``A_i`` is the sum of the taps'
     Gram matrices, ``A_i A_i^T = sum_j T_j T_j^T``, and ``W_i = A_i^T G_i`` stacks the taps' blocks
     ``T_j^T G_i``, so ``||W_i||^2 = sum_j ||T_j^T G_i||^2``. Memory stays at one tap's size.
     """
-    _, _, positions, channels = taps[0].shape
+    _, _, positions, features = g.shape
+    channels = taps.padded.shape[-1] // taps.groups if taps.offsets is not None else taps.padded.shape[-1]
     if method == "auto":
-        method = norm_method(positions, channels * len(taps), g.shape[-1])
+        method = norm_method(positions, channels * taps.count, features)
     if method == "ghost":
         # sum_{p,q} (A A^T)_{pq} (G G^T)_{pq}; with one position this is ||a||^2 ||g||^2
-        gram_a = sum(jnp.einsum("ngpc,ngqc->ngpq", t, t, precision=_HIGHEST) for t in taps)
+        # unrolled: the ghost form is chosen where P is small, so the taps are, and the (P, P) sum is carried once
+        gram_a = taps.sum(lambda t: jnp.einsum("ngpc,ngqc->ngpq", t, t, precision=_HIGHEST), scan=False)
         gram_g = jnp.einsum("ngpf,ngqf->ngpq", g, g, precision=_HIGHEST)
         return jnp.sum(gram_a * gram_g, axis=(1, 2, 3))
-    squares = []
-    for t in taps:  # block j of W_i = A_i^T G_i, per group
+
+    def block_squares(t: jax.Array) -> jax.Array:  # ||T_j^T G_i||^2 per example: block j of W_i, per group
         block = jnp.einsum("ngpc,ngpf->ngcf", t, g, precision=_HIGHEST)
-        squares.append(jnp.sum(block * block, axis=(1, 2, 3)))
-    return sum(squares)
+        return jnp.sum(block * block, axis=(1, 2, 3))
+
+    return taps.sum(block_squares, scan=True)
 
 
 def _bias_sq_norms(g: jax.Array) -> jax.Array:
@@ -125,18 +172,15 @@ def dense_sq_norms(a: jax.Array, g: jax.Array, *, bias: bool, method: str = "gho
     dtype = jnp.result_type(a, g)
     a, g = a.astype(dtype), g.astype(dtype)
     n = a.shape[0]
-    norms = _outer_sums_sq_norms([a.reshape(n, 1, -1, a.shape[-1])], g.reshape(n, 1, -1, g.shape[-1]), method)
+    norms = _outer_sums_sq_norms(_Taps(a.reshape(n, 1, -1, a.shape[-1])), g.reshape(n, 1, -1, g.shape[-1]), method)
     return norms + _bias_sq_norms(g) if bias else norms
 
 
-def _taps(padded: jax.Array, kernel: Pair, dilation: Pair, stride: Pair, out: Pair, groups: int) -> list[jax.Array]:
-    """The unfolded input as its kernel taps: per tap, ``(N, groups, OH * OW, C / groups)``, the cells that tap saw
-    in ``padded`` for every output cell (tap ``j``'s columns of the rows of ``A_i``), split by feature group."""
-    return [
-        _by_group(tap(padded, i * dilation[0], j * dilation[1], stride, out), groups)
-        for i in range(kernel[0])
-        for j in range(kernel[1])
-    ]
+def _taps(padded: jax.Array, kernel: Pair, dilation: Pair, stride: Pair, out: Pair, groups: int) -> _Taps:
+    """The unfolded input as its kernel taps: tap ``(i, j)`` reads ``padded`` at ``(i * dh, j * dw)`` for every
+    output cell (its columns of the rows of ``A_i``)."""
+    offsets = tuple((i * dilation[0], j * dilation[1]) for i in range(kernel[0]) for j in range(kernel[1]))
+    return _Taps(padded, offsets, stride, out, groups)
 
 
 def _by_group(g: jax.Array, groups: int) -> jax.Array:
