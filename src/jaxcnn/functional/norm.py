@@ -21,74 +21,10 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
-from jaxcnn._validate import positive_int
+from jaxcnn.functional._norm_checks import check_batch_norm, check_common, check_dy, check_groups, check_saved
 from jaxcnn.functional._registry import register
-
-# -- validation -----------------------------------------------------------------------------------------------
-
-
-def _check_x(op: str, x: jax.Array) -> None:
-    if x.ndim < 2:
-        raise ValueError(f"{op}: `x` must have rank >= 2 (N, ..., C), got shape {tuple(x.shape)}")
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise ValueError(f"{op}: `x` must be a floating-point array, got dtype {x.dtype}")
-
-
-def _check_channels(op: str, name: str, value: Any, channels: int, *, optional: bool = True) -> None:
-    """``value`` must be a ``(channels,)`` array (or None when ``optional``)."""
-    if value is None and optional:
-        return
-    shape = None if value is None else tuple(jnp.shape(value))
-    if shape != (channels,):
-        raise ValueError(f"{op}: `{name}` must have shape ({channels},), got {shape}")
-
-
-def _check_number(op: str, name: str, value: Any, low: float, high: float = math.inf) -> float:
-    """``value`` as a float if it is a finite real number in ``[low, high]``; ValueError otherwise."""
-    try:
-        number = None if isinstance(value, (bool, np.bool_)) else float(value)
-    except (TypeError, ValueError):
-        number = None
-    if number is None or not math.isfinite(number) or not low <= number <= high:
-        bounds = f">= {low:g}" if high == math.inf else f"in [{low:g}, {high:g}]"
-        raise ValueError(f"{op}: `{name}` must be a finite number {bounds}, got {value!r}")
-    return number
-
-
-def _check_dy(op: str, x: jax.Array, dy: jax.Array) -> None:
-    if tuple(jnp.shape(dy)) != tuple(x.shape):
-        raise ValueError(f"{op}: `dy` must have the shape of `x` {tuple(x.shape)}, got {tuple(jnp.shape(dy))}")
-
-
-def _check_common(op: str, x: jax.Array, scale: Any, bias: Any, epsilon: Any) -> float:
-    _check_x(op, x)
-    _check_channels(op, "scale", scale, x.shape[-1])
-    _check_channels(op, "bias", bias, x.shape[-1])
-    return _check_number(op, "epsilon", epsilon, 0.0)
-
-
-def _check_batch_norm(op, x, scale, bias, running_mean, running_var, train, momentum, epsilon) -> float:
-    epsilon = _check_common(op, x, scale, bias, epsilon)
-    _check_channels(op, "running_mean", running_mean, x.shape[-1], optional=False)
-    _check_channels(op, "running_var", running_var, x.shape[-1], optional=False)
-    if not isinstance(train, (bool, np.bool_)):
-        raise ValueError(f"{op}: `train` must be a bool, got {train!r}")
-    _check_number(op, "momentum", momentum, 0.0, 1.0)
-    return epsilon
-
-
-def _check_groups(op: str, channels: int, groups: Any) -> int:
-    try:
-        groups = positive_int(groups, "groups")
-    except ValueError as error:
-        raise ValueError(f"{op}: {error}") from None
-    if channels % groups:
-        raise ValueError(f"{op}: channels (={channels}) must be divisible by `groups` (={groups})")
-    return groups
-
 
 # -- shared math ----------------------------------------------------------------------------------------------
 
@@ -266,7 +202,7 @@ def batch_norm_with_stats(
     training mode, None in inference mode (the backward then reads the running statistics).
     """
     x = jnp.asarray(x)
-    epsilon = _check_batch_norm("batch_norm", x, scale, bias, running_mean, running_var, train, momentum, epsilon)
+    epsilon = check_batch_norm("batch_norm", x, scale, bias, running_mean, running_var, train, momentum, epsilon)
     running = (running_mean, running_var)
     view = _channels_view(x, tuple(range(x.ndim - 1)))
     y, mean, var, inv = _forward(x, scale, bias, epsilon, view, running=None if train else running, others=running)
@@ -309,15 +245,6 @@ def batch_norm(
     return batch_norm_with_stats(x, scale, bias, running_mean, running_var, **options)[:3]
 
 
-def _check_saved(op: str, stats: Any, channels: int, train: Any) -> None:
-    if stats is None:
-        return
-    if train is not True or not isinstance(stats, tuple) or len(stats) != 2:
-        raise ValueError(f"{op}: `stats` must be the BatchStatistics of a train=True forward, got {stats!r:.80}")
-    for name, value in zip(BatchStatistics._fields, stats, strict=True):
-        _check_channels(op, f"stats.{name}", value, channels, optional=False)
-
-
 def batch_norm_vjp(
     x: jax.Array,
     scale: jax.Array | None,
@@ -346,9 +273,9 @@ def batch_norm_vjp(
       differentiated).
     """
     x = jnp.asarray(x)
-    epsilon = _check_batch_norm("batch_norm_vjp", x, scale, bias, running_mean, running_var, train, momentum, epsilon)
-    _check_dy("batch_norm_vjp", x, dy)
-    _check_saved("batch_norm_vjp", stats, x.shape[-1], train)
+    epsilon = check_batch_norm("batch_norm_vjp", x, scale, bias, running_mean, running_var, train, momentum, epsilon)
+    check_dy("batch_norm_vjp", x, dy)
+    check_saved("batch_norm_vjp", stats, x.shape[-1], train)
     running = (running_mean, running_var)
     view = _channels_view(x, tuple(range(x.ndim - 1)))
     options = dict(running=None if train else running, others=running, saved=stats)
@@ -372,7 +299,7 @@ def layer_norm(
       ``y``, shape of ``x``, in the promoted dtype of ``x``, ``scale`` and ``bias``.
     """
     x = jnp.asarray(x)
-    epsilon = _check_common("layer_norm", x, scale, bias, epsilon)
+    epsilon = check_common("layer_norm", x, scale, bias, epsilon)
     return _forward(x, scale, bias, epsilon, _channels_view(x, (x.ndim - 1,)))[0]
 
 
@@ -389,8 +316,8 @@ def layer_norm_vjp(
       each in its primal's dtype.
     """
     x = jnp.asarray(x)
-    epsilon = _check_common("layer_norm_vjp", x, scale, bias, epsilon)
-    _check_dy("layer_norm_vjp", x, dy)
+    epsilon = check_common("layer_norm_vjp", x, scale, bias, epsilon)
+    check_dy("layer_norm_vjp", x, dy)
     return _backward(x, scale, bias, dy, epsilon, _channels_view(x, (x.ndim - 1,)))
 
 
@@ -421,8 +348,8 @@ def group_norm(
       ``y``, shape of ``x``, in the promoted dtype of ``x``, ``scale`` and ``bias``.
     """
     x = jnp.asarray(x)
-    epsilon = _check_common("group_norm", x, scale, bias, epsilon)
-    groups = _check_groups("group_norm", x.shape[-1], groups)
+    epsilon = check_common("group_norm", x, scale, bias, epsilon)
+    groups = check_groups("group_norm", x.shape[-1], groups)
     return _forward(x, scale, bias, epsilon, _group_view(x, groups))[0]
 
 
@@ -445,9 +372,9 @@ def group_norm_vjp(
       each in its primal's dtype.
     """
     x = jnp.asarray(x)
-    epsilon = _check_common("group_norm_vjp", x, scale, bias, epsilon)
-    groups = _check_groups("group_norm_vjp", x.shape[-1], groups)
-    _check_dy("group_norm_vjp", x, dy)
+    epsilon = check_common("group_norm_vjp", x, scale, bias, epsilon)
+    groups = check_groups("group_norm_vjp", x.shape[-1], groups)
+    check_dy("group_norm_vjp", x, dy)
     return _backward(x, scale, bias, dy, epsilon, _group_view(x, groups))
 
 
