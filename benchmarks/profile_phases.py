@@ -5,14 +5,20 @@ backward (loss and gradients), and the whole train step (with the optax SGD-mome
 interleaved and each figure is a median (ms per call). The backward costs ``fwd+bwd - fwd``, the update
 ``step - fwd+bwd``. It also counts the kernels XLA launches per step (fusions, library calls and other
 top-level instructions of the optimised program's entry computation), which bounds a small model's speed
-on a GPU.
+on a GPU, and with ``--kernels`` lists them by name (XLA names a fusion after its ops, ``add_rsqrt_fusion``;
+numbers stripped, "full" when the result has the rank of a feature map) for a side-by-side reading of the
+programs. ``--rounds 0`` compiles and counts without timing; ``--dw-method conv`` makes the hand conv VJPs
+form the weight gradient as on a GPU (on CPU ``auto`` picks the per-tap GEMMs).
 
     PYTHONPATH=src python benchmarks/profile_phases.py --model resnet18_cifar --batch-size 256 --dtype bfloat16
+    PYTHONPATH=src python benchmarks/profile_phases.py --model resnet20_cifar --batch-size 8 --rounds 0 \
+        --kernels --dw-method conv
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import re
 import statistics
 import time
@@ -26,25 +32,35 @@ import optax
 import jaxcnn as jc
 import jaxcnn.functional as F
 from jaxcnn import bench
+from jaxcnn.functional import conv as conv_module
 from jaxcnn.train.step import cast_floating, loss_and_grads_fn
 
 _NOT_KERNELS = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast", "copy-start", "copy-done"}
 
 
-def kernel_count(compiled: Any) -> int | None:
-    """Top-level instructions of the optimised entry computation that run work (an estimate of launches)."""
+def kernels(compiled: Any) -> collections.Counter | None:
+    """The top-level instructions of the optimised entry computation that run work (an estimate of launches),
+    counted by name: ``"add_rsqrt_fusion (small)"``, ``"convolution (full)"`` ("full": a rank-4 result)."""
     try:
         text = compiled.as_text()
     except Exception:  # noqa: BLE001
         return None
     entry = text[text.find("ENTRY") :]
     entry = entry[: entry.find("\n}")]
-    count = 0
+    counts: collections.Counter = collections.Counter()
     for line in entry.splitlines()[1:]:
-        match = re.search(r"=\s*\S+\s+([\w-]+)\(", line)
-        if match and match.group(1) not in _NOT_KERNELS:
-            count += 1
-    return count
+        match = re.search(r"%([\w.-]+)\s*=\s*(\S+)\s+([\w-]+)\(", line)
+        if match and match.group(3) not in _NOT_KERNELS:
+            name = re.sub(r"\.\d+$", "", match.group(1))
+            full = re.search(r"\[\d+,\d+,\d+,\d+\]", match.group(2))
+            counts[f"{name} ({'full' if full else 'small'})"] += 1
+    return counts
+
+
+def kernel_count(compiled: Any) -> int | None:
+    """Top-level instructions of the optimised entry computation that run work (an estimate of launches)."""
+    counts = kernels(compiled)
+    return None if counts is None else sum(counts.values())
 
 
 def programs(model_name: str, batch_size: int, dtype: str | None) -> dict[str, tuple[Any, tuple]]:
@@ -101,10 +117,11 @@ def programs(model_name: str, batch_size: int, dtype: str | None) -> dict[str, t
 
 
 def profile(model_name: str, batch_size: int, dtype: str | None, rounds: int = 7, calls: int = 10) -> list[dict]:
-    """Median ms per call of every program (interleaved rounds of ``calls`` calls) and its kernel count."""
+    """Median ms per call of every program (interleaved rounds of ``calls`` calls; None for ``rounds=0``), its
+    kernel count and its kernels by name."""
     compiled = programs(model_name, batch_size, dtype)
     times: dict[str, list[float]] = {name: [] for name in compiled}
-    for fn, args in compiled.values():
+    for fn, args in compiled.values() if rounds else ():
         jax.block_until_ready(fn(*args))
     names = list(compiled)
     for round_index in range(rounds):
@@ -116,15 +133,31 @@ def profile(model_name: str, batch_size: int, dtype: str | None, rounds: int = 7
                 result = fn(*args)
             jax.block_until_ready(result)
             times[name].append((time.perf_counter() - started) * 1e3 / calls)
-    return [
-        {"program": name, "ms": statistics.median(times[name]), "kernels": kernel_count(compiled[name][0])}
-        for name in compiled
-    ]
+    rows = []
+    for name, (fn, _) in compiled.items():
+        by_name = kernels(fn)
+        count = None if by_name is None else sum(by_name.values())
+        ms = statistics.median(times[name]) if times[name] else None
+        rows.append({"program": name, "ms": ms, "kernels": count, "by_name": by_name})
+    return rows
 
 
 def markdown(rows: list[dict], title: str) -> str:
     lines = [title, "", "| program | ms per call | kernels |", "|---|---:|---:|"]
-    lines += [f"| {r['program']} | {r['ms']:.3f} | {r['kernels'] if r['kernels'] is not None else ''} |" for r in rows]
+    for r in rows:
+        ms = "" if r["ms"] is None else f"{r['ms']:.3f}"
+        lines.append(f"| {r['program']} | {ms} | {r['kernels'] if r['kernels'] is not None else ''} |")
+    return "\n".join(lines) + "\n"
+
+
+def kernel_table(rows: list[dict], phase: str) -> str:
+    """Kernels by name, one column per contender, for the programs of one ``phase`` ("fwd", "fwd+bwd", "step")."""
+    chosen = [r for r in rows if r["program"].endswith(f" {phase}") and r["by_name"] is not None]
+    names = sorted(set().union(*(r["by_name"] for r in chosen)))
+    header = [r["program"].rsplit(" ", 1)[0] for r in chosen]
+    lines = [f"| {phase} kernel | " + " | ".join(header) + " |", "|---|" + "---:|" * len(chosen)]
+    lines += [f"| {n} | " + " | ".join(str(r["by_name"][n]) for r in chosen) + " |" for n in names]
+    lines.append("| total | " + " | ".join(str(r["kernels"]) for r in chosen) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -133,11 +166,18 @@ def main() -> None:
     parser.add_argument("--model", default="mnist_cnn")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=7, help="timed rounds; 0: compile and count only")
+    parser.add_argument("--kernels", action="store_true", help="also list each phase's kernels by name")
+    parser.add_argument("--dw-method", choices=conv_module.DW_METHODS, default="auto", help="the hand conv dw")
     args = parser.parse_args()
+    if args.dw_method != "auto":
+        conv_module._DW_AUTO[jax.default_backend()] = args.dw_method  # read when the steps are traced
     rows = profile(args.model, args.batch_size, args.dtype, args.rounds)
     device = jax.devices()[0].device_kind
-    print(markdown(rows, f"{args.model}, batch {args.batch_size}, {args.dtype}, {device}, median of {args.rounds}"))
+    title = f"{args.model}, batch {args.batch_size}, {args.dtype}, {device}, dw {args.dw_method}"
+    print(markdown(rows, f"{title}, median of {args.rounds}"))
+    for phase in ("fwd", "fwd+bwd") if args.kernels else ():
+        print(kernel_table(rows, phase))
 
 
 if __name__ == "__main__":

@@ -93,7 +93,7 @@ def test_public_vjp_signature_follows_the_convention(name, rule):
     assert [p.name for p in params] == [*positional, *keywords]  # no *args, no **kwargs
     for option, p in list(forward.items())[len(rule.primals) :]:
         assert option in keywords and keywords[option] == p.default, option
-    assert set(keywords) - set(forward) <= ({"dw_method"} if name == "conv2d" else set())
+    assert set(keywords) - set(forward) <= {"conv2d": {"dw_method"}, "batch_norm": {"stats"}}.get(name, set())
     if "key" in forward:
         assert "key" in keywords
     for forward_fn, args, options in CASES:  # the table's arguments: arrays (or None) exactly in the primals

@@ -4,6 +4,7 @@ Table-driven: module-level tables of configurations crossed with DTYPES (and eps
 
 import flax.linen as nn
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -11,8 +12,10 @@ import pytest
 from conftest import DTYPES, assert_trees_close, normal, relative_error
 from jaxcnn import gradcheck
 from jaxcnn.functional.norm import (
+    BatchStatistics,
     batch_norm,
     batch_norm_vjp,
+    batch_norm_with_stats,
     group_norm,
     group_norm_vjp,
     layer_norm,
@@ -117,13 +120,19 @@ def _compare(forward, rule, shape, has_scale, has_bias, epsilons, dtype, what):
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("case", BN_CASES, ids=[f"bn{i}" for i in range(len(BN_CASES))])
 def test_batch_norm_vjp_matches_autodiff(case, train, dtype):
-    """The cotangent flows through y only (the running statistics are state)."""
+    """The cotangent flows through y only (the running statistics are state). In training mode the rule gets
+    the forward's saved batch statistics, as the BatchNorm layer passes them."""
     shape, has_scale, has_bias = case
     running = _running(shape[-1], dtype)
     options = dict(train=train, momentum=0.9)
+
+    def rule(x, s, b, dy, epsilon):
+        stats = batch_norm_with_stats(x, s, b, *running, epsilon=epsilon, **options)[3]
+        return batch_norm_vjp(x, s, b, *running, dy, epsilon=epsilon, stats=stats, **options)[:3]
+
     _compare(
         lambda x, s, b, epsilon: batch_norm(x, s, b, *running, epsilon=epsilon, **options)[0],
-        lambda x, s, b, dy, epsilon: batch_norm_vjp(x, s, b, *running, dy, epsilon=epsilon, **options)[:3],
+        rule,
         shape,
         has_scale,
         has_bias,
@@ -157,6 +166,41 @@ def test_group_norm_vjp_matches_autodiff(case, dtype):
         dtype,
         f"group_norm {case}",
     )
+
+
+def _reductions(jaxpr, size) -> int:
+    """Reductions of arrays of ``size`` elements in a jaxpr (its sub-jaxprs included)."""
+    count = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name.startswith("reduce_") and eqn.invars[0].aval.size == size:
+            count += 1
+        count += sum(_reductions(sub.jaxpr, size) for sub in jax.extend.core.jaxprs_in_params(eqn.params))
+    return count
+
+
+def test_saved_batch_statistics_spare_the_backward_two_reductions():
+    """With the forward's (mean, inv_std) the backward reduces x-sized arrays twice (dbias, dscale), not four
+    times (the mean and variance again), and gives the same cotangents; in eval mode there are none to save."""
+    x, dy = _x((3, 5, 7, 4), jnp.float64), normal(7, (3, 5, 7, 4))
+    scale, bias = _params(x.shape, True, True, jnp.float64)
+    running = _running(4, jnp.float64)
+    y, new_mean, new_var, stats = batch_norm_with_stats(x, scale, bias, *running)
+    for got, expected in zip((y, new_mean, new_var), batch_norm(x, scale, bias, *running), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
+    assert isinstance(stats, BatchStatistics) and stats.mean.shape == stats.inv_std.shape == (4,)
+    flat = np.asarray(x).reshape(-1, 4)
+    np.testing.assert_allclose(np.asarray(stats.inv_std), 1 / np.sqrt(flat.var(axis=0) + 1e-5), rtol=1e-14)
+    assert batch_norm_with_stats(x, scale, bias, *running, train=False)[3] is None
+
+    def backward(stats):
+        return jax.make_jaxpr(lambda x, dy: batch_norm_vjp(x, scale, bias, *running, dy, stats=stats)[:3])(x, dy)
+
+    assert _reductions(backward(stats).jaxpr, x.size) == 2
+    assert _reductions(backward(None).jaxpr, x.size) == 4
+    saved = batch_norm_vjp(x, scale, bias, *running, dy, stats=stats)[:3]
+    recomputed = batch_norm_vjp(x, scale, bias, *running, dy)[:3]
+    for a, b in zip(saved, recomputed, strict=True):
+        assert relative_error(a, b) <= 1e-14
 
 
 def test_single_cell_statistics_give_y_equal_bias_and_zero_dx():
@@ -408,7 +452,7 @@ def _bn(**kw):
 
 def _bn_vjp(**kw):
     dy = kw.pop("dy", _X)
-    options = {k: kw.pop(k) for k in ("train", "momentum", "epsilon") if k in kw}
+    options = {k: kw.pop(k) for k in ("train", "momentum", "epsilon", "stats") if k in kw}
     args = dict(x=_X, scale=_C, bias=_C, running_mean=_C, running_var=_C)
     args.update(kw)
     return batch_norm_vjp(*args.values(), dy, **options)
@@ -432,6 +476,9 @@ VALIDATION = [
     (lambda: _bn_vjp(dy=jnp.zeros((2, 6))), r"batch_norm_vjp: `dy` must have the shape of `x` \(2, 3, 3, 6\)"),
     (lambda: _bn_vjp(scale=jnp.ones((4,))), r"batch_norm_vjp: `scale` must have shape \(6,\), got \(4,\)"),
     (lambda: _bn_vjp(momentum=2.0), r"batch_norm_vjp: `momentum` must be a finite number in \[0, 1\]"),
+    (lambda: _bn_vjp(stats=(_C, _C), train=False), r"batch_norm_vjp: `stats` must be the BatchStatistics of a train"),
+    (lambda: _bn_vjp(stats=_C), r"batch_norm_vjp: `stats` must be the BatchStatistics of a train=True forward"),
+    (lambda: _bn_vjp(stats=(_C, _C[:2])), r"batch_norm_vjp: `stats.inv_std` must have shape \(6,\), got \(2,\)"),
     (lambda: layer_norm(jnp.zeros((6,))), r"layer_norm: `x` must have rank >= 2"),
     (lambda: layer_norm(_X, jnp.ones((3,))), r"layer_norm: `scale` must have shape \(6,\), got \(3,\)"),
     (lambda: layer_norm(_X, None, jnp.ones((7,))), r"layer_norm: `bias` must have shape \(6,\), got \(7,\)"),

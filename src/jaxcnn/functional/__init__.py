@@ -58,8 +58,10 @@ from jaxcnn.functional.losses import (
     softmax_cross_entropy_vjp,
 )
 from jaxcnn.functional.norm import (
+    BatchStatistics,
     batch_norm,
     batch_norm_vjp,
+    batch_norm_with_stats,
     group_norm,
     group_norm_vjp,
     layer_norm,
@@ -77,11 +79,13 @@ from jaxcnn.functional.resample import upsample_nearest2d, upsample_nearest2d_vj
 from jaxcnn.functional.rnn import elman_rnn, elman_rnn_vjp
 
 __all__ = [
+    "BatchStatistics",
     "HandRule",
     "avg_pool2d",
     "avg_pool2d_vjp",
     "batch_norm",
     "batch_norm_vjp",
+    "batch_norm_with_stats",
     "conv2d",
     "conv2d_vjp",
     "conv_transpose2d",

@@ -33,10 +33,13 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxcnn._validate import Padding, Pair, check_rank, pair, positive_int
+from jaxcnn.functional._norm_checks import check_groups as _check_groups
+from jaxcnn.functional._norm_checks import check_number as _check_number
+from jaxcnn.functional._norm_checks import check_x as _check_x
 from jaxcnn.functional._windows import pad_spatial, tap
 from jaxcnn.functional.conv import conv_geometry
 from jaxcnn.functional.conv_transpose import conv_transpose_geometry
-from jaxcnn.functional.norm import _channels_view, _check_groups, _check_number, _check_x, _group_view, _moments
+from jaxcnn.functional.norm import _channels_view, _group_view, _moments
 
 METHODS = ("auto", "ghost", "direct")
 _HIGHEST = lax.Precision.HIGHEST  # a norm sums many products: no reduced-precision (TF32) passes on GPUs

@@ -21,74 +21,10 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
-from jaxcnn._validate import positive_int
+from jaxcnn.functional._norm_checks import check_batch_norm, check_common, check_dy, check_groups, check_saved
 from jaxcnn.functional._registry import register
-
-# -- validation -----------------------------------------------------------------------------------------------
-
-
-def _check_x(op: str, x: jax.Array) -> None:
-    if x.ndim < 2:
-        raise ValueError(f"{op}: `x` must have rank >= 2 (N, ..., C), got shape {tuple(x.shape)}")
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise ValueError(f"{op}: `x` must be a floating-point array, got dtype {x.dtype}")
-
-
-def _check_channels(op: str, name: str, value: Any, channels: int, *, optional: bool = True) -> None:
-    """``value`` must be a ``(channels,)`` array (or None when ``optional``)."""
-    if value is None and optional:
-        return
-    shape = None if value is None else tuple(jnp.shape(value))
-    if shape != (channels,):
-        raise ValueError(f"{op}: `{name}` must have shape ({channels},), got {shape}")
-
-
-def _check_number(op: str, name: str, value: Any, low: float, high: float = math.inf) -> float:
-    """``value`` as a float if it is a finite real number in ``[low, high]``; ValueError otherwise."""
-    try:
-        number = None if isinstance(value, (bool, np.bool_)) else float(value)
-    except (TypeError, ValueError):
-        number = None
-    if number is None or not math.isfinite(number) or not low <= number <= high:
-        bounds = f">= {low:g}" if high == math.inf else f"in [{low:g}, {high:g}]"
-        raise ValueError(f"{op}: `{name}` must be a finite number {bounds}, got {value!r}")
-    return number
-
-
-def _check_dy(op: str, x: jax.Array, dy: jax.Array) -> None:
-    if tuple(jnp.shape(dy)) != tuple(x.shape):
-        raise ValueError(f"{op}: `dy` must have the shape of `x` {tuple(x.shape)}, got {tuple(jnp.shape(dy))}")
-
-
-def _check_common(op: str, x: jax.Array, scale: Any, bias: Any, epsilon: Any) -> float:
-    _check_x(op, x)
-    _check_channels(op, "scale", scale, x.shape[-1])
-    _check_channels(op, "bias", bias, x.shape[-1])
-    return _check_number(op, "epsilon", epsilon, 0.0)
-
-
-def _check_batch_norm(op, x, scale, bias, running_mean, running_var, train, momentum, epsilon) -> float:
-    epsilon = _check_common(op, x, scale, bias, epsilon)
-    _check_channels(op, "running_mean", running_mean, x.shape[-1], optional=False)
-    _check_channels(op, "running_var", running_var, x.shape[-1], optional=False)
-    if not isinstance(train, (bool, np.bool_)):
-        raise ValueError(f"{op}: `train` must be a bool, got {train!r}")
-    _check_number(op, "momentum", momentum, 0.0, 1.0)
-    return epsilon
-
-
-def _check_groups(op: str, channels: int, groups: Any) -> int:
-    try:
-        groups = positive_int(groups, "groups")
-    except ValueError as error:
-        raise ValueError(f"{op}: {error}") from None
-    if channels % groups:
-        raise ValueError(f"{op}: channels (={channels}) must be divisible by `groups` (={groups})")
-    return groups
-
 
 # -- shared math ----------------------------------------------------------------------------------------------
 
@@ -120,27 +56,31 @@ def _moments(x: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]
 
 
 def _normalize(x, scale, bias, *, axes, param_shape, epsilon, stats=None):
-    """``y = (x - mean) * (rsqrt(var + epsilon) * scale) + bias`` on a view; returns ``(y, mean, var)``.
+    """``y = (x - mean) * (inv * scale) + bias`` with ``inv = rsqrt(var + epsilon)`` on a view; returns
+    ``(y, mean, var, inv)``.
 
     ``x``, ``scale``, ``bias`` are in the compute dtype; ``scale``/``bias`` are ``(C,)`` or None and act on the
     trailing ``param_shape`` axes of ``x``. ``stats``: fixed ``(mean, var)`` broadcastable to ``x``; when None
     they are the batch statistics over ``axes``.
     """
     mean, var = _moments(x, axes) if stats is None else stats
-    multiplier = lax.rsqrt(var + epsilon)
-    if scale is not None:
-        multiplier = multiplier * _per_channel(scale, x.ndim, param_shape)
+    inv = lax.rsqrt(var + epsilon)
+    multiplier = inv if scale is None else inv * _per_channel(scale, x.ndim, param_shape)
     y = (x - mean) * multiplier
     if bias is not None:
         y = y + _per_channel(bias, x.ndim, param_shape)
-    return y, mean, var
+    return y, mean, var, inv
 
 
-def _normalize_vjp(x, scale, dy, *, axes, param_shape, epsilon, stats=None):
+def _normalize_vjp(x, scale, dy, *, axes, param_shape, epsilon, stats=None, saved=None):
     """Cotangents ``(dx, dscale, dbias)`` of :func:`_normalize` (same view and arguments); ``dscale`` and
-    ``dbias`` are ``(C,)`` and returned whether or not the forward had them."""
-    mean, var = _moments(x, axes) if stats is None else stats
-    inv = lax.rsqrt(var + epsilon)
+    ``dbias`` are ``(C,)`` and returned whether or not the forward had them. ``saved``: the batch ``(mean, inv)``
+    the forward normalised with (broadcastable to ``x``), so that they are not recomputed from ``x``."""
+    if saved is not None:
+        mean, inv = saved
+    else:
+        mean, var = _moments(x, axes) if stats is None else stats
+        inv = lax.rsqrt(var + epsilon)
     xhat = (x - mean) * inv
     # y = xhat * scale + bias per channel: the parameters collect dy (times xhat) from every non-channel cell.
     leading = tuple(range(x.ndim - len(param_shape)))
@@ -154,9 +94,17 @@ def _normalize_vjp(x, scale, dy, *, axes, param_shape, epsilon, stats=None):
     # vanishes since sum (x - mean) = 0) and d inv/d var = -inv^3/2, so
     # d xhat_j/d x_i = inv (delta_ij - 1/M - xhat_i xhat_j / M). Contracting with dxhat_j:
     # dx = inv/M (M dxhat - sum dxhat - xhat sum(dxhat xhat)) = inv (dxhat - mean(dxhat) - xhat mean(dxhat xhat)).
-    centre = jnp.mean(dxhat, axis=axes, keepdims=True)
-    along = jnp.mean(dxhat * xhat, axis=axes, keepdims=True)
-    return inv * (dxhat - centre - xhat * along), dscale, dbias
+    if axes != leading:
+        centre = jnp.mean(dxhat, axis=axes, keepdims=True)
+        along = jnp.mean(dxhat * xhat, axis=axes, keepdims=True)
+        return inv * (dxhat - centre - xhat * along), dscale, dbias
+    # batch norm: the statistics' axes are the parameters' reduction axes and scale is constant along them, so
+    # mean(dxhat) = scale dbias / M and mean(dxhat xhat) = scale dscale / M: two reductions in all, not four,
+    # and dx = inv scale (dy - (dbias + xhat dscale) / M)
+    cells = math.prod(x.shape[i] for i in axes)
+    multiplier = inv if scale is None else inv * _per_channel(scale, x.ndim, param_shape)
+    centre, along = (_per_channel(d / cells, x.ndim, param_shape) for d in (dbias, dscale))
+    return multiplier * (dy - centre - xhat * along), dscale, dbias
 
 
 def _cotangents(x, scale, bias, dx, dscale, dbias):
@@ -185,17 +133,18 @@ def _group_view(x: jax.Array, groups: int) -> _View:
 
 
 def _fixed_stats(running: tuple[Any, Any] | None, dtype: Any, view: _View) -> tuple[jax.Array, jax.Array] | None:
-    """The running ``(mean, var)`` shaped to broadcast against the view, or None (batch statistics)."""
+    """A pair of ``(C,)`` statistics (the running ``(mean, var)``, or the saved batch ``(mean, inv)``) in
+    ``dtype``, shaped to broadcast against the view; None stays None."""
     if running is None:
         return None
     return tuple(_per_channel(_cast(s, dtype), len(view.shape), view.param_shape) for s in running)
 
 
 def _forward(x, scale, bias, epsilon, view: _View, *, running=None, others=()):
-    """``(y, mean, var)`` of the op that ``view`` describes, in the output dtype (``others``: arrays that
-    take part in the compute dtype; ``running``: fixed statistics)."""
+    """``(y, mean, var, inv)`` of the op that ``view`` describes, ``y`` in the output dtype, the statistics in
+    the compute dtype (``others``: arrays that take part in the compute dtype; ``running``: fixed statistics)."""
     dtype, out_dtype = _dtypes(x, scale, bias, *others)
-    y, mean, var = _normalize(
+    y, mean, var, inv = _normalize(
         x.astype(dtype).reshape(view.shape),
         _cast(scale, dtype),
         _cast(bias, dtype),
@@ -204,11 +153,12 @@ def _forward(x, scale, bias, epsilon, view: _View, *, running=None, others=()):
         epsilon=epsilon,
         stats=_fixed_stats(running, dtype, view),
     )
-    return y.reshape(x.shape).astype(out_dtype), mean, var
+    return y.reshape(x.shape).astype(out_dtype), mean, var, inv
 
 
-def _backward(x, scale, bias, dy, epsilon, view: _View, *, running=None, others=()):
-    """``(dx, dscale, dbias)`` of :func:`_forward` (the view's reshape is a relabelling: its VJP reshapes back)."""
+def _backward(x, scale, bias, dy, epsilon, view: _View, *, running=None, others=(), saved=None):
+    """``(dx, dscale, dbias)`` of :func:`_forward` (the view's reshape is a relabelling: its VJP reshapes back);
+    ``saved``: the forward's batch ``(mean, inv)``, ``(C,)`` each, or None to recompute them."""
     dtype, _ = _dtypes(x, scale, bias, *others, dy)
     dx, dscale, dbias = _normalize_vjp(
         x.astype(dtype).reshape(view.shape),
@@ -218,11 +168,51 @@ def _backward(x, scale, bias, dy, epsilon, view: _View, *, running=None, others=
         param_shape=view.param_shape,
         epsilon=epsilon,
         stats=_fixed_stats(running, dtype, view),
+        saved=_fixed_stats(saved, dtype, view),
     )
     return _cotangents(x, scale, bias, dx.reshape(x.shape), dscale, dbias)
 
 
 # -- batch norm -----------------------------------------------------------------------------------------------
+
+
+class BatchStatistics(NamedTuple):
+    """What a training-mode :func:`batch_norm_with_stats` normalised with, ``(C,)`` each, in the compute dtype
+    (at least float32): the backward's residuals (``batch_norm_vjp(..., stats=)``), so that it does not
+    recompute them from ``x``."""
+
+    mean: jax.Array  # the batch mean
+    inv_std: jax.Array  # rsqrt(biased batch variance + epsilon)
+
+
+def batch_norm_with_stats(
+    x: jax.Array,
+    scale: jax.Array | None,
+    bias: jax.Array | None,
+    running_mean: jax.Array,
+    running_var: jax.Array,
+    *,
+    train: bool = True,
+    momentum: float = 0.9,
+    epsilon: float = 1e-5,
+) -> tuple[jax.Array, jax.Array, jax.Array, BatchStatistics | None]:
+    """:func:`batch_norm`, also returning the batch statistics it normalised with (for the backward).
+
+    Args and the first three results: as :func:`batch_norm`. The fourth: :class:`BatchStatistics` ``(C,)`` in
+    training mode, None in inference mode (the backward then reads the running statistics).
+    """
+    x = jnp.asarray(x)
+    epsilon = check_batch_norm("batch_norm", x, scale, bias, running_mean, running_var, train, momentum, epsilon)
+    running = (running_mean, running_var)
+    view = _channels_view(x, tuple(range(x.ndim - 1)))
+    y, mean, var, inv = _forward(x, scale, bias, epsilon, view, running=None if train else running, others=running)
+    if not train:
+        return y, running_mean, running_var, None
+    new_stats = tuple(
+        (momentum * _cast(old, mean.dtype) + (1 - momentum) * batch.reshape(-1)).astype(jnp.asarray(old).dtype)
+        for old, batch in ((running_mean, mean), (running_var, var))
+    )
+    return (y, *new_stats, BatchStatistics(mean.reshape(-1), inv.reshape(-1)))
 
 
 def batch_norm(
@@ -251,18 +241,8 @@ def batch_norm(
       ``(y, new_running_mean, new_running_var)``: ``y`` of the shape of ``x`` in the promoted dtype of ``x``,
       ``scale`` and ``bias``; the running statistics ``(C,)`` in their own dtypes.
     """
-    x = jnp.asarray(x)
-    epsilon = _check_batch_norm("batch_norm", x, scale, bias, running_mean, running_var, train, momentum, epsilon)
-    running = (running_mean, running_var)
-    view = _channels_view(x, tuple(range(x.ndim - 1)))
-    y, mean, var = _forward(x, scale, bias, epsilon, view, running=None if train else running, others=running)
-    if not train:
-        return y, running_mean, running_var
-    new_stats = tuple(
-        (momentum * _cast(old, mean.dtype) + (1 - momentum) * batch.reshape(-1)).astype(jnp.asarray(old).dtype)
-        for old, batch in ((running_mean, mean), (running_var, var))
-    )
-    return (y, *new_stats)
+    options = dict(train=train, momentum=momentum, epsilon=epsilon)
+    return batch_norm_with_stats(x, scale, bias, running_mean, running_var, **options)[:3]
 
 
 def batch_norm_vjp(
@@ -276,12 +256,16 @@ def batch_norm_vjp(
     train: bool = True,
     momentum: float = 0.9,
     epsilon: float = 1e-5,
+    stats: BatchStatistics | None = None,
 ) -> tuple[jax.Array, jax.Array | None, jax.Array | None, None, None]:
     """Hand-derived VJP of :func:`batch_norm` with respect to ``y`` only (the running statistics are state).
 
     Args:
       x, scale, bias, running_mean, running_var: as in the forward; dy: cotangent of ``y``, shape of ``x``.
       train, momentum, epsilon: as in the forward.
+      stats: in training mode, the :class:`BatchStatistics` that :func:`batch_norm_with_stats` returned for this
+        ``x``: the backward reuses them instead of recomputing the batch mean and variance (two reductions of
+        ``x`` fewer). None: recomputed from ``x`` (the same values).
 
     Returns:
       ``(dx, dscale, dbias, None, None)``: ``dx`` shape of ``x``, ``dscale``/``dbias`` ``(C,)`` (None where the
@@ -289,12 +273,13 @@ def batch_norm_vjp(
       differentiated).
     """
     x = jnp.asarray(x)
-    epsilon = _check_batch_norm("batch_norm_vjp", x, scale, bias, running_mean, running_var, train, momentum, epsilon)
-    _check_dy("batch_norm_vjp", x, dy)
+    epsilon = check_batch_norm("batch_norm_vjp", x, scale, bias, running_mean, running_var, train, momentum, epsilon)
+    check_dy("batch_norm_vjp", x, dy)
+    check_saved("batch_norm_vjp", stats, x.shape[-1], train)
     running = (running_mean, running_var)
     view = _channels_view(x, tuple(range(x.ndim - 1)))
-    cotangents = _backward(x, scale, bias, dy, epsilon, view, running=None if train else running, others=running)
-    return (*cotangents, None, None)
+    options = dict(running=None if train else running, others=running, saved=stats)
+    return (*_backward(x, scale, bias, dy, epsilon, view, **options), None, None)
 
 
 # -- layer norm -----------------------------------------------------------------------------------------------
@@ -314,7 +299,7 @@ def layer_norm(
       ``y``, shape of ``x``, in the promoted dtype of ``x``, ``scale`` and ``bias``.
     """
     x = jnp.asarray(x)
-    epsilon = _check_common("layer_norm", x, scale, bias, epsilon)
+    epsilon = check_common("layer_norm", x, scale, bias, epsilon)
     return _forward(x, scale, bias, epsilon, _channels_view(x, (x.ndim - 1,)))[0]
 
 
@@ -331,8 +316,8 @@ def layer_norm_vjp(
       each in its primal's dtype.
     """
     x = jnp.asarray(x)
-    epsilon = _check_common("layer_norm_vjp", x, scale, bias, epsilon)
-    _check_dy("layer_norm_vjp", x, dy)
+    epsilon = check_common("layer_norm_vjp", x, scale, bias, epsilon)
+    check_dy("layer_norm_vjp", x, dy)
     return _backward(x, scale, bias, dy, epsilon, _channels_view(x, (x.ndim - 1,)))
 
 
@@ -363,8 +348,8 @@ def group_norm(
       ``y``, shape of ``x``, in the promoted dtype of ``x``, ``scale`` and ``bias``.
     """
     x = jnp.asarray(x)
-    epsilon = _check_common("group_norm", x, scale, bias, epsilon)
-    groups = _check_groups("group_norm", x.shape[-1], groups)
+    epsilon = check_common("group_norm", x, scale, bias, epsilon)
+    groups = check_groups("group_norm", x.shape[-1], groups)
     return _forward(x, scale, bias, epsilon, _group_view(x, groups))[0]
 
 
@@ -387,9 +372,9 @@ def group_norm_vjp(
       each in its primal's dtype.
     """
     x = jnp.asarray(x)
-    epsilon = _check_common("group_norm_vjp", x, scale, bias, epsilon)
-    groups = _check_groups("group_norm_vjp", x.shape[-1], groups)
-    _check_dy("group_norm_vjp", x, dy)
+    epsilon = check_common("group_norm_vjp", x, scale, bias, epsilon)
+    groups = check_groups("group_norm_vjp", x.shape[-1], groups)
+    check_dy("group_norm_vjp", x, dy)
     return _backward(x, scale, bias, dy, epsilon, _group_view(x, groups))
 
 

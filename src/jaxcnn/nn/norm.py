@@ -74,6 +74,7 @@ class BatchNormResiduals(NamedTuple):
     mean: jax.Array  # the running statistics the forward read (used in inference mode)
     var: jax.Array
     train: Static  # whether the forward used batch statistics
+    stats: F.BatchStatistics | None = None  # training mode: the batch (mean, inv_std) it normalised with
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,7 @@ class BatchNorm(_Normalization):
     ) -> tuple[jax.Array, BatchNormResiduals, State]:
         self._check(params, x)
         check_param_keys("BatchNorm state", state, ["mean", "var"])
-        y, mean, var = F.batch_norm(
+        y, mean, var, stats = F.batch_norm_with_stats(
             x,
             params.get("scale"),
             params.get("bias"),
@@ -128,7 +129,7 @@ class BatchNorm(_Normalization):
             epsilon=self.epsilon,
         )
         new_state = {"mean": mean.astype(state["mean"].dtype), "var": var.astype(state["var"].dtype)}
-        return y, BatchNormResiduals(x, state["mean"], state["var"], Static(bool(train))), new_state
+        return y, BatchNormResiduals(x, state["mean"], state["var"], Static(bool(train)), stats), new_state
 
     def backward(self, params: Params, residuals: BatchNormResiduals, dy: jax.Array) -> tuple[jax.Array, Params]:
         dx, dscale, dbias, _, _ = F.batch_norm_vjp(
@@ -141,6 +142,7 @@ class BatchNorm(_Normalization):
             train=residuals.train.value,
             momentum=self.momentum,
             epsilon=self.epsilon,
+            stats=residuals.stats,
         )
         return dx, self._grads(params, dscale, dbias)
 
