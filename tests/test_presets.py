@@ -308,7 +308,12 @@ def test_the_run_train_and_eval_steps_take_the_run_loss(path, monkeypatch):
     monkeypatch.setattr(run_module, "_CACHE", {})  # these stand-in steps are shared with no other test
     config = Config(label_smoothing=0.3, ensemble=2 if path == "ensemble" else 1)
     run = types.SimpleNamespace(
-        config=config, model=tiny_model(), steps_per_epoch=1, input_scaling=None, streamed=path == "streamed"
+        config=config,
+        model=tiny_model(),
+        steps_per_epoch=1,
+        input_scaling=None,
+        streamed=path == "streamed",
+        privacy=None,
     )
     mesh = ("a mesh",) if path == "data parallel" else None
     assert run_module.compiled_steps(run, mesh) == ("train", "eval")
