@@ -5,6 +5,7 @@ target epsilon met; every refused flag or combination one line with exit code 2.
 import contextlib
 import io
 import math
+import types
 
 import dp_accounting
 import jax
@@ -176,3 +177,26 @@ def test_log_grad_norms_is_dropped_with_a_warning():
     config = _train_flags.resolve({"dp_clip": 1.0, "dp_noise": 1.0, "log_grad_norms": True}, None, said.append)
     assert config.log_grad_norms is False  # config.json keeps describing the run
     assert said == ["jaxcnn train: warning: --log-grad-norms has no effect with --dp-clip 1.0 (ignored, not saved)"]
+
+
+def test_poisson_batches_resume_mid_epoch_with_the_same_draws(monkeypatch):
+    # step s draws from fold_in(data key, s): the batches after a mid-epoch stop are those of the straight epoch
+    from jaxcnn.train import feed
+
+    monkeypatch.setattr(feed, "compiled_steps", lambda run, mesh: (None, None))
+    x, y = np.arange(40 * 3, dtype=np.float32).reshape(40, 3), np.arange(40) % 4
+    plan = types.SimpleNamespace(sampling_rate=0.25, padded_batch=24)
+    run = types.SimpleNamespace(
+        privacy=plan, steps_per_epoch=4, data=types.SimpleNamespace(y_train=y, train=(x, y)), config=None
+    )
+    driver = feed.Poisson(run)
+    driver.order_key = jax.random.key(5)
+    straight = [tuple(map(np.asarray, batch)) for batch in driver.batches(2)]
+    resumed = [tuple(map(np.asarray, batch)) for batch in driver.batches(2, start=2)]
+    assert len(straight) == 4 and len(resumed) == 2 and driver.position == {"epoch": 2, "batch": 4}
+    for a, b in zip(straight[2:], resumed, strict=True):
+        assert all(np.array_equal(u, v) for u, v in zip(a, b, strict=True))
+    for xb, yb, mask in straight:  # included rows first, padding masked out
+        count = int(mask.sum())
+        assert mask[:count].all() and not mask[count:].any() and np.array_equal(xb[:count, 0] // 3 % 4, yb[:count])
+    assert not all(np.array_equal(a[2], straight[0][2]) for a in straight[1:])  # fresh draws each step
