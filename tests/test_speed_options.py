@@ -5,6 +5,8 @@ with the same gradients, K scanned steps with the same parameters as K calls. Sp
 benchmarks (``jaxcnn bench``), never asserted here.
 """
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +14,7 @@ import optax
 import pytest
 
 from jaxcnn import bench, cli, nn, train
-from jaxcnn.train.step import compute_dtype, loss_and_grads_fn
+from jaxcnn.train.step import ScanOnCPUWarning, compute_dtype, loss_and_grads_fn, scan_is_slow
 
 # a small model with every kind of state and parameter the options must carry: conv, BatchNorm, a residual
 MODEL = nn.Sequential(
@@ -160,7 +162,9 @@ def test_steps_per_call_equals_that_many_calls(gradients):
     xs = jnp.stack([_batch(seed=s)[0] for s in range(3)])
     ys = jnp.stack([_batch(seed=s)[1] for s in range(3)])
     one = train.make_train_step(MODEL, gradients=gradients)
-    three = train.make_train_step(MODEL, gradients=gradients, steps_per_call=3)
+    with warnings.catch_warnings():  # the CPU warning for autodiff is test_scanned_autodiff_warns_on_cpu's
+        warnings.simplefilter("ignore", ScanOnCPUWarning)
+        three = train.make_train_step(MODEL, gradients=gradients, steps_per_call=3)
     looped = jax.tree.map(jnp.copy, state)
     losses = []
     for k in range(3):
@@ -174,11 +178,35 @@ def test_steps_per_call_equals_that_many_calls(gradients):
     _params_equal(scanned.params, looped.params, 1e-5)
 
 
+def test_scanned_autodiff_warns_on_cpu():
+    # XLA:CPU leaves autodiff's transposed convolutions inside a while loop on a naive kernel (~30x slower)
+    assert scan_is_slow("autodiff", "cpu") and not scan_is_slow("manual", "cpu")
+    assert not scan_is_slow("autodiff", "gpu") and not scan_is_slow("engine", "cpu")
+    if jax.default_backend() != "cpu":
+        pytest.skip("the warning is for XLA:CPU")
+    with pytest.warns(ScanOnCPUWarning, match="steps_per_call > 1 with autodiff gradients .* XLA:CPU .*RESULTS.md"):
+        train.make_train_step(MODEL, steps_per_call=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ScanOnCPUWarning)
+        train.make_train_step(MODEL, gradients="manual", steps_per_call=2)
+        train.make_train_step(MODEL, steps_per_call=1)
+
+
+def test_bench_notes_scan_on_cpu(capsys):
+    from jaxcnn._cli_tools import _note_scan_on_cpu
+
+    _note_scan_on_cpu(1)
+    assert capsys.readouterr().err == ""
+    _note_scan_on_cpu(10)
+    expected = "note: steps_per_call > 1 with autodiff" if jax.default_backend() == "cpu" else ""
+    assert capsys.readouterr().err.startswith(expected)
+
+
 def test_steps_per_call_errors():
     state = _state()
     with pytest.raises(ValueError, match="steps_per_call must be an int >= 1, got 0"):
         train.make_train_step(MODEL, steps_per_call=0)
-    three = train.make_train_step(MODEL, steps_per_call=3)
+    three = train.make_train_step(MODEL, gradients="manual", steps_per_call=3)
     x, y = _batch()
     with pytest.raises(ValueError, match="a 3-step call takes x and y with a leading axis of 3"):
         three(state, jnp.stack([x, x]), jnp.stack([y, y]))

@@ -143,6 +143,7 @@ def _bench(args: argparse.Namespace) -> int:
         table, stem = bench.dp_markdown(result), "bench-dp"
     else:
         options |= {name: getattr(args, name) for name in ("dtype", "steps_per_call", "remat")}
+        _note_scan_on_cpu(args.steps_per_call)
         result = bench.run(names, contenders=contenders, log=log, **options)
         table, stem = bench.markdown(result), "bench"
     output = Path(args.output)
@@ -152,6 +153,14 @@ def _bench(args: argparse.Namespace) -> int:
     print(table, end="")
     print(f"written: {output / f'{stem}.json'}, {output / f'{stem}.md'}")
     return 0
+
+
+def _note_scan_on_cpu(steps_per_call: int) -> None:
+    """Say on stderr that scanned autodiff steps (jaxcnn-autodiff's and Flax's) are slow on XLA:CPU."""
+    from jaxcnn.train.step import SCAN_ON_CPU, scan_is_slow
+
+    if steps_per_call > 1 and scan_is_slow("autodiff"):
+        print(f"note: {SCAN_ON_CPU}; the Flax contender is affected too", file=sys.stderr, flush=True)
 
 
 def _check_dp_flags(args: argparse.Namespace) -> None:
@@ -185,7 +194,11 @@ def _add_bench(commands) -> None:
         "--dtype", default="float32", choices=bench.DTYPES, help="compute dtype (bfloat16: mixed precision)"
     )
     parser.add_argument(
-        "--steps-per-call", type=int, default=1, help="train steps per JAX call, by lax.scan (default: 1)"
+        "--steps-per-call",
+        type=int,
+        default=1,
+        help="train steps per JAX call, by lax.scan (default: 1; for GPUs: on CPU it slows autodiff and Flax "
+        "~30x, see benchmarks/RESULTS.md)",
     )
     parser.add_argument("--remat", action="store_true", help="jaxcnn contenders recompute activations per block")
     parser.add_argument("--output", default="benchmarks/latest", help="directory for bench.json and bench.md")
