@@ -183,6 +183,8 @@ class Checkpointer:
             )
             manager.wait_until_finished()
         except Exception as error:  # a full disk, a file-size limit: orbax leaves only a temporary directory
+            # the save's other writes fail alike in futures nobody awaits; asyncio would log each at exit
+            logging.getLogger("asyncio").addFilter(_UnretrievedWriteErrors(self.path(step)))
             kept = "the previous checkpoints are kept" if self._steps_on_disk() else "no checkpoint was written"
             raise CheckpointError(
                 f"cannot write checkpoint {self.path(step)}: {_write_problem(error)}; {kept}"
@@ -325,3 +327,17 @@ def _silence_closed_loop_noise() -> None:
 
     hook._jaxcnn_filter = True
     sys.unraisablehook = hook
+
+
+class _UnretrievedWriteErrors(logging.Filter):
+    """Drops asyncio's "Future exception was never retrieved" records of a failed checkpoint write (the one-line
+    :class:`CheckpointError` already said what happened), and nothing else."""
+
+    def __init__(self, checkpoint: Path):
+        super().__init__()
+        self.checkpoint = str(checkpoint)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith("Future exception was never retrieved"):
+            return True
+        return self.checkpoint not in str(record.getMessage()) + str(getattr(record, "exc_info", ""))
