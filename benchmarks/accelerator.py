@@ -122,17 +122,18 @@ def main() -> int:
         write(name, result, bench.markdown(result))
     if wanted("dw_methods") and time.perf_counter() - started <= args.budget:
         rows = {}
-        original = dict(conv_module._DW_AUTO)
-        backend = jax.default_backend()
+        original = os.environ.get("JAXCNN_DW_METHOD")
         for method in ("taps", "conv"):
-            conv_module._DW_AUTO[backend] = method  # read when the step is traced
+            os.environ["JAXCNN_DW_METHOD"] = method  # read when the step is traced
             result = bench.run(
                 ["resnet18_cifar"], batch_size=big_batch, dtype="bfloat16", contenders=("jaxcnn-manual",),
                 log=log, **small,
             )  # fmt: skip
             rows[method] = result["results"][0]
-        conv_module._DW_AUTO.clear()
-        conv_module._DW_AUTO.update(original)
+        if original is None:
+            os.environ.pop("JAXCNN_DW_METHOD", None)
+        else:
+            os.environ["JAXCNN_DW_METHOD"] = original
         write("dw_methods", rows)
         log("dw_methods: " + ", ".join(f"{m} {r['images_per_second']:,.0f} img/s" for m, r in rows.items()))
     profiles = [

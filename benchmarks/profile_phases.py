@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import os
 import re
 import statistics
 import time
@@ -171,7 +172,7 @@ def main() -> None:
     parser.add_argument("--dw-method", choices=conv_module.DW_METHODS, default="auto", help="the hand conv dw")
     args = parser.parse_args()
     if args.dw_method != "auto":
-        conv_module._DW_AUTO[jax.default_backend()] = args.dw_method  # read when the steps are traced
+        os.environ["JAXCNN_DW_METHOD"] = args.dw_method  # read when the steps are traced
     rows = profile(args.model, args.batch_size, args.dtype, args.rounds)
     device = jax.devices()[0].device_kind
     title = f"{args.model}, batch {args.batch_size}, {args.dtype}, {device}, dw {args.dw_method}"

@@ -12,6 +12,10 @@ import tempfile
 # makes a compile about a third cheaper. Every comparison in the suite is between paths compiled alike (or within
 # a stated tolerance). The flag is read when JAX starts its backend, here; the processes the tests start (the CLI
 # runs, which train for longer) do not inherit it and compile as users' runs do.
+# jaxcnn's default XLA:CPU flags (jaxcnn._xla_flags) go in first, as importing jaxcnn puts them in a user's process
+# before JAX starts: the suite checks the gradients under the kernels users get.
+import jaxcnn  # noqa: E402,F401
+
 _XLA_FLAGS = os.environ.get("XLA_FLAGS")
 os.environ["XLA_FLAGS"] = " ".join([_XLA_FLAGS or "", "--xla_backend_optimization_level=0"]).strip()
 
@@ -146,9 +150,9 @@ def tiny():
     """A tiny CNN registered as "bench_tiny" (every benchmark contender has its layers), for tests of the bench
     harness and its options: the harness, not the model, is under test, and compiling lenet5 three ways took most
     of their time."""
-    from jaxcnn import models, nn
+    from jaxcnn import models
+    from models_for_tests import bench_tiny
 
-    build = lambda: nn.Sequential([nn.Conv2D(2, 3), nn.ReLU(), nn.Flatten(), nn.Dense(3)])  # noqa: E731
-    models.register("bench_tiny", build, input_shape=(6, 6, 1))
+    models.register("bench_tiny", bench_tiny, input_shape=(6, 6, 1))
     yield "bench_tiny"
     models.unregister("bench_tiny")

@@ -104,6 +104,12 @@ class WrongDense(nn.Dense):
         return dx, {**grads, "kernel": grads["kernel"] * 1.001}
 
 
+def bench_tiny(num_classes: int = 3) -> nn.Sequential:
+    """The bench harness's tiny CNN (every benchmark contender has its layers), at module level so that a flag
+    set's worker process can import it (tests/conftest.py's ``tiny`` fixture registers it)."""
+    return nn.Sequential([nn.Conv2D(2, 3), nn.ReLU(), nn.Flatten(), nn.Dense(num_classes)])
+
+
 def small_digits_cnn(num_classes: int = 10) -> nn.Sequential:
     """A user's model factory, as ``jaxcnn train --model models_for_tests:small_digits_cnn`` imports it."""
     return nn.Sequential(

@@ -16,11 +16,15 @@ import importlib
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
+from jaxcnn import _xla_flags
+
 try:
     __version__ = version("jaxcnn")  # the installed distribution's, set in pyproject.toml
 except PackageNotFoundError:  # a source tree on sys.path that was never installed
     __version__ = "0+unknown"
 del PackageNotFoundError, version
+
+_xla_flags.apply()  # jaxcnn's default XLA:CPU flags, while no JAX backend has started (see jaxcnn._xla_flags)
 
 __all__ = [
     "alternatives",

@@ -125,7 +125,6 @@ def _bench(args: argparse.Namespace) -> int:
     written with the raw rounds as JSON (bench.json, bench.md). With --dp: one DP-SGD step instead, jaxcnn's ghost
     and vmap methods, Opacus's ghost clipping and jax_privacy's clipped_grad (when installed) against jaxcnn's
     non-private step, with XLA temp sizes (bench-dp.json, bench-dp.md); models with BatchNorm are refused."""
-    import json
 
     from jaxcnn import bench, models
 
@@ -135,6 +134,9 @@ def _bench(args: argparse.Namespace) -> int:
     known = bench.DP_CONTENDERS if args.dp else bench.CONTENDERS
     contenders = [c.strip() for c in args.contenders.split(",") if c.strip()] if args.contenders else known
     log = (lambda line: print(line, file=sys.stderr, flush=True)) if not args.quiet else None
+    if args.loop:
+        return _bench_loop(args, names)
+    args.batch_size = 128 if args.batch_size is None else args.batch_size
     settings = ("batch_size", "rounds", "steps", "warmup")
     options = {name: getattr(args, name) for name in settings}
     if args.dp:
@@ -143,16 +145,47 @@ def _bench(args: argparse.Namespace) -> int:
         table, stem = bench.dp_markdown(result), "bench-dp"
     else:
         options |= {name: getattr(args, name) for name in ("dtype", "steps_per_call", "remat")}
+        options["xla_flag_sets"] = args.xla_flags
         _note_scan_on_cpu(args.steps_per_call)
         result = bench.run(names, contenders=contenders, log=log, **options)
         table, stem = bench.markdown(result), "bench"
-    output = Path(args.output)
+    return _write_bench(args.output, stem, result, table)
+
+
+def _write_bench(directory: str, stem: str, result: dict, table: str) -> int:
+    """Write ``STEM.json`` and ``STEM.md`` into ``directory``, print the table and where they went."""
+    import json
+
+    output = Path(directory)
     output.mkdir(parents=True, exist_ok=True)
     (output / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     (output / f"{stem}.md").write_text(table)
     print(table, end="")
     print(f"written: {output / f'{stem}.json'}, {output / f'{stem}.md'}")
     return 0
+
+
+def _bench_loop(args: argparse.Namespace, names: list[str]) -> int:
+    """``bench --loop``: fit end to end against the bench step, for one model (:mod:`jaxcnn.bench.loop`)."""
+    from jaxcnn.bench.loop import loop_markdown, run_loop
+
+    if len(names) != 1:
+        raise ValueError(f"bench --loop times one model; got --models {','.join(names)}")
+    if args.dp or args.xla_flags or args.contenders or args.steps_per_call != 1 or args.remat:
+        raise ValueError("bench --loop takes --models, --dataset, --batch-size, --epochs, --gradients, --no-workdir")
+    if args.dtype != "float32":
+        raise ValueError(f"bench --loop times float32 steps; got --dtype {args.dtype}")
+    log = (lambda line: print(line, file=sys.stderr, flush=True)) if not args.quiet else None
+    result = run_loop(
+        names[0],
+        dataset=args.dataset,
+        batch_size=32 if args.batch_size is None else args.batch_size,
+        epochs=args.epochs,
+        workdir=not args.no_workdir,
+        gradients=args.gradients,
+        log=log,
+    )
+    return _write_bench(args.output, "bench-loop", result, loop_markdown(result))
 
 
 def _note_scan_on_cpu(steps_per_call: int) -> None:
@@ -167,6 +200,8 @@ def _check_dp_flags(args: argparse.Namespace) -> None:
     """ValueError, in one line, for a flag ``bench --dp`` does not take (it times float32 single steps)."""
     if args.dtype != "float32":
         raise ValueError(f"bench --dp times float32 steps; got --dtype {args.dtype}")
+    if args.xla_flags:
+        raise ValueError("bench --dp does not take --xla-flags (flag sets time the non-private step)")
     if args.steps_per_call != 1 or args.remat:
         raise ValueError("bench --dp takes one step per call without remat; drop --steps-per-call and --remat")
 
@@ -177,7 +212,9 @@ def _add_bench(commands) -> None:
     text = "time the training step against Flax and PyTorch (eager and compiled), interleaved, medians"
     parser = commands.add_parser("bench", help=text, description=_bench.__doc__)
     parser.add_argument("--models", default="mnist_cnn", help="comma-separated model names (default: mnist_cnn)")
-    parser.add_argument("--batch-size", type=int, default=128, help="images per step (default: 128)")
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="images per step (default: 128; with --loop: 32, as train)"
+    )
     parser.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (default: 7)")
     parser.add_argument("--steps", type=int, default=10, help="steps per round (default: 10)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps after compiling (default: 3)")
@@ -201,6 +238,26 @@ def _add_bench(commands) -> None:
         "~30x, see benchmarks/RESULTS.md)",
     )
     parser.add_argument("--remat", action="store_true", help="jaxcnn contenders recompute activations per block")
+    loop = parser.add_argument_group("--loop: jaxcnn.train.fit end to end against the bench step")
+    loop.add_argument(
+        "--loop",
+        action="store_true",
+        help="time fit (as jaxcnn train runs it: a workdir, a checkpoint and an evaluation per epoch) epoch by "
+        "epoch against the bench step on one batch on the device, in turns (bench-loop.json, bench-loop.md)",
+    )
+    loop.add_argument("--dataset", default="digits", help="with --loop: an in-memory data set (default: digits)")
+    loop.add_argument("--epochs", type=int, default=8, help="with --loop: epochs of fit, >= 3 (default: 8)")
+    loop.add_argument("--gradients", default=None, help="with --loop: the gradient mode (default: train's)")
+    loop.add_argument("--no-workdir", action="store_true", help="with --loop: train in memory (no checkpoints)")
+    parser.add_argument(
+        "--xla-flags",
+        action="append",
+        default=[],
+        metavar="NAME=FLAGS",
+        help="also run the JAX contenders in a worker process started with XLA_FLAGS=FLAGS, as CONTENDER@NAME, "
+        "in the same rounds (repeatable; pseudo-flags --jaxcnn_dw_method=taps|conv and --jaxcnn_cpu_flags=... "
+        "set jaxcnn's own switches there); not with --dp",
+    )
     parser.add_argument("--output", default="benchmarks/latest", help="directory for bench.json and bench.md")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     parser.set_defaults(run=_bench)

@@ -300,6 +300,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(commands)
     add_eval_predict_and_plot(commands)
     add_bench_and_gradcheck(commands, models.names())
+    for command in commands.choices.values():
+        command.add_argument(
+            "--no-xla-cpu-flags",
+            action="store_true",
+            help="leave XLA_FLAGS as they are: without jaxcnn's default XLA:CPU flags (as JAXCNN_XLA_CPU_FLAGS= does)",
+        )
     return parser
 
 
@@ -313,8 +319,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from jaxcnn import _signals
 
     with _signals.stop_on_signals():
-        parser = build_parser()  # imports JAX
+        parser = build_parser()  # imports JAX (no backend starts)
         args = parser.parse_args(argv)
+        if getattr(args, "no_xla_cpu_flags", False):
+            from jaxcnn import _xla_flags
+
+            _xla_flags.revert()  # before any backend starts: XLA reads XLA_FLAGS then
         if args.command == "train":
             return _run(args)
         try:

@@ -11,8 +11,10 @@ from typing import Any
 
 import numpy as np
 
-from jaxcnn import models
+from jaxcnn import _xla_flags, models
+from jaxcnn.bench import flagsets
 from jaxcnn.bench.contenders import CONTENDERS, LEARNING_RATE, MOMENTUM, Options, Runner, builders, torch_device
+from jaxcnn.bench.flagsets import FlagSet
 from jaxcnn.bench.report import machine, peak_memory
 
 DTYPES = ("float32", "bfloat16")
@@ -29,6 +31,7 @@ def run(
     dtype: str = "float32",
     steps_per_call: int = 1,
     remat: bool = False,
+    xla_flag_sets: Sequence[str | FlagSet] = (),
     log: Callable[[str], None] | None = print,
 ) -> dict[str, Any]:
     """Benchmark the training step of each model for each contender (see :mod:`jaxcnn.bench`).
@@ -44,6 +47,9 @@ def run(
       steps_per_call: train steps per compiled call for the JAX contenders (``lax.scan``); ``steps`` must be a
         multiple of it. PyTorch takes one step per call.
       remat: the jaxcnn contenders recompute activations in the backward pass (``jax.checkpoint`` per block).
+      xla_flag_sets: XLA flag sets (``"NAME=FLAGS"`` or :class:`~jaxcnn.bench.flagsets.FlagSet`): the JAX
+        contenders run again in one worker process per set, started with those ``XLA_FLAGS``, and take their
+        turns in the same rounds as ``contender@NAME`` (:mod:`jaxcnn.bench.flagsets`).
       log: called with progress lines (None for silence).
 
     Returns:
@@ -54,25 +60,46 @@ def run(
     """
     say = log or (lambda line: None)
     _check_settings(contenders, batch_size, rounds, steps, warmup, dtype, steps_per_call, remat)
+    flag_sets = [flagsets.parse(f) if isinstance(f, str) else f for f in xla_flag_sets]
+    flagsets.check_names(flag_sets)
     options = Options(dtype, steps_per_call, remat)
     has_torch = _has_torch()
     results = []
-    for name in model_names:
-        model = models.get(name)
-        input_shape = models.input_shape(name)
-        x, y = _batch(input_shape, batch_size, model.output_shape(input_shape)[-1])
-        build = builders(model, input_shape, x, y, options)
-        wanted = {c: build[c] if has_torch or not c.startswith("torch") else None for c in contenders}
-        ready = _ready(name, wanted, steps_per_call, warmup, say)
-        timings = _time_rounds(name, {c: runner for c, (runner, _, _) in ready.items()}, rounds, steps, batch_size, say)
-        results += _rows(name, timings, ready)
+    skipped: dict[str, str] = {}  # contender (or *@FLAGSET: all of a flag set's) -> why it did not run
+    workers = []
+    try:
+        for flag_set in flag_sets:
+            say(f"starting the worker of XLA flag set {flag_set.spec!r}")
+            workers.append(flagsets.start(flag_set))
+        for name in model_names:
+            model = models.get(name)
+            input_shape = models.input_shape(name)
+            x, y = _batch(input_shape, batch_size, model.output_shape(input_shape)[-1])
+            build = builders(model, input_shape, x, y, options)
+            wanted = {c: build[c] if has_torch or not c.startswith("torch") else None for c in contenders}
+            ready = _ready(name, wanted, steps_per_call, warmup, say, skipped)
+            request = flagsets.model_request(name) | dict(
+                batch_size=batch_size, dtype=dtype, steps_per_call=steps_per_call, remat=remat,
+                warmup=warmup, contenders=[c for c in contenders if c in flagsets.JAX_CONTENDERS],
+            )  # fmt: skip
+            for worker in workers:
+                ready |= _worker_ready(name, worker, request, say, skipped)
+            runners = {c: runner for c, (runner, _, _) in ready.items()}
+            timings = _time_rounds(name, runners, rounds, steps, batch_size, say)
+            results += _rows(name, timings, ready)
+    finally:
+        for worker in workers:
+            worker.close()
     settings = dict(
         models=list(model_names), batch_size=batch_size, rounds=rounds, steps=steps, warmup=warmup,
         optimizer=f"sgd(lr={LEARNING_RATE}, momentum={MOMENTUM})", dtype=dtype, steps_per_call=steps_per_call,
         remat=remat, torch_device=torch_device() if has_torch else None,
-        xla_flags=os.environ.get("XLA_FLAGS", ""),
+        xla_flags=os.environ.get("XLA_FLAGS", ""), jaxcnn_cpu_flags=_xla_flags.applied(),
+        xla_flag_sets={flag_set.name: flag_set.spec.partition("=")[2] for flag_set in flag_sets},
     )  # fmt: skip
-    return {"machine": machine(), "settings": settings, "results": results, "memory": peak_memory()}
+    return {
+        "machine": machine(), "settings": settings, "results": results, "memory": peak_memory(), "skipped": skipped,
+    }  # fmt: skip
 
 
 def _check_settings(contenders, batch_size, rounds, steps, warmup, dtype, steps_per_call, remat) -> None:
@@ -142,6 +169,31 @@ def _ready(
     return ready
 
 
+def _worker_ready(
+    name: str,
+    worker: flagsets.Worker,
+    request: dict[str, Any],
+    say: Callable[[str], None],
+    skipped: dict[str, str],
+) -> dict[str, tuple[Runner, float, Any]]:
+    """The ``contender@FLAGSET`` entries of :func:`_ready` for one flag set's worker."""
+    suffix = f"@{worker.flag_set.name}"
+    try:
+        reply = worker.build(request)
+    except ValueError as error:  # the worker died compiling or warming up (XLA:CPU aborts, illegal instructions)
+        say(f"{name}: every contender of XLA flag set {worker.flag_set.name!r} skipped ({error})")
+        skipped[f"*{suffix}"] = str(error)
+        return {}
+    for contender, reason in reply["skipped"].items():
+        say(f"{name}: {contender}{suffix} skipped ({reason})")
+        skipped[contender + suffix] = reason
+    ready = {}
+    for contender, info in reply["ready"].items():
+        ready[contender + suffix] = (worker.runner(contender), info["seconds"], info["memory"])
+        say(f"{name}: {contender}{suffix} ready ({info['seconds']:.1f}s to build and compile)")
+    return ready
+
+
 def _time_rounds(
     name: str, runners: dict[str, Runner], rounds: int, steps: int, batch_size: int, say: Callable[[str], None]
 ) -> dict[str, list[float]]:
@@ -154,8 +206,9 @@ def _time_rounds(
         for contender in order[shift:] + order[:shift]:
             runner = runners[contender]
             started = time.perf_counter()
-            runner(steps)
-            timings[contender].append(batch_size * steps / (time.perf_counter() - started))
+            seconds = runner(steps)  # a flag set's worker times its own steps and returns the seconds
+            seconds = seconds if isinstance(seconds, float) else time.perf_counter() - started
+            timings[contender].append(batch_size * steps / seconds)
         say(f"{name}: round {round_index + 1}/{rounds} done")
     return timings
 

@@ -74,7 +74,12 @@ def markdown(result: dict[str, Any]) -> str:
             else ""
         )
         + (", remat" if settings.get("remat") else "")
-        + (f", XLA_FLAGS={settings['xla_flags']}" if settings.get("xla_flags") else ""),
+        + (f", XLA_FLAGS={settings['xla_flags']}" if settings.get("xla_flags") else "")
+        + (f", jaxcnn's CPU flags {settings['jaxcnn_cpu_flags']}" if settings.get("jaxcnn_cpu_flags") else ""),
+        *[
+            f"Flag set {name}: XLA_FLAGS={flags or '(none)'}"
+            for name, flags in settings.get("xla_flag_sets", {}).items()
+        ],
         "",
         "| model | contender | median img/s | ratio | compile s | memory MiB |",
         "|---|---|---:|---:|---:|---:|",
@@ -85,6 +90,8 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {row['model']} | {row['contender']} | {row['images_per_second']:,.0f} | {ratio} | "
             f"{row['seconds_to_compile']:.1f} | {_memory_text(row.get('memory'))} |"
         )
+    for contender, reason in result.get("skipped", {}).items():
+        lines.append(f"\nSkipped {contender}: {reason}")
     memory = result["memory"]
     if memory.get("device_peak_bytes"):
         lines.append(f"\nDevice peak memory: {memory['device_peak_bytes'] / 2**20:,.0f} MiB")

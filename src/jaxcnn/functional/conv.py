@@ -11,27 +11,42 @@ Everything below follows from reading that sum backwards: each ``x_pad`` cell an
 from __future__ import annotations
 
 import operator
+import os
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxcnn import _xla_flags
 from jaxcnn._validate import ExplicitPadding, Padding, Pair, check_rank, pair, positive_int, window_geometry
 from jaxcnn.functional._registry import register
 from jaxcnn.functional._windows import pad_spatial, tap_products
 
 _DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 
-# How conv2d_vjp forms the weight gradient (see its docstring). "auto" picks per backend: on XLA:CPU the per-tap
-# GEMMs measured fastest (benchmarks/RESULTS.md); on GPUs and TPUs the convolution maps onto the library's
-# (cuDNN's) weight-gradient kernels, which a chain of per-tap GEMMs cannot match.
+# How conv2d_vjp forms the weight gradient (see its docstring). "auto" picks per backend: on GPUs and TPUs the
+# convolution maps onto the library's (cuDNN's) weight-gradient kernels, which a chain of per-tap GEMMs cannot
+# match. On XLA:CPU it depends on who runs convolutions (benchmarks/RESULTS.md, "XLA:CPU flag study"): under
+# jaxcnn's default flags (jaxcnn._xla_flags: YNNPACK for dots only) XLA's own convolution emitter runs them, and
+# the convolution form is fastest; with YNNPACK's single-convolution fusion on (XLA's default list) a convolution
+# of that shape runs slowly there, and the per-tap GEMMs win.
 DW_METHODS = ("auto", "taps", "conv")
-_DW_AUTO = {"cpu": "taps"}
 
 
 def dw_method_for(backend: str | None = None) -> str:
-    """The weight-gradient formulation ``dw_method="auto"`` uses on ``backend`` (default: JAX's default)."""
-    return _DW_AUTO.get(backend or jax.default_backend(), "conv")
+    """The weight-gradient formulation ``dw_method="auto"`` uses on ``backend`` (default: JAX's default).
+
+    ``JAXCNN_DW_METHOD=taps`` or ``=conv`` in the environment overrides the choice on every backend (for
+    benchmarks: ``jaxcnn bench --xla-flags NAME=--jaxcnn_dw_method=conv``); it is read at trace time.
+    """
+    forced = os.environ.get("JAXCNN_DW_METHOD", "auto")
+    if forced not in DW_METHODS:
+        raise ValueError(f"JAXCNN_DW_METHOD must be one of {', '.join(DW_METHODS)}, got {forced!r}")
+    if forced != "auto":
+        return forced
+    if (backend or jax.default_backend()) == "cpu":
+        return "conv" if _xla_flags.ynn_convolutions_off() else "taps"
+    return "conv"
 
 
 # XLA:CPU bug (seen with jaxlib 0.10.2; tests/conv_xla_sweep.py finds the condition and checks it case by case).

@@ -1,0 +1,100 @@
+"""jaxcnn's default XLA:CPU flags: set in ``XLA_FLAGS`` when jaxcnn is imported, before JAX starts its backend.
+
+XLA reads ``XLA_FLAGS`` once, when the first backend starts, so the flags must be in the environment before that;
+importing jaxcnn does not start a backend, so :func:`apply` (run by ``jaxcnn/__init__.py``) can still add them.
+The flags and why they are the default: :data:`DEFAULT_CPU_FLAGS` and benchmarks/RESULTS.md ("XLA:CPU flag
+study"). They only touch XLA's CPU backend (``xla_cpu_*``), so a GPU or TPU run compiles as before.
+
+- ``JAXCNN_XLA_CPU_FLAGS`` replaces them: empty (``JAXCNN_XLA_CPU_FLAGS=``) turns them off; ``jaxcnn train
+  --no-xla-cpu-flags`` (and every other command's switch of that name) does the same.
+- A flag the user's own ``XLA_FLAGS`` already names is never added: the user's value wins.
+- When a backend had already started before jaxcnn was imported, nothing is changed (it would not take effect)
+  and :func:`applied` says so.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+ENV = "JAXCNN_XLA_CPU_FLAGS"
+
+# XLA:CPU's YNNPACK fusions for dots (GEMMs) on top of its default list (reductions and single convolutions):
+# the weight-gradient and dense GEMMs run through YNNPACK instead of XLA's own emitter (see _xla_flags' module
+# docstring and benchmarks/RESULTS.md for the measurements that chose them).
+DEFAULT_CPU_FLAGS = ""
+
+_state: dict[str, str | None] = {"original": None, "added": ""}
+
+
+def _names(flags: str) -> set[str]:
+    """The flag names (``--name``) in an ``XLA_FLAGS`` string."""
+    return {item.partition("=")[0] for item in flags.split() if item.startswith("--")}
+
+
+def _backend_started() -> bool:
+    """Whether JAX has started a backend in this process (then ``XLA_FLAGS`` can no longer change anything)."""
+    if "jax" not in sys.modules:
+        return False  # JAX not even imported (and importing it here would cost jaxcnn's fast start-up)
+    try:
+        from jax._src import xla_bridge
+
+        return bool(getattr(xla_bridge, "_backends", {}))
+    except Exception:  # noqa: BLE001 -- a JAX without that internal: assume not started (import time)
+        return False
+
+
+def apply() -> str:
+    """Add jaxcnn's CPU flags (``JAXCNN_XLA_CPU_FLAGS``, default :data:`DEFAULT_CPU_FLAGS`) to ``XLA_FLAGS``,
+    leaving out those the user's ``XLA_FLAGS`` names; returns what was added (empty: nothing)."""
+    wanted = os.environ.get(ENV, DEFAULT_CPU_FLAGS)
+    if _state["original"] is not None or not wanted.strip() or _backend_started():
+        return _state["added"] or ""
+    user = os.environ.get("XLA_FLAGS", "")
+    taken = _names(user)
+    added = " ".join(item for item in wanted.split() if item.partition("=")[0] not in taken)
+    _state["original"] = user
+    if added:
+        os.environ["XLA_FLAGS"] = f"{user} {added}".strip()
+    _state["added"] = added
+    return added
+
+
+def revert() -> bool:
+    """Take jaxcnn's flags back out of ``XLA_FLAGS`` (the CLI's ``--no-xla-cpu-flags``); True when that still
+    takes effect (no backend started yet), False when it is too late."""
+    if _state["original"] is None or not _state["added"]:
+        return True
+    if _backend_started():
+        return False
+    if _state["original"]:
+        os.environ["XLA_FLAGS"] = _state["original"]
+    else:
+        os.environ.pop("XLA_FLAGS", None)
+    _state["added"] = ""
+    return True
+
+
+def applied() -> str:
+    """The flags jaxcnn added to ``XLA_FLAGS`` in this process (empty: none)."""
+    return _state["added"] or ""
+
+
+YNN_FUSION_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
+
+
+def ynn_convolutions_off(flags: str | None = None) -> bool:
+    """Whether ``flags`` (default: this process's ``XLA_FLAGS``) keep XLA:CPU's YNNPACK fusions off single
+    convolutions: the last ``--xla_cpu_experimental_ynn_fusion_type`` lists types without
+    ``individual_convolution`` (or removes it with ``-individual_convolution``). XLA's default list has it."""
+    value = None
+    for item in (os.environ.get("XLA_FLAGS", "") if flags is None else flags).split():
+        key, _, setting = item.partition("=")
+        if key == YNN_FUSION_FLAG:
+            value = setting
+    if value is None:
+        return False
+    types = [t.strip().lower() for t in value.split(",") if t.strip()]
+    if any(t[0] in "+-" for t in types):  # edits of XLA's default list
+        return "-individual_convolution" in types
+    return "individual_convolution" not in types
