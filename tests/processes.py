@@ -84,7 +84,8 @@ SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
 # `python -m jaxcnn` in a wrapper that sends SIGNAL to its own process at SIGNAL_AT: "step:N" as the Nth train
-# step is called, "save" as orbax starts writing a checkpoint (the first of this process). SIGSTOP holds it there,
+# step is called (once the checkpoints written in the background before it are finished), "save" as orbax starts
+# writing a checkpoint (the first of this process). SIGSTOP holds it there,
 # at a known point, until a SIGCONT.
 SIGNALLING = """
 import os, sys
@@ -99,12 +100,19 @@ if where == "save":
     ocp.CheckpointManager.save = signalling_save
 else:
     from jaxcnn.train import feed
-    compiled, calls = feed.compiled_steps, []
+    from jaxcnn.train.checkpoint import Checkpointer
+    compiled, calls, writers, save = feed.compiled_steps, [], [], Checkpointer.save
+    def remembered_save(self, *args, **kwargs):
+        writers.append(self)
+        return save(self, *args, **kwargs)
+    Checkpointer.save = remembered_save
     def signalling_steps(run, mesh):
         train_step, eval_step = compiled(run, mesh)
         def counted(state, x, y):
             calls.append(1)
             if len(calls) == int(where.split(":")[1]):
+                for writer in writers:  # the checkpoints of the steps before are on disk when the signal comes
+                    writer.finish()
                 os.kill(os.getpid(), signum)
             return train_step(state, x, y)
         return counted, eval_step

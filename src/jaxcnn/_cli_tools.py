@@ -129,13 +129,13 @@ def _bench(args: argparse.Namespace) -> int:
     from jaxcnn import bench, models
 
     names = [name.strip() for name in args.models.split(",") if name.strip()]
+    if args.loop:  # fit's model: a registered name or a package.module:factory, as for jaxcnn train
+        return _bench_loop(args, names)
     for name in names:
         models.get(name)  # unknown names: the one-line error listing the known ones
     known = bench.DP_CONTENDERS if args.dp else bench.CONTENDERS
     contenders = [c.strip() for c in args.contenders.split(",") if c.strip()] if args.contenders else known
     log = (lambda line: print(line, file=sys.stderr, flush=True)) if not args.quiet else None
-    if args.loop:
-        return _bench_loop(args, names)
     args.batch_size = 128 if args.batch_size is None else args.batch_size
     settings = ("batch_size", "rounds", "steps", "warmup")
     options = {name: getattr(args, name) for name in settings}

@@ -19,10 +19,13 @@ import sys
 
 ENV = "JAXCNN_XLA_CPU_FLAGS"
 
-# XLA:CPU's YNNPACK fusions for dots (GEMMs) on top of its default list (reductions and single convolutions):
-# the weight-gradient and dense GEMMs run through YNNPACK instead of XLA's own emitter (see _xla_flags' module
-# docstring and benchmarks/RESULTS.md for the measurements that chose them).
-DEFAULT_CPU_FLAGS = ""
+# XLA:CPU's YNNPACK fusions for dots (GEMMs, with what they absorb) and reductions only. jaxlib 0.10's default
+# list is reductions, single dots and single convolutions; its YNNPACK convolutions ran mnist_cnn's and
+# resnet20's steps about 1.5x slower than XLA's own convolution emitter on a 2-core AVX-512 Xeon, and its
+# element-wise fusions lost too. With these flags the hand-derived step (weight gradient as one convolution, see
+# functional.conv.dw_method_for) ran 1.12x PyTorch eager against 0.72x with XLA's defaults (benchmarks/RESULTS.md,
+# "XLA:CPU flag study", where every combination measured is listed).
+DEFAULT_CPU_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=dot,reduce"
 
 _state: dict[str, str | None] = {"original": None, "added": ""}
 
@@ -73,6 +76,13 @@ def revert() -> bool:
         os.environ.pop("XLA_FLAGS", None)
     _state["added"] = ""
     return True
+
+
+def user_flags() -> str:
+    """This process's ``XLA_FLAGS`` less the flags jaxcnn added: what the user set."""
+    if _state["original"] is not None and _state["added"]:
+        return _state["original"]
+    return os.environ.get("XLA_FLAGS", "")
 
 
 def applied() -> str:

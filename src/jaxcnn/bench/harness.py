@@ -3,7 +3,6 @@ rounds and gathers medians and ratios (see :mod:`jaxcnn.bench`)."""
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -94,7 +93,7 @@ def run(
         models=list(model_names), batch_size=batch_size, rounds=rounds, steps=steps, warmup=warmup,
         optimizer=f"sgd(lr={LEARNING_RATE}, momentum={MOMENTUM})", dtype=dtype, steps_per_call=steps_per_call,
         remat=remat, torch_device=torch_device() if has_torch else None,
-        xla_flags=os.environ.get("XLA_FLAGS", ""), jaxcnn_cpu_flags=_xla_flags.applied(),
+        xla_flags=_xla_flags.user_flags(), jaxcnn_cpu_flags=_xla_flags.applied(),
         xla_flag_sets={flag_set.name: flag_set.spec.partition("=")[2] for flag_set in flag_sets},
     )  # fmt: skip
     return {

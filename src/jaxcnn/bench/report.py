@@ -75,11 +75,8 @@ def markdown(result: dict[str, Any]) -> str:
         )
         + (", remat" if settings.get("remat") else "")
         + (f", XLA_FLAGS={settings['xla_flags']}" if settings.get("xla_flags") else "")
-        + (f", jaxcnn's CPU flags {settings['jaxcnn_cpu_flags']}" if settings.get("jaxcnn_cpu_flags") else ""),
-        *[
-            f"Flag set {name}: XLA_FLAGS={flags or '(none)'}"
-            for name, flags in settings.get("xla_flag_sets", {}).items()
-        ],
+        + (f", jaxcnn's XLA:CPU flags {settings['jaxcnn_cpu_flags']}" if settings.get("jaxcnn_cpu_flags") else ""),
+        *[f"Flag set {name}: {flags or '(no flags)'}" for name, flags in settings.get("xla_flag_sets", {}).items()],
         "",
         "| model | contender | median img/s | ratio | compile s | memory MiB |",
         "|---|---|---:|---:|---:|---:|",

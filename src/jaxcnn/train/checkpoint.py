@@ -36,6 +36,9 @@ def _quiet_orbax() -> Any:
     _silence_closed_loop_noise()
     for name in ("absl", "orbax", "orbax.checkpoint"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    absl = logging.getLogger("absl")
+    if not any(isinstance(f, _BackgroundSaveErrors) for f in absl.filters):
+        absl.addFilter(_BackgroundSaveErrors())
     _drop_thread_tracebacks()
     import orbax.checkpoint as ocp
 
@@ -86,13 +89,21 @@ class Checkpointer:
     """
 
     def __init__(
-        self, directory: str | os.PathLike, keep: int = 3, *, best: str | None = None, read_only: bool = False
+        self,
+        directory: str | os.PathLike,
+        keep: int = 3,
+        *,
+        best: str | None = None,
+        read_only: bool = False,
+        background: bool = False,
     ):
         self.directory = Path(directory).absolute()
         self.keep = keep
         self.best = best
         self.read_only = read_only  # a reader (eval, restore) never creates, cleans up or deletes anything
+        self.background = background
         self._manager = None
+        self._writing: int | None = None  # the step of a save still being written in the background
 
     def _check_directory(self) -> None:
         if self.directory.exists() and not self.directory.is_dir():
@@ -102,7 +113,11 @@ class Checkpointer:
         if self._manager is None:
             self._check_directory()
             ocp = _quiet_orbax()
-            common = {"create": True, "enable_async_checkpointing": False, "cleanup_tmp_directories": True}
+            common = {
+                "create": True,
+                "enable_async_checkpointing": self.background,
+                "cleanup_tmp_directories": True,
+            }
             if self.read_only:
                 options = ocp.CheckpointManagerOptions(read_only=True, create=False, max_to_keep=None)
             elif self.best is None:
@@ -114,7 +129,34 @@ class Checkpointer:
             self._manager = ocp.CheckpointManager(self.directory, options=options)
         return self._manager
 
-    def close(self) -> None:
+    def finish(self) -> None:
+        """Wait for a save still being written in the background (``background=True``); CheckpointError, in one
+        line, when it failed (its temporary directory is not a checkpoint; the earlier ones are kept)."""
+        if self._writing is None:
+            return
+        step, self._writing = self._writing, None
+        try:
+            self._manager.wait_until_finished()
+        except Exception as error:
+            self._write_failed(step, error)
+
+    def _write_failed(self, step: int, error: Exception) -> None:
+        # the save's other writes fail alike in futures nobody awaits; asyncio would log each at exit
+        logging.getLogger("asyncio").addFilter(_UnretrievedWriteErrors(self.path(step)))
+        kept = "the previous checkpoints are kept" if self._steps_on_disk() else "no checkpoint was written"
+        raise CheckpointError(f"cannot write checkpoint {self.path(step)}: {_write_problem(error)}; {kept}") from None
+
+    def close(self, *, check: bool = True) -> None:
+        """Finish a background save (its failure raised only when ``check``) and release orbax's resources."""
+        try:
+            self.finish()
+        except CheckpointError:
+            if check:
+                raise
+        finally:
+            self._close_manager()
+
+    def _close_manager(self) -> None:
         if self._manager is not None:
             # the clean-up of a previous run's temporary directories runs in a thread that orbax awaits only at
             # the next save: await it here, or the interpreter's exit interrupts it with a traceback
@@ -131,12 +173,13 @@ class Checkpointer:
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
-        self.close()
+        self.close(check=exc_info[0] is None)  # an exception on its way out is not masked by a failed write
 
     def steps(self) -> list[int]:
         """The steps of the finished checkpoints, oldest first (temporary directories of an interrupted save
         are not checkpoints)."""
         self._check_directory()
+        self.finish()
         if not self.directory.is_dir():
             return []
         return sorted(self._open().all_steps())
@@ -148,6 +191,7 @@ class Checkpointer:
     def best_step(self) -> int | None:
         """The step of the checkpoint with the lowest ``best`` metric (the first of equals); None without ``best``
         or when no checkpoint was saved with that metric."""
+        self.finish()
         if self.best is None or not self.directory.is_dir():
             return None
         scored = [(self._open().metrics(step), step) for step in self.steps()]
@@ -163,11 +207,18 @@ class Checkpointer:
         ``metrics`` (finite floats, e.g. ``{"test_loss": 0.08}``) rank the checkpoint for ``best``; a checkpoint
         saved without them is kept only while it is among the latest ``keep``.
         Refuses a state holding NaN or Inf: a diverged run never replaces a good checkpoint.
+
+        With ``background=True`` the arrays are copied to the host here and written by orbax in a background
+        thread while training goes on; the next save, :meth:`finish`, :meth:`close` and every read wait for it
+        first (and raise its CheckpointError). It is still atomic: orbax renames the finished temporary directory.
         """
+        self.finish()
         if not all_finite((state.params, state.model_state, state.opt_state)):
             raise ValueError(f"refusing to write a checkpoint with non-finite values at step {step_number(state)}")
         ocp = _quiet_orbax()
         leaves, paths = _leaves_of(state)
+        if self.background:  # np.asarray of a CPU array may share the device buffer the next step donates
+            leaves = [np.array(leaf, copy=True) for leaf in leaves]
         step = step_number(state)
         record = dict(meta, format=FORMAT, step=step, paths=paths, sha256=[_digest(a) for a in leaves])
         payload = {_name(i): leaf for i, leaf in enumerate(leaves)}
@@ -181,14 +232,12 @@ class Checkpointer:
                 args=ocp.args.Composite(state=ocp.args.StandardSave(payload), meta=ocp.args.JsonSave(record)),
                 metrics=ranked,
             )
-            manager.wait_until_finished()
+            if not self.background:
+                manager.wait_until_finished()
         except Exception as error:  # a full disk, a file-size limit: orbax leaves only a temporary directory
-            # the save's other writes fail alike in futures nobody awaits; asyncio would log each at exit
-            logging.getLogger("asyncio").addFilter(_UnretrievedWriteErrors(self.path(step)))
-            kept = "the previous checkpoints are kept" if self._steps_on_disk() else "no checkpoint was written"
-            raise CheckpointError(
-                f"cannot write checkpoint {self.path(step)}: {_write_problem(error)}; {kept}"
-            ) from None
+            self._write_failed(step, error)
+        if self.background:
+            self._writing = step
         return self.path(step)
 
     def _steps_on_disk(self) -> list[int]:
@@ -199,6 +248,7 @@ class Checkpointer:
 
     def read_meta(self, step: int) -> dict[str, Any]:
         """The JSON record saved with checkpoint ``step``."""
+        self.finish()
         ocp = _quiet_orbax()
         try:
             restored = self._open().restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
@@ -327,6 +377,16 @@ def _silence_closed_loop_noise() -> None:
 
     hook._jaxcnn_filter = True
     sys.unraisablehook = hook
+
+
+class _BackgroundSaveErrors(logging.Filter):
+    """Drops orbax's log record (with its traceback) of a background save that failed: the one-line
+    :class:`CheckpointError` that :meth:`Checkpointer.finish` raises says what happened."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = str(record.msg).lower()
+        from_orbax = "orbax" in str(getattr(record, "pathname", ""))
+        return not (from_orbax and "save" in text and "fail" in text)
 
 
 class _UnretrievedWriteErrors(logging.Filter):

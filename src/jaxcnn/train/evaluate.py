@@ -94,6 +94,7 @@ def evaluate(
     loss_fn: LossFn = softmax_cross_entropy,
     eval_step: Callable[..., Metrics] | None = None,
     mesh: Any = None,
+    labels_checked: bool = False,
 ) -> dict[str, float]:
     """Mean loss (and accuracy, for integer labels) of the model over ``(x, y)`` in inference mode.
 
@@ -106,6 +107,7 @@ def evaluate(
       eval_step: a step from :func:`make_eval_step` to reuse (avoids a compile per call).
       mesh: a ``jax.sharding.Mesh`` from :func:`jaxcnn.distributed.data_mesh`: every batch is sharded across its
         devices (``params`` and ``model_state`` replicated on it); None runs on the default device.
+      labels_checked: skip the class-label check (a caller that evaluates the same ``y`` again, every epoch).
 
     Returns:
       ``{"loss": float, "accuracy": float, "count": int}`` (no ``"accuracy"`` for non-integer targets).
@@ -118,7 +120,8 @@ def evaluate(
     step = eval_step or make_eval_step(model, loss_fn=loss_fn)
     x, y = np.asarray(x), np.asarray(y)
     # class labels: integer targets, or any targets of the default loss (unless a given eval_step brings its own)
-    if np.issubdtype(y.dtype, np.integer) or (loss_fn is softmax_cross_entropy and eval_step is None):
+    integer_or_default = np.issubdtype(y.dtype, np.integer) or (loss_fn is softmax_cross_entropy and eval_step is None)
+    if integer_or_default and not labels_checked:
         check_class_labels(model, params, model_state, x, y)
     if mesh is None:
         batched = batches(x, y, batch_size)

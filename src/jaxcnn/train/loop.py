@@ -156,6 +156,7 @@ def _fit(
         if isinstance(driver, feed.Stream):
             driver.open(session.position)
         state = _train(run, driver, state, history, first_epoch, session, progress and primary)
+        session.finish()  # the last checkpoint is on disk (or its failure raised) before fit returns
     finally:
         driver.close()
         session.close()
@@ -227,13 +228,14 @@ def _train_epoch(
         if every is not None and (losses.step + losses.pending) % every == 0:
             if driver.position["batch"] < run.steps_per_epoch:  # the epoch's end has its own checkpoint
                 _save_step(run, driver, state, epoch, losses, session)
-        if losses.pending >= CHECK_EVERY:
-            bar.update(losses.check())
+        read = losses.pending >= CHECK_EVERY
+        if read:
+            bar.update(losses.check(keep=1))  # not the step just dispatched: no stall of the device's queue
         else:
             bar.advance()
-        stop_if_interrupted(
+        stop_if_interrupted(  # with the peers (a multi-process run) where the losses were just read
             lambda losses=losses: f"at epoch {epoch}, step {losses.step + losses.pending}; {session.kept()}",
-            collective=losses.pending == 0,
+            collective=read or losses.pending == 0,
         )
     train = losses.finish()
     bar.stop()

@@ -97,10 +97,16 @@ class LossWatch:
     def add(self, metrics: dict[str, jax.Array]) -> None:
         self._pending.append(metrics)
 
-    def check(self) -> float | None:
-        """Read the pending metrics back; raise NonFiniteError at the first non-finite loss. Returns the last loss."""
-        values = jax.device_get(self._pending)
-        self._pending = []
+    def check(self, keep: int = 0) -> float | None:
+        """Read the pending metrics back, all but the newest ``keep``; raise NonFiniteError at the first
+        non-finite loss. Returns the last loss read.
+
+        ``keep=1`` (the loop's periodic reads) leaves the step just dispatched alone, so the read waits only for
+        the one before it while that step runs: the host never stalls the device's queue.
+        """
+        cut = len(self._pending) - keep if keep else len(self._pending)
+        values = jax.device_get(self._pending[:cut])
+        self._pending = self._pending[cut:]
         last = None
         for metrics in values:
             self.step += 1
