@@ -14,6 +14,7 @@ from jaxcnn.bench import flagsets
 from jaxcnn.functional import conv
 
 YNN = "--xla_cpu_experimental_ynn_fusion_type"
+_SETTINGS = dict(batch_size=1, rounds=1, steps=1, optimizer="sgd", dtype="float32")
 NO_YNN = f"{YNN}="
 
 
@@ -60,15 +61,15 @@ def test_a_flag_set_runs_in_its_own_process_in_the_same_rounds(tiny, tmp_path, c
     """The worker gets exactly its XLA_FLAGS (not the parent's), builds the user's registered model and takes
     its turns in every round; the table names the flag set and its flags."""
     args = ["--models", tiny, "--batch-size", "4", "--rounds", "2", "--steps", "1", "--warmup", "0", "--quiet"]
-    sets = ["--xla-flags", f"noynn={NO_YNN} --jaxcnn_dw_method=conv", "--xla-flags", "plain="]
+    sets = ["--xla-flags", f"noynn={NO_YNN} --jaxcnn_dw_method=conv"]
     assert cli.main(["bench", *args, "--contenders", "jaxcnn-engine", *sets, "--output", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "bench.json").read_text())
     rows = {row["contender"]: row for row in result["results"]}
-    assert set(rows) == {"jaxcnn-engine", "jaxcnn-engine@noynn", "jaxcnn-engine@plain"}
+    assert set(rows) == {"jaxcnn-engine", "jaxcnn-engine@noynn"}
     assert all(len(row["rounds_images_per_second"]) == 2 for row in rows.values())
-    assert result["settings"]["xla_flag_sets"] == {"noynn": f"{NO_YNN} --jaxcnn_dw_method=conv", "plain": ""}
+    assert result["settings"]["xla_flag_sets"] == {"noynn": f"{NO_YNN} --jaxcnn_dw_method=conv"}
     out = capsys.readouterr().out
-    assert f"Flag set noynn: {NO_YNN} --jaxcnn_dw_method=conv" in out and "| bench_tiny | jaxcnn-engine@plain |" in out
+    assert f"Flag set noynn: {NO_YNN} --jaxcnn_dw_method=conv" in out and "| bench_tiny | jaxcnn-engine@noynn |" in out
 
 
 def test_a_flag_set_xla_refuses_is_one_line_naming_the_flag(tiny, tmp_path, capsys):
@@ -80,23 +81,34 @@ def test_a_flag_set_xla_refuses_is_one_line_naming_the_flag(tiny, tmp_path, caps
     assert not (tmp_path / "bench.json").exists()
 
 
-def test_a_flag_set_that_cannot_build_the_model_is_skipped_with_the_reason():
-    """A model registered with a lambda exists only in the parent: the worker says why it cannot build it, and
-    the parent's contenders run on without that flag set."""
+def test_a_flag_set_whose_worker_fails_to_build_is_skipped_with_the_reason():
+    """A worker that cannot build (here: a model registered with a lambda, which exists only in the parent) takes
+    no turns; the reason is kept and printed, and the parent's contenders run on."""
     from jaxcnn import models, nn
+    from jaxcnn.bench import harness
 
     build = lambda num_classes=3: nn.Sequential([nn.Flatten(), nn.Dense(num_classes)])  # noqa: E731
     models.register("bench_lambda", build, input_shape=(4, 4, 1))
     try:
-        result = bench.run(
-            ["bench_lambda"], batch_size=2, rounds=1, steps=1, warmup=0, contenders=["jaxcnn-engine"],
-            xla_flag_sets=["w="], log=None,
-        )  # fmt: skip
+        request = flagsets.model_request("bench_lambda")
     finally:
         models.unregister("bench_lambda")
-    assert [row["contender"] for row in result["results"]] == ["jaxcnn-engine"]
-    assert "registered with a lambda or local function" in result["skipped"]["*@w"]
-    assert "Skipped *@w: XLA flag set 'w': model 'bench_lambda' was registered" in bench.markdown(result)
+    assert request["builder"] is None and request["input_shape"] == [4, 4, 1]
+
+    class Refusing:  # what Worker.build raises when the worker answers {"error": ...}
+        flag_set = flagsets.parse("w=")
+
+        def build(self, request):
+            flagsets.import_builder(request["builder"], request["model"])
+
+    skipped, lines = {}, []
+    assert harness._worker_ready("bench_lambda", Refusing(), request, lines.append, skipped) == {}
+    assert "registered with a lambda or local function" in skipped["*@w"] and "skipped" in lines[0]
+    from jaxcnn.bench.report import machine, peak_memory
+
+    result = {"machine": machine(), "settings": _SETTINGS, "results": [], "memory": peak_memory(), "skipped": skipped}
+    table = bench.markdown(result)
+    assert "Skipped *@w: model 'bench_lambda' was registered with a lambda" in table
 
 
 def test_model_requests_name_an_importable_builder():
@@ -161,17 +173,15 @@ def test_nothing_changes_once_a_backend_has_started(fresh_flags):
     assert _xla_flags.apply() == "" and "XLA_FLAGS" not in os.environ
 
 
-def test_importing_jaxcnn_sets_the_flags_before_jax_starts_and_the_switches_turn_them_off():
-    """In a fresh process: importing jaxcnn adds the default flags to XLA_FLAGS (before any backend starts, so
-    they take effect); JAXCNN_XLA_CPU_FLAGS= leaves XLA_FLAGS alone."""
-    code = "import os, jaxcnn, jaxcnn.train; print(os.environ.get('XLA_FLAGS', ''))"
+def test_importing_jaxcnn_sets_the_flags_before_jax_starts_and_the_switch_turns_them_off():
+    """In a fresh process: ``import jaxcnn`` (which imports no JAX) adds the default flags to XLA_FLAGS, before
+    any backend can start; JAXCNN_XLA_CPU_FLAGS= leaves XLA_FLAGS alone."""
+    code = "import os, sys, jaxcnn; print(os.environ.get('XLA_FLAGS', ''), 'jax' in sys.modules)"
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", _xla_flags.ENV)}
-    default = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert default.stdout.strip() == _xla_flags.DEFAULT_CPU_FLAGS
-    off = subprocess.run(
-        [sys.executable, "-c", code], env={**env, _xla_flags.ENV: ""}, capture_output=True, text=True, check=True
-    )
-    assert off.stdout.strip() == ""
+    for extra, expected in (({}, _xla_flags.DEFAULT_CPU_FLAGS), ({_xla_flags.ENV: ""}, "")):
+        result = subprocess.run([sys.executable, "-c", code], env=env | extra, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.split() == [*expected.split(), "False"]
 
 
 # -- bench --loop -------------------------------------------------------------------------------------------------

@@ -83,7 +83,13 @@ def test_the_graph_sees_the_imports_a_cycle_would_need():
 
 
 CLI_PARTS = ("jaxcnn.cli", "jaxcnn._cli_use", "jaxcnn._train_flags")  # the command line, in three files
-SHARED = {"jaxcnn._validate", "jaxcnn._signals", "jaxcnn._gloo", "jaxcnn._memory"}  # private helpers at the top
+SHARED = {
+    "jaxcnn._validate",
+    "jaxcnn._signals",
+    "jaxcnn._gloo",
+    "jaxcnn._memory",
+    "jaxcnn._xla_flags",
+}  # private helpers at the top
 
 
 def part_of(module: str) -> str:

@@ -85,12 +85,32 @@ class Worker:
 
     def __init__(self, flag_set: FlagSet, process: subprocess.Popen, stderr: Any):
         self.flag_set, self.process, self._stderr = flag_set, process, stderr
+        self._greeting: dict[str, Any] | None = None
+        self._memory: dict[str, Any] = {}
 
-    def ask(self, message: dict[str, Any]) -> dict[str, Any]:
-        """Send one request, return the worker's reply; ValueError, in one line, when the worker died."""
+    def send(self, message: dict[str, Any]) -> None:
+        """Send one request (its reply is read by :meth:`reply`)."""
         try:
             self.process.stdin.write(json.dumps(message) + "\n")
             self.process.stdin.flush()
+        except (BrokenPipeError, OSError):
+            pass  # the worker died: reply() says how
+
+    def ask(self, message: dict[str, Any]) -> dict[str, Any]:
+        """Send one request, return the worker's reply; ValueError, in one line, when the worker died."""
+        self.send(message)
+        return self.reply()
+
+    def greet(self) -> dict[str, Any]:
+        """The reply to the greeting :func:`start` sent (the worker's backend and flags), read once; ValueError
+        when XLA refused the flags (the worker died starting its backend)."""
+        if self._greeting is None:
+            self._greeting = self.reply()
+        return self._greeting
+
+    def reply(self) -> dict[str, Any]:
+        """The worker's next reply; ValueError, in one line, when the worker died or answered an error."""
+        try:
             line = self.process.stdout.readline()
         except (BrokenPipeError, OSError):
             line = ""
@@ -153,8 +173,9 @@ class Worker:
 
 
 def start(flag_set: FlagSet) -> Worker:
-    """Start the worker of ``flag_set``: ``python -m jaxcnn.bench.flagsets`` with ``XLA_FLAGS`` set to exactly
-    its flags (the parent's ``XLA_FLAGS`` are not inherited) and jaxcnn's CPU flags off unless it sets them."""
+    """Start the worker of ``flag_set``: ``python -m jaxcnn.bench._flagset_worker`` with ``XLA_FLAGS`` set to
+    exactly its flags (the parent's ``XLA_FLAGS`` are not inherited) and jaxcnn's CPU flags off unless it sets
+    them. It starts its backend at once; :meth:`Worker.greet` waits for that (and raises if XLA refused)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)  # the parent's jaxcnn and the user's modules
     env["XLA_FLAGS"] = flag_set.xla_flags
@@ -171,7 +192,7 @@ def start(flag_set: FlagSet) -> Worker:
         env=env,
     )
     worker = Worker(flag_set, process, stderr)
-    worker.ask({"hello": True})  # XLA rejects unknown flags when its backend starts: fail here, in one line
+    worker.send({"hello": True})  # the backend starts while the parent builds; greet() reads the answer
     return worker
 
 

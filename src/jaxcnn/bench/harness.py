@@ -62,7 +62,7 @@ def run(
     flag_sets = [flagsets.parse(f) if isinstance(f, str) else f for f in xla_flag_sets]
     flagsets.check_names(flag_sets)
     options = Options(dtype, steps_per_call, remat)
-    has_torch = _has_torch()
+    has_torch = any(c.startswith("torch") for c in contenders) and _has_torch()  # importing torch takes seconds
     results = []
     skipped: dict[str, str] = {}  # contender (or *@FLAGSET: all of a flag set's) -> why it did not run
     workers = []
@@ -177,6 +177,7 @@ def _worker_ready(
 ) -> dict[str, tuple[Runner, float, Any]]:
     """The ``contender@FLAGSET`` entries of :func:`_ready` for one flag set's worker."""
     suffix = f"@{worker.flag_set.name}"
+    worker.greet()  # XLA refused the flags: a one-line ValueError for the whole run (a typo, not a skip)
     try:
         reply = worker.build(request)
     except ValueError as error:  # the worker died compiling or warming up (XLA:CPU aborts, illegal instructions)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import platform
 import resource
 import statistics
+import sys
 from typing import Any
 
 import jax
@@ -24,13 +26,13 @@ def machine() -> dict[str, Any]:
     }
     for package in ("flax", "optax"):
         info[package] = __import__(package).__version__
-    try:
-        import torch
-
-        info["torch"] = torch.__version__
-        info["torch_threads"] = torch.get_num_threads()
-    except ImportError:
+    try:  # the installed version, without importing torch (seconds) when no PyTorch contender ran
+        info["torch"] = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
         info["torch"] = None
+    if "torch" in sys.modules:
+        info["torch"] = sys.modules["torch"].__version__
+        info["torch_threads"] = sys.modules["torch"].get_num_threads()
     return info
 
 
