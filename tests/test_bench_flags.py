@@ -98,6 +98,9 @@ def test_a_flag_set_whose_worker_fails_to_build_is_skipped_with_the_reason():
     class Refusing:  # what Worker.build raises when the worker answers {"error": ...}
         flag_set = flagsets.parse("w=")
 
+        def greet(self):
+            return {"backend": "cpu"}
+
         def build(self, request):
             flagsets.import_builder(request["builder"], request["model"])
 
