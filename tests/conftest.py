@@ -12,8 +12,8 @@ import tempfile
 # makes a compile about a third cheaper. Every comparison in the suite is between paths compiled alike (or within
 # a stated tolerance). The flag is read when JAX starts its backend, here; the processes the tests start (the CLI
 # runs, which train for longer) do not inherit it and compile as users' runs do.
-# jaxcnn's default XLA:CPU flags (jaxcnn._xla_flags) go in first, as importing jaxcnn puts them in a user's process
-# before JAX starts: the suite checks the gradients under the kernels users get.
+# XLA:CPU flags asked for with JAXCNN_XLA_CPU_FLAGS (jaxcnn._xla_flags) go in first, as importing jaxcnn puts them
+# in a user's process before JAX starts: JAXCNN_XLA_CPU_FLAGS=recommended runs the suite under them.
 import jaxcnn  # noqa: E402,F401
 
 _XLA_FLAGS = os.environ.get("XLA_FLAGS")

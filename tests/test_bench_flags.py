@@ -146,42 +146,49 @@ def test_dw_method_environment_switch(monkeypatch):
 
 @pytest.fixture
 def fresh_flags(monkeypatch):
-    """_xla_flags as before any apply(), with no backend started and a known default."""
+    """_xla_flags as before any apply(), with no backend started and known recommended flags."""
     monkeypatch.setattr(_xla_flags, "_state", {"original": None, "added": ""})
     monkeypatch.setattr(_xla_flags, "_backend_started", lambda: False)
-    monkeypatch.setattr(_xla_flags, "DEFAULT_CPU_FLAGS", "--xla_cpu_a=1 --xla_cpu_b=2")
+    monkeypatch.setattr(_xla_flags, "RECOMMENDED_CPU_FLAGS", "--xla_cpu_a=1 --xla_cpu_b=2")
     monkeypatch.delenv(_xla_flags.ENV, raising=False)
     monkeypatch.delenv("XLA_FLAGS", raising=False)
     return monkeypatch
 
 
-def test_default_cpu_flags_are_added_and_the_users_own_win(fresh_flags):
+def test_no_flags_are_added_unless_asked(fresh_flags):
+    assert _xla_flags.apply() == "" and "XLA_FLAGS" not in os.environ
+    fresh_flags.setenv(_xla_flags.ENV, "")
+    assert _xla_flags.apply() == "" and "XLA_FLAGS" not in os.environ
+
+
+def test_the_recommended_flags_are_added_and_the_users_own_win(fresh_flags):
+    fresh_flags.setenv(_xla_flags.ENV, "recommended")
     fresh_flags.setenv("XLA_FLAGS", "--xla_cpu_b=7 --xla_force_host_platform_device_count=2")
     assert _xla_flags.apply() == "--xla_cpu_a=1"
     assert os.environ["XLA_FLAGS"] == "--xla_cpu_b=7 --xla_force_host_platform_device_count=2 --xla_cpu_a=1"
     assert _xla_flags.applied() == "--xla_cpu_a=1"
+    assert _xla_flags.user_flags() == "--xla_cpu_b=7 --xla_force_host_platform_device_count=2"
     assert _xla_flags.revert() and os.environ["XLA_FLAGS"] == "--xla_cpu_b=7 --xla_force_host_platform_device_count=2"
     assert _xla_flags.applied() == ""
 
 
-@pytest.mark.parametrize("value,added", [("", ""), ("--xla_cpu_c=3", "--xla_cpu_c=3")])
-def test_the_environment_variable_replaces_or_turns_off_the_default(fresh_flags, value, added):
-    fresh_flags.setenv(_xla_flags.ENV, value)
-    assert _xla_flags.apply() == added
-    assert os.environ.get("XLA_FLAGS", "") == added
+def test_other_flags_can_be_named(fresh_flags):
+    fresh_flags.setenv(_xla_flags.ENV, "--xla_cpu_c=3")
+    assert _xla_flags.apply() == "--xla_cpu_c=3" and os.environ["XLA_FLAGS"] == "--xla_cpu_c=3"
 
 
 def test_nothing_changes_once_a_backend_has_started(fresh_flags):
+    fresh_flags.setenv(_xla_flags.ENV, "recommended")
     fresh_flags.setattr(_xla_flags, "_backend_started", lambda: True)
     assert _xla_flags.apply() == "" and "XLA_FLAGS" not in os.environ
 
 
-def test_importing_jaxcnn_sets_the_flags_before_jax_starts_and_the_switch_turns_them_off():
-    """In a fresh process: ``import jaxcnn`` (which imports no JAX) adds the default flags to XLA_FLAGS, before
-    any backend can start; JAXCNN_XLA_CPU_FLAGS= leaves XLA_FLAGS alone."""
+def test_importing_jaxcnn_sets_the_asked_flags_before_jax_starts():
+    """In a fresh process: ``import jaxcnn`` (which imports no JAX) adds the asked flags to XLA_FLAGS, before any
+    backend can start; without JAXCNN_XLA_CPU_FLAGS it leaves XLA_FLAGS alone."""
     code = "import os, sys, jaxcnn; print(os.environ.get('XLA_FLAGS', ''), 'jax' in sys.modules)"
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", _xla_flags.ENV)}
-    for extra, expected in (({}, _xla_flags.DEFAULT_CPU_FLAGS), ({_xla_flags.ENV: ""}, "")):
+    for extra, expected in (({}, ""), ({_xla_flags.ENV: "recommended"}, _xla_flags.RECOMMENDED_CPU_FLAGS)):
         result = subprocess.run([sys.executable, "-c", code], env=env | extra, capture_output=True, text=True)
         assert result.returncode == 0, result.stderr
         assert result.stdout.split() == [*expected.split(), "False"]

@@ -1,15 +1,16 @@
-"""jaxcnn's default XLA:CPU flags: set in ``XLA_FLAGS`` when jaxcnn is imported, before JAX starts its backend.
+"""jaxcnn's XLA:CPU flag switch: ``JAXCNN_XLA_CPU_FLAGS`` adds flags to ``XLA_FLAGS`` when jaxcnn is imported,
+before JAX starts its backend (XLA reads ``XLA_FLAGS`` once, when the first backend starts; importing jaxcnn
+starts none, so :func:`apply`, run by ``jaxcnn/__init__.py``, can still add them).
 
-XLA reads ``XLA_FLAGS`` once, when the first backend starts, so the flags must be in the environment before that;
-importing jaxcnn does not start a backend, so :func:`apply` (run by ``jaxcnn/__init__.py``) can still add them.
-The flags and why they are the default: :data:`DEFAULT_CPU_FLAGS` and benchmarks/RESULTS.md ("XLA:CPU flag
-study"). They only touch XLA's CPU backend (``xla_cpu_*``), so a GPU or TPU run compiles as before.
+Off by default. ``JAXCNN_XLA_CPU_FLAGS=recommended`` adds :data:`RECOMMENDED_CPU_FLAGS`, the winner of the flag
+study (benchmarks/RESULTS.md, "XLA:CPU flag study"): float32 training steps 1.5x faster on a 2-core AVX-512
+Xeon, but XLA's own convolution emitter, which then runs every convolution, is 17x slower in float64 (gradient
+checks: 4x), and the flags apply process-wide. ``JAXCNN_XLA_CPU_FLAGS=FLAGS`` adds other flags.
 
-- ``JAXCNN_XLA_CPU_FLAGS`` replaces them: empty (``JAXCNN_XLA_CPU_FLAGS=``) turns them off; ``jaxcnn train
-  --no-xla-cpu-flags`` (and every other command's switch of that name) does the same.
 - A flag the user's own ``XLA_FLAGS`` already names is never added: the user's value wins.
-- When a backend had already started before jaxcnn was imported, nothing is changed (it would not take effect)
-  and :func:`applied` says so.
+- ``--no-xla-cpu-flags`` on any ``jaxcnn`` command takes them back out (before any backend starts).
+- When a backend had already started before jaxcnn was imported, nothing is changed (it would not take effect).
+- The hand conv rule's ``dw_method="auto"`` follows the flags in effect (:func:`ynn_convolutions_off`).
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ ENV = "JAXCNN_XLA_CPU_FLAGS"
 
 # XLA:CPU's YNNPACK fusions for dots (GEMMs, with what they absorb) and reductions only. jaxlib 0.10's default
 # list is reductions, single dots and single convolutions; its YNNPACK convolutions ran mnist_cnn's and
-# resnet20's steps about 1.5x slower than XLA's own convolution emitter on a 2-core AVX-512 Xeon, and its
+# resnet20's float32 steps about 1.5x slower than XLA's own convolution emitter on a 2-core AVX-512 Xeon, and its
 # element-wise fusions lost too. With these flags the hand-derived step (weight gradient as one convolution, see
-# functional.conv.dw_method_for) ran 1.12x PyTorch eager against 0.72x with XLA's defaults (benchmarks/RESULTS.md,
-# "XLA:CPU flag study", where every combination measured is listed).
-DEFAULT_CPU_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=dot,reduce"
+# functional.conv.dw_method_for) ran 1.12x PyTorch eager against 0.72x with XLA's defaults. Not the default: XLA's
+# own emitter runs float64 convolutions 17x slower than YNNPACK (benchmarks/RESULTS.md, "XLA:CPU flag study").
+RECOMMENDED_CPU_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=dot,reduce"
+MEASURED_JAXLIB = "0.10"  # the jaxlib release the recommended flags were measured on
 
 _state: dict[str, str | None] = {"original": None, "added": ""}
 
@@ -48,9 +50,11 @@ def _backend_started() -> bool:
 
 
 def apply() -> str:
-    """Add jaxcnn's CPU flags (``JAXCNN_XLA_CPU_FLAGS``, default :data:`DEFAULT_CPU_FLAGS`) to ``XLA_FLAGS``,
-    leaving out those the user's ``XLA_FLAGS`` names; returns what was added (empty: nothing)."""
-    wanted = os.environ.get(ENV, DEFAULT_CPU_FLAGS)
+    """Add the flags ``JAXCNN_XLA_CPU_FLAGS`` names (``recommended``: :data:`RECOMMENDED_CPU_FLAGS`; unset or
+    empty: none) to ``XLA_FLAGS``, leaving out those the user's ``XLA_FLAGS`` names; returns what was added."""
+    wanted = os.environ.get(ENV, "")
+    if wanted.strip() == "recommended":
+        wanted = RECOMMENDED_CPU_FLAGS
     if _state["original"] is not None or not wanted.strip() or _backend_started():
         return _state["added"] or ""
     user = os.environ.get("XLA_FLAGS", "")

@@ -304,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument(
             "--no-xla-cpu-flags",
             action="store_true",
-            help="leave XLA_FLAGS as they are: without jaxcnn's default XLA:CPU flags (as JAXCNN_XLA_CPU_FLAGS= does)",
+            help="leave XLA_FLAGS as they are, without the flags JAXCNN_XLA_CPU_FLAGS asks jaxcnn to add",
         )
     return parser
 

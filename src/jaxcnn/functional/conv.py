@@ -26,10 +26,10 @@ _DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 
 # How conv2d_vjp forms the weight gradient (see its docstring). "auto" picks per backend: on GPUs and TPUs the
 # convolution maps onto the library's (cuDNN's) weight-gradient kernels, which a chain of per-tap GEMMs cannot
-# match. On XLA:CPU it depends on who runs convolutions (benchmarks/RESULTS.md, "XLA:CPU flag study"): under
-# jaxcnn's default flags (jaxcnn._xla_flags: YNNPACK for dots only) XLA's own convolution emitter runs them, and
-# the convolution form is fastest; with YNNPACK's single-convolution fusion on (XLA's default list) a convolution
-# of that shape runs slowly there, and the per-tap GEMMs win.
+# match. On XLA:CPU it depends on who runs convolutions (benchmarks/RESULTS.md, "XLA:CPU flag study"): with
+# YNNPACK's single-convolution fusion on (XLA's default list) a convolution of that shape runs slowly, and the
+# per-tap GEMMs win; under the recommended flags (jaxcnn._xla_flags: YNNPACK for dots and reductions only) XLA's
+# own convolution emitter runs them, and the convolution form is fastest.
 DW_METHODS = ("auto", "taps", "conv")
 
 
