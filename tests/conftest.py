@@ -62,6 +62,26 @@ def pytest_sessionfinish(session, exitstatus):
         shutil.rmtree(CACHE, ignore_errors=True)
 
 
+# Environment variables that the processes a test starts inherit: a test that changes one and does not put it back
+# breaks every later CLI test in its worker (once, in CI: a leaked XLA_FLAGS=--xla_cpu_c=3 made XLA abort them).
+_GUARDED_ENV = ("XLA_FLAGS", "JAXCNN_XLA_CPU_FLAGS", "JAXCNN_DW_METHOD")
+
+
+@pytest.fixture(autouse=True)
+def _environment_is_put_back():
+    """Fail the test that leaves XLA_FLAGS, JAXCNN_XLA_CPU_FLAGS or JAXCNN_DW_METHOD changed."""
+    before = {name: os.environ.get(name) for name in _GUARDED_ENV}
+    yield
+    after = {name: os.environ.get(name) for name in _GUARDED_ENV}
+    changed = {name: (before[name], after[name]) for name in _GUARDED_ENV if before[name] != after[name]}
+    for name, (value, _) in changed.items():  # put it back, so that only this test fails
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    assert not changed, f"the test left the environment changed (before, after): {changed}"
+
+
 # max relative error (max |a - b| / max |b|) allowed between a hand rule and jax.vjp, per dtype
 TOLERANCE = {jnp.float64: 1e-10, jnp.float32: 1e-4}
 DTYPES = [jnp.float64, jnp.float32]
