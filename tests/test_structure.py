@@ -89,6 +89,7 @@ SHARED = {
     "jaxcnn._gloo",
     "jaxcnn._memory",
     "jaxcnn._xla_flags",
+    "jaxcnn._step_jit",
 }  # private helpers at the top
 
 

@@ -1,22 +1,36 @@
-"""jaxcnn's XLA:CPU flag switch: ``JAXCNN_XLA_CPU_FLAGS`` adds flags to ``XLA_FLAGS`` when jaxcnn is imported,
-before JAX starts its backend (XLA reads ``XLA_FLAGS`` once, when the first backend starts; importing jaxcnn
-starts none, so :func:`apply`, run by ``jaxcnn/__init__.py``, can still add them).
+"""jaxcnn's XLA:CPU flags: which library kernels XLA:CPU uses for jaxcnn's train steps.
 
-Off by default. ``JAXCNN_XLA_CPU_FLAGS=recommended`` adds :data:`RECOMMENDED_CPU_FLAGS`, the winner of the flag
-study (benchmarks/RESULTS.md, "XLA:CPU flag study"): float32 training steps 1.5x faster on a 2-core AVX-512
-Xeon, but XLA's own convolution emitter, which then runs every convolution, is 17x slower in float64 (gradient
-checks: 4x), and the flags apply process-wide. ``JAXCNN_XLA_CPU_FLAGS=FLAGS`` adds other flags.
+The default (``JAXCNN_XLA_CPU_FLAGS`` unset, or ``steps``): on XLA:CPU, jaxcnn's float32 and bfloat16 train steps
+(:func:`jaxcnn.train.make_train_step`, the data-parallel and DP-SGD steps) compile with the compile option
+:data:`STEP_COMPILER_OPTIONS`, YNNPACK for dots and reductions only, and the hand conv rule forms the weight
+gradient as one convolution there (:func:`ynn_convolutions_off`); everything else (float64 steps, gradient checks,
+evaluation, the user's own ``jax.jit``) compiles with XLA's defaults. That is the winner of the flag study
+(benchmarks/RESULTS.md, "XLA:CPU flag study"): float32 training steps about 1.5x faster on a 2-core AVX-512 Xeon;
+process-wide it would have made float64 convolutions 17x slower (gradient checks: 4x), so it is scoped per compile
+(:mod:`jaxcnn._step_jit`).
 
-- A flag the user's own ``XLA_FLAGS`` already names is never added: the user's value wins.
-- ``--no-xla-cpu-flags`` on any ``jaxcnn`` command takes them back out (before any backend starts).
-- When a backend had already started before jaxcnn was imported, nothing is changed (it would not take effect).
-- The hand conv rule's ``dw_method="auto"`` follows the flags in effect (:func:`ynn_convolutions_off`).
+Other settings of ``JAXCNN_XLA_CPU_FLAGS``, read when jaxcnn is imported (:func:`apply`, before JAX starts its
+backend; XLA reads ``XLA_FLAGS`` once, then):
+
+- ``off`` or empty: nothing; every step compiles with XLA's defaults.
+- ``recommended``: :data:`RECOMMENDED_CPU_FLAGS` added to ``XLA_FLAGS``, for the whole process.
+- any other text: those flags added to ``XLA_FLAGS``, for the whole process.
+
+- The user's own ``XLA_FLAGS`` win: a flag it names is never added, and when it names
+  ``--xla_cpu_experimental_ynn_fusion_type`` the train steps get no compile option either.
+- ``--no-xla-cpu-flags`` on any ``jaxcnn`` command is ``JAXCNN_XLA_CPU_FLAGS=off`` (taking back what was added, before
+  any backend starts); the processes it starts inherit that.
+- When a backend had already started before jaxcnn was imported, ``XLA_FLAGS`` is left alone (it would not take
+  effect); the per-step compile option still applies.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 import sys
+from collections.abc import Iterator
 
 ENV = "JAXCNN_XLA_CPU_FLAGS"
 
@@ -27,6 +41,13 @@ ENV = "JAXCNN_XLA_CPU_FLAGS"
 # functional.conv.dw_method_for) ran 1.12x PyTorch eager against 0.72x with XLA's defaults. Not the default: XLA's
 # own emitter runs float64 convolutions 17x slower than YNNPACK (benchmarks/RESULTS.md, "XLA:CPU flag study").
 RECOMMENDED_CPU_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=dot,reduce"
+# The same, as a per-compile option (jax.jit(..., compiler_options=...)): jaxcnn's default for its float32 and
+# bfloat16 train steps on XLA:CPU. Per compile, XLA takes the proto enum names (it refuses "dot,reduce").
+STEP_COMPILER_OPTIONS = {
+    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE",
+}
+OFF = ("", "off")  # JAXCNN_XLA_CPU_FLAGS values that turn everything off
+STEPS = "steps"  # JAXCNN_XLA_CPU_FLAGS value of the default (also when unset)
 MEASURED_JAXLIB = "0.10"  # the jaxlib release the recommended flags were measured on
 
 _state: dict[str, str | None] = {"original": None, "added": ""}
@@ -50,10 +71,13 @@ def _backend_started() -> bool:
 
 
 def apply() -> str:
-    """Add the flags ``JAXCNN_XLA_CPU_FLAGS`` names (``recommended``: :data:`RECOMMENDED_CPU_FLAGS`; unset or
-    empty: none) to ``XLA_FLAGS``, leaving out those the user's ``XLA_FLAGS`` names; returns what was added."""
-    wanted = os.environ.get(ENV, "")
-    if wanted.strip() == "recommended":
+    """Add the flags ``JAXCNN_XLA_CPU_FLAGS`` names (``recommended``: :data:`RECOMMENDED_CPU_FLAGS`; unset, empty,
+    ``off`` or ``steps``: none) to ``XLA_FLAGS``, leaving out those the user's ``XLA_FLAGS`` names; returns what
+    was added."""
+    wanted = os.environ.get(ENV, STEPS).strip()
+    if wanted in (*OFF, STEPS):
+        wanted = ""
+    elif wanted == "recommended":
         wanted = RECOMMENDED_CPU_FLAGS
     if _state["original"] is not None or not wanted.strip() or _backend_started():
         return _state["added"] or ""
@@ -68,8 +92,10 @@ def apply() -> str:
 
 
 def revert() -> bool:
-    """Take jaxcnn's flags back out of ``XLA_FLAGS`` (the CLI's ``--no-xla-cpu-flags``); True when that still
-    takes effect (no backend started yet), False when it is too late."""
+    """Turn jaxcnn's XLA:CPU flags off (the CLI's ``--no-xla-cpu-flags``): ``JAXCNN_XLA_CPU_FLAGS=off`` from now on
+    (the train steps compiled after this get no compile option) and what :func:`apply` added taken back out of
+    ``XLA_FLAGS``; True when that still takes effect (no backend started yet), False when it is too late."""
+    os.environ[ENV] = "off"
     if _state["original"] is None or not _state["added"]:
         return True
     if _backend_started():
@@ -97,10 +123,36 @@ def applied() -> str:
 YNN_FUSION_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 
 
+def steps_scoped() -> bool:
+    """Whether jaxcnn's float32/bfloat16 train steps compile with :data:`STEP_COMPILER_OPTIONS` on XLA:CPU:
+    ``JAXCNN_XLA_CPU_FLAGS`` unset or ``steps``, and ``XLA_FLAGS`` not naming the YNNPACK fusion flag (the user's
+    own setting wins; so does ``recommended``, which sets that flag process-wide)."""
+    if os.environ.get(ENV, STEPS).strip() != STEPS:
+        return False
+    return YNN_FUSION_FLAG not in _names(os.environ.get("XLA_FLAGS", ""))
+
+
+_scoped_trace: contextvars.ContextVar[bool] = contextvars.ContextVar("jaxcnn_scoped_step_trace", default=False)
+
+
+@contextlib.contextmanager
+def tracing_scoped_step() -> Iterator[None]:
+    """While tracing a train step that compiles with :data:`STEP_COMPILER_OPTIONS`: :func:`ynn_convolutions_off`
+    says True (so ``dw_method="auto"`` picks the formulation that wins under them)."""
+    token = _scoped_trace.set(True)
+    try:
+        yield
+    finally:
+        _scoped_trace.reset(token)
+
+
 def ynn_convolutions_off(flags: str | None = None) -> bool:
     """Whether ``flags`` (default: this process's ``XLA_FLAGS``) keep XLA:CPU's YNNPACK fusions off single
     convolutions: the last ``--xla_cpu_experimental_ynn_fusion_type`` lists types without
-    ``individual_convolution`` (or removes it with ``-individual_convolution``). XLA's default list has it."""
+    ``individual_convolution`` (or removes it with ``-individual_convolution``). XLA's default list has it. With
+    ``flags`` not given, also True while tracing a train step compiled with :data:`STEP_COMPILER_OPTIONS`."""
+    if flags is None and _scoped_trace.get():
+        return True
     value = None
     for item in (os.environ.get("XLA_FLAGS", "") if flags is None else flags).split():
         key, _, setting = item.partition("=")

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxcnn import backprop
+from jaxcnn._step_jit import jit_train_step
 from jaxcnn.functional import softmax_cross_entropy
 from jaxcnn.nn.layer import Layer, Params, State
 from jaxcnn.train.dp import check_dp, check_independent
@@ -257,7 +258,7 @@ def make_dp_train_step(
             metrics["accuracy"] = accuracy
         return state.apply_gradients(grads=grads), metrics
 
-    return jax.jit(step, donate_argnums=0)
+    return jit_train_step(step, donate_argnums=0)
 
 
 def __getattr__(name: str) -> Any:

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from jaxcnn import _xla_flags, models
+from jaxcnn._step_jit import step_compiler_options
 from jaxcnn.bench import flagsets
 from jaxcnn.bench.contenders import CONTENDERS, LEARNING_RATE, MOMENTUM, Options, Runner, builders, torch_device
 from jaxcnn.bench.flagsets import FlagSet
@@ -94,6 +95,7 @@ def run(
         optimizer=f"sgd(lr={LEARNING_RATE}, momentum={MOMENTUM})", dtype=dtype, steps_per_call=steps_per_call,
         remat=remat, torch_device=torch_device() if has_torch else None,
         xla_flags=_xla_flags.user_flags(), jaxcnn_cpu_flags=_xla_flags.applied(),
+        jaxcnn_step_options=step_compiler_options(),
         xla_flag_sets={flag_set.name: flag_set.spec.partition("=")[2] for flag_set in flag_sets},
     )  # fmt: skip
     return {

@@ -77,7 +77,12 @@ def markdown(result: dict[str, Any]) -> str:
         )
         + (", remat" if settings.get("remat") else "")
         + (f", XLA_FLAGS={settings['xla_flags']}" if settings.get("xla_flags") else "")
-        + (f", jaxcnn's XLA:CPU flags {settings['jaxcnn_cpu_flags']}" if settings.get("jaxcnn_cpu_flags") else ""),
+        + (f", jaxcnn's XLA:CPU flags {settings['jaxcnn_cpu_flags']}" if settings.get("jaxcnn_cpu_flags") else "")
+        + (
+            f", jaxcnn's float32 train steps compiled with {settings['jaxcnn_step_options']}"
+            if settings.get("jaxcnn_step_options")
+            else ""
+        ),
         *[f"Flag set {name}: {flags or '(no flags)'}" for name, flags in settings.get("xla_flag_sets", {}).items()],
         "",
         "| model | contender | median img/s | ratio | compile s | memory MiB |",

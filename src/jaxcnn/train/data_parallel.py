@@ -14,6 +14,7 @@ from typing import Any
 import jax
 from jax.sharding import Mesh
 
+from jaxcnn._step_jit import jit_train_step
 from jaxcnn.distributed import replicated
 from jaxcnn.functional import softmax_cross_entropy
 from jaxcnn.nn.layer import Layer
@@ -37,7 +38,7 @@ def make_data_parallel_train_step(
     """
     step = train_step_function(model, StepOptions.of(options, **fields))
     placed = replicated(mesh)
-    return jax.jit(lambda state, x, y: step(state, x, y), donate_argnums=0, out_shardings=(placed, placed))
+    return jit_train_step(lambda state, x, y: step(state, x, y), donate_argnums=0, out_shardings=(placed, placed))
 
 
 def make_data_parallel_eval_step(

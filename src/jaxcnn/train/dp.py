@@ -34,6 +34,7 @@ import numpy as np
 import optax
 
 from jaxcnn import backprop
+from jaxcnn._step_jit import jit_train_step
 from jaxcnn.functional import softmax_cross_entropy
 from jaxcnn.functional.ghost import METHODS as NORM_METHODS
 from jaxcnn.nn.container import Container, Tap, recording_cotangents
@@ -399,4 +400,4 @@ def make_dp_train_step(
             )
         return step(state, x, y, mask)
 
-    return jax.jit(checked, donate_argnums=0)
+    return jit_train_step(checked, donate_argnums=0)

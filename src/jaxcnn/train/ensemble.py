@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxcnn._step_jit import jit_train_step
 from jaxcnn._validate import is_int
 from jaxcnn.data import ahead, batches, epoch_order, num_batches
 from jaxcnn.functional import softmax_cross_entropy
@@ -100,7 +101,7 @@ def make_ensemble_train_step(
     batch_axis = None if shared_batch else 0
     if lr_scales is None:
         members = jax.vmap(step, in_axes=(0, batch_axis, batch_axis))
-        return jax.jit(members, donate_argnums=0)
+        return jit_train_step(members, donate_argnums=0)
     scales = np.asarray(lr_scales, dtype=np.float64)
     if scales.ndim != 1 or scales.size < 1 or not np.all(np.isfinite(scales)) or np.any(scales <= 0):
         raise ValueError(f"lr_scales must be K finite positive numbers, got {lr_scales!r}")
@@ -112,7 +113,7 @@ def make_ensemble_train_step(
             raise ValueError(f"the ensemble has {states.step.shape[0]} members but lr_scales has {scales.shape[0]}")
         return members(states, x, y, scales)
 
-    return jax.jit(scaled, donate_argnums=0)
+    return jit_train_step(scaled, donate_argnums=0)
 
 
 def ensemble_predictions(model: Layer, params: Params, state: State, x: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxcnn import backprop
+from jaxcnn._step_jit import jit_train_step
 from jaxcnn._validate import is_int
 from jaxcnn.functional import softmax_cross_entropy
 from jaxcnn.nn.layer import Layer, Params
@@ -335,7 +336,7 @@ def make_train_step(
     if steps_per_call > 1 and scan_is_slow(options.gradients):
         warnings.warn(SCAN_ON_CPU, ScanOnCPUWarning, stacklevel=2)
     if steps_per_call == 1:
-        return jax.jit(step, donate_argnums=0)
+        return jit_train_step(step, donate_argnums=0)
 
     def steps(state: TrainState, xs: jax.Array, ys: jax.Array) -> tuple[TrainState, Metrics]:
         if xs.shape[0] != steps_per_call or ys.shape[0] != steps_per_call:
@@ -345,4 +346,4 @@ def make_train_step(
             )
         return jax.lax.scan(lambda carry, batch: step(carry, *batch), state, (xs, ys))
 
-    return jax.jit(steps, donate_argnums=0)
+    return jit_train_step(steps, donate_argnums=0)

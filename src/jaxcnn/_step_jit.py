@@ -1,0 +1,95 @@
+"""``jax.jit`` for jaxcnn's train steps: on XLA:CPU, float32 and bfloat16 steps compile with
+:data:`jaxcnn._xla_flags.STEP_COMPILER_OPTIONS` (YNNPACK for dots and reductions, XLA's own emitter for
+convolutions; the hand conv rule's weight gradient as one convolution), float64 steps with XLA's defaults.
+
+Why per compile and not through ``XLA_FLAGS``: the flag study (benchmarks/RESULTS.md) found those options 1.5x
+faster for float32 training steps, but XLA's own emitter runs float64 convolutions 17x slower than YNNPACK, and
+``XLA_FLAGS`` hold for every program of the process (gradient checks included). A step made by
+:func:`jit_train_step` holds two jitted functions and picks one per call by the arguments' dtypes: any float64
+array in them (parameters, optimizer state or batch) takes the one compiled with XLA's defaults.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxcnn import _xla_flags
+
+_WIDE = (np.dtype(np.float64), np.dtype(np.complex128))
+
+
+@functools.cache
+def _options_accepted() -> bool:
+    """Whether this jaxlib's XLA:CPU takes :data:`STEP_COMPILER_OPTIONS` (a tiny compile, once per process)."""
+    try:
+        jax.jit(lambda a: a + 1, compiler_options=_xla_flags.STEP_COMPILER_OPTIONS).lower(np.float32(0)).compile()
+    except Exception as error:  # noqa: BLE001 -- any refusal means: compile with XLA's defaults
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        warnings.warn(
+            f"jaxcnn: this jaxlib's XLA:CPU refuses the train steps' compile option "
+            f"{_xla_flags.STEP_COMPILER_OPTIONS} ({first}); they compile with XLA's defaults",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return False
+    return True
+
+
+def step_compiler_options() -> dict[str, str] | None:
+    """The compile options jaxcnn's float32/bfloat16 train steps get now: :data:`STEP_COMPILER_OPTIONS` on
+    XLA:CPU when :func:`jaxcnn._xla_flags.steps_scoped` (the default) and this jaxlib accepts them, else None."""
+    if not _xla_flags.steps_scoped() or jax.default_backend() != "cpu" or not _options_accepted():
+        return None
+    return dict(_xla_flags.STEP_COMPILER_OPTIONS)
+
+
+def has_float64(tree: Any) -> bool:
+    """Whether any array leaf of ``tree`` is float64 or complex128 (Python scalars do not count)."""
+    return any(getattr(leaf, "dtype", None) in _WIDE for leaf in jax.tree.leaves(tree) if hasattr(leaf, "dtype"))
+
+
+class ScopedStep:
+    """A train step compiled two ways (see the module docstring): ``step(*args)`` runs ``tuned`` (with the
+    compile options) unless an argument holds a float64 array, then ``plain`` (XLA's defaults). ``lower`` picks
+    the same way; other attributes are ``plain``'s."""
+
+    def __init__(self, plain: Callable, tuned: Callable, options: dict[str, str]):
+        self.plain, self.tuned, self.compiler_options = plain, tuned, options
+        functools.update_wrapper(self, plain)
+
+    def pick(self, *args: Any, **kwargs: Any) -> Callable:
+        """The jitted function that these arguments run."""
+        return self.plain if has_float64((args, kwargs)) else self.tuned
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.pick(*args, **kwargs)(*args, **kwargs)
+
+    def lower(self, *args: Any, **kwargs: Any) -> Any:
+        """``jax.jit(...).lower`` of the function these arguments run."""
+        return self.pick(*args, **kwargs).lower(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.plain, name)
+
+
+def jit_train_step(step: Callable, **jit_kwargs: Any) -> Callable:
+    """``jax.jit(step, **jit_kwargs)``, and on XLA:CPU (by default, see :mod:`jaxcnn._xla_flags`) a
+    :class:`ScopedStep` whose float32/bfloat16 calls compile with the train steps' compile options, traced with
+    ``dw_method="auto"`` forming the conv weight gradient as one convolution."""
+    plain = jax.jit(step, **jit_kwargs)
+    options = step_compiler_options()
+    if options is None:
+        return plain
+
+    @functools.wraps(step)
+    def scoped(*args: Any, **kwargs: Any) -> Any:
+        with _xla_flags.tracing_scoped_step():
+            return step(*args, **kwargs)
+
+    return ScopedStep(plain, jax.jit(scoped, compiler_options=options, **jit_kwargs), options)
