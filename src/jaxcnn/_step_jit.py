@@ -74,6 +74,10 @@ class ScopedStep:
         """``jax.jit(...).lower`` of the function these arguments run."""
         return self.pick(*args, **kwargs).lower(*args, **kwargs)
 
+    def _cache_size(self) -> int:
+        """Executables compiled so far, both ways together (``jax.jit``'s own counter)."""
+        return self.plain._cache_size() + self.tuned._cache_size()
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self.plain, name)
 

@@ -304,7 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument(
             "--no-xla-cpu-flags",
             action="store_true",
-            help="leave XLA_FLAGS as they are, without the flags JAXCNN_XLA_CPU_FLAGS asks jaxcnn to add",
+            help="XLA's defaults everywhere: jaxcnn's float32 train steps on CPU compile without their YNNPACK "
+            "option, and XLA_FLAGS get nothing added (as JAXCNN_XLA_CPU_FLAGS=off)",
         )
     return parser
 

@@ -47,12 +47,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import dp_accounting
-from dp_accounting import dp_event, gaussian_mechanism
-from dp_accounting.pld import pld_privacy_accountant
-from dp_accounting.rdp import rdp_privacy_accountant
+if TYPE_CHECKING:
+    import dp_accounting
+    from dp_accounting import dp_event
 
 from jaxcnn._validate import is_int
 
@@ -100,8 +99,14 @@ def steps_per_epoch(sampling_rate: float) -> int:
     return nearest if abs(ratio - nearest) <= 1e-9 * nearest else math.ceil(ratio)
 
 
+# dp_accounting is imported where it is used: it loads scipy.signal and scipy.stats (about 1.1 s), which every
+# `jaxcnn train` would otherwise pay at start-up, DP-SGD or not (this module comes with jaxcnn.train.config).
+
+
 def make_event(*, noise_multiplier: float, sampling_rate: float, steps: int, sampling: str) -> dp_event.DpEvent:
     """The ``dp_accounting`` event of ``steps`` DP-SGD steps under ``sampling`` (see the module's docstring)."""
+    from dp_accounting import dp_event
+
     if sampling == "poisson":
         step = dp_event.PoissonSampledDpEvent(sampling_rate, dp_event.GaussianDpEvent(noise_multiplier))
         return dp_event.SelfComposedDpEvent(step, steps)
@@ -111,6 +116,10 @@ def make_event(*, noise_multiplier: float, sampling_rate: float, steps: int, sam
 
 def make_accountant(accountant: str, sampling: str) -> dp_accounting.PrivacyAccountant:
     """A fresh dp_accounting accountant (``"rdp"`` or ``"pld"``) with the neighbouring relation ``sampling`` needs."""
+    import dp_accounting
+    from dp_accounting.pld import pld_privacy_accountant
+    from dp_accounting.rdp import rdp_privacy_accountant
+
     relation = dp_accounting.NeighboringRelation
     neighbours = relation.ADD_OR_REMOVE_ONE if sampling == "poisson" else relation.REPLACE_SPECIAL
     if accountant == "rdp":
@@ -149,6 +158,8 @@ def epsilon(
         return 0.0
     event = make_event(noise_multiplier=noise_multiplier, sampling_rate=sampling_rate, steps=steps, sampling=sampling)
     if sampling == "shuffle" and accountant == "pld":  # exact for one Gaussian; the PLD's figure tends to it
+        from dp_accounting import gaussian_mechanism
+
         return float(gaussian_mechanism.get_epsilon_gaussian(event.noise_multiplier, delta))
     return float(make_accountant(accountant, sampling).compose(event).get_epsilon(delta))
 
