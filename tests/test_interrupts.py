@@ -73,7 +73,7 @@ def test_the_cli_in_process_gives_the_handlers_back(tmp_path, capsys):
 # -- real processes ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("signum", [signal.SIGINT, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)])
 def test_a_signal_at_start_up_stops_before_anything_is_written(signum, compile_cache, tmp_path):
     workdir = tmp_path / "run"
     process = start(compile_cache, "train", "--workdir", str(workdir), *FLAGS)

@@ -28,8 +28,9 @@ _DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 # convolution maps onto the library's (cuDNN's) weight-gradient kernels, which a chain of per-tap GEMMs cannot
 # match. On XLA:CPU it depends on who runs convolutions (benchmarks/RESULTS.md, "XLA:CPU flag study"): with
 # YNNPACK's single-convolution fusion on (XLA's default list) a convolution of that shape runs slowly, and the
-# per-tap GEMMs win; under the recommended flags (jaxcnn._xla_flags: YNNPACK for dots and reductions only) XLA's
-# own convolution emitter runs them, and the convolution form is fastest.
+# per-tap GEMMs win; with YNNPACK for dots and reductions only (jaxcnn's float32 train steps by default, see
+# jaxcnn._step_jit, or XLA_FLAGS saying so) XLA's own convolution emitter runs them, and the convolution form is
+# fastest.
 DW_METHODS = ("auto", "taps", "conv")
 
 
@@ -37,7 +38,9 @@ def dw_method_for(backend: str | None = None) -> str:
     """The weight-gradient formulation ``dw_method="auto"`` uses on ``backend`` (default: JAX's default).
 
     ``JAXCNN_DW_METHOD=taps`` or ``=conv`` in the environment overrides the choice on every backend (for
-    benchmarks: ``jaxcnn bench --xla-flags NAME=--jaxcnn_dw_method=conv``); it is read at trace time.
+    benchmarks: ``jaxcnn bench --xla-flags NAME=--jaxcnn_dw_method=conv``); it is read at trace time. On CPU,
+    "auto" is "conv" where XLA's YNNPACK fusions leave convolutions alone (inside jaxcnn's float32 train steps,
+    or under such ``XLA_FLAGS``: :func:`jaxcnn._xla_flags.ynn_convolutions_off`), else "taps".
     """
     forced = os.environ.get("JAXCNN_DW_METHOD", "auto")
     if forced not in DW_METHODS:
