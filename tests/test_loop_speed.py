@@ -77,3 +77,45 @@ def test_a_background_checkpoint_is_read_back_whole_and_the_next_save_waits_for_
     for a, b in zip(jax.tree.leaves(restored.params), jax.tree.leaves(later.params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     writer.close()
+
+
+def test_a_background_save_returns_while_orbax_writes_and_its_failure_is_raised_by_finish(tmp_path, monkeypatch):
+    """The caller does not wait for orbax (its own async save still took ~10 ms of the caller's time per save):
+    save() returns while the write is held; finish() waits for it; a write that fails is one CheckpointError,
+    raised by finish(), and the earlier checkpoint is kept."""
+    import threading
+
+    import optax
+
+    from jaxcnn.train.checkpoint import Checkpointer, CheckpointError
+    from models_for_tests import small_digits_cnn
+
+    state = train.create_train_state(small_digits_cnn(), optax.sgd(0.1), jax.random.key(0), (8, 8, 1))
+    writer = Checkpointer(tmp_path, keep=3, background=True)
+    writer.save(state, {"epoch": 1})
+    writer.finish()
+    manager = writer._open()
+    release, entered, real_save = threading.Event(), threading.Event(), manager.save
+
+    def held_save(*args, **kwargs):
+        entered.set()
+        assert release.wait(60)
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(manager, "save", held_save)
+    writer.save(state.replace(step=state.step + 1), {"epoch": 2})  # returns with the write held in its thread
+    assert entered.wait(60) and not (tmp_path / "1").exists()
+    release.set()
+    writer.finish()
+    assert writer.steps() == [0, 1]
+
+    def failing_save(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(manager, "save", failing_save)
+    writer.save(state.replace(step=state.step + 2), {"epoch": 3})  # the failure is not raised here
+    with pytest.raises(CheckpointError, match=r"^cannot write checkpoint .*2: .*the previous checkpoints are kept$"):
+        writer.finish()
+    writer.finish()  # raised once
+    assert writer.steps() == [0, 1]
+    writer.close()
