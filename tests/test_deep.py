@@ -438,6 +438,7 @@ def test_dropout_drops_about_rate(rate):
     np.testing.assert_allclose(y[y != 0], 1 / (1 - rate), rtol=1e-6)
 
 
+@pytest.mark.slow  # dropout is active in test_mixed_model_three_way_agreement_and_check_model too
 def test_dropout_gradients_agree_in_all_three_modes():
     model = nn.Sequential([nn.Flatten(), nn.Dense(16), nn.Tanh(), nn.Dropout(0.5), nn.Dense(3)])
     params, state = random_variables(model, (2, 3), seed=1)

@@ -65,7 +65,7 @@ def test_float32_steps_keep_convolutions_out_of_ynnpack_and_float64_steps_do_not
     assert ynn_fused_convolutions(step.lower(wide, x64, y64).compile().as_text()) > 0
 
 
-@pytest.mark.parametrize("gradients", ["manual", "autodiff"])
+@pytest.mark.parametrize("gradients", ["manual", pytest.param("autodiff", marks=pytest.mark.slow)])
 def test_a_scoped_step_trains_as_the_plain_step_does(default_flags, gradients):
     """Same parameters as the same step compiled with XLA's defaults, to float32 round-off, over 3 steps."""
     model, state, x, y = _state_and_batch(jnp.float32)
