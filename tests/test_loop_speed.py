@@ -103,9 +103,11 @@ def test_a_background_save_returns_while_orbax_writes_and_its_failure_is_raised_
         return real_save(*args, **kwargs)
 
     monkeypatch.setattr(manager, "save", held_save)
-    writer.save(state.replace(step=state.step + 1), {"epoch": 2})  # returns with the write held in its thread
-    assert entered.wait(60) and not (tmp_path / "1").exists()
-    release.set()
+    try:
+        writer.save(state.replace(step=state.step + 1), {"epoch": 2})  # returns with the write held in its thread
+        assert entered.wait(60) and not (tmp_path / "1").exists()
+    finally:
+        release.set()
     writer.finish()
     assert writer.steps() == [0, 1]
 

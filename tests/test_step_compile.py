@@ -2,6 +2,7 @@
 reductions (jaxcnn._xla_flags.STEP_COMPILER_OPTIONS, the flag study's winner), float64 steps with XLA's defaults;
 JAXCNN_XLA_CPU_FLAGS, XLA_FLAGS and --no-xla-cpu-flags turn it off (jaxcnn._step_jit)."""
 
+import os
 import re
 import warnings
 
@@ -16,6 +17,9 @@ from jaxcnn.functional import conv
 from jaxcnn.train.step import StepOptions, train_step_function
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="the compile option is XLA:CPU's")
+# this process's backend started with the YNNPACK flag in XLA_FLAGS (JAXCNN_XLA_CPU_FLAGS=recommended, or the
+# user's own): then every program has it, and plain jits cannot show XLA's defaults
+STARTED_WITH_THE_FLAG = _xla_flags.YNN_FUSION_FLAG in os.environ.get("XLA_FLAGS", "")
 
 INPUT = (12, 12, 16)
 
@@ -28,7 +32,7 @@ def _model() -> nn.Sequential:
 @pytest.fixture
 def default_flags(monkeypatch):
     """The default setting: JAXCNN_XLA_CPU_FLAGS unset, no XLA_FLAGS naming YNNPACK's fusions."""
-    for name in (_xla_flags.ENV, "XLA_FLAGS"):
+    for name in (_xla_flags.ENV, "XLA_FLAGS", "JAXCNN_DW_METHOD"):
         monkeypatch.setenv(name, "")
         monkeypatch.delenv(name)
     return monkeypatch
@@ -50,6 +54,7 @@ def ynn_fused_convolutions(hlo: str) -> int:
     return sum(" convolution(" in bodies.get(name, "") for name in called)
 
 
+@pytest.mark.skipif(STARTED_WITH_THE_FLAG, reason="the backend runs every program under the flag")
 def test_float32_steps_keep_convolutions_out_of_ynnpack_and_float64_steps_do_not(default_flags):
     model, state, x, y = _state_and_batch(jnp.float32)
     step = train.make_train_step(model, gradients="manual")
@@ -96,7 +101,9 @@ def test_float64_steps_give_the_bits_of_a_plain_jit(default_flags):
         ("steps", "", True),
         ("", "", False),
         ("off", "", False),
-        ("recommended", "", False),  # process-wide instead (added to XLA_FLAGS at import)
+        ("recommended", "--xla_cpu_experimental_ynn_fusion_type=dot,reduce", False),  # process-wide, at import
+        ("recommended", "", True),  # too late for XLA_FLAGS (a backend had started): per compile still
+        ("OFF", "", False),
         ("--xla_cpu_use_fusion_emitters=false", "", False),
         (None, "--xla_cpu_experimental_ynn_fusion_type=reduce", False),  # the user's own setting wins
         (None, "--xla_force_host_platform_device_count=2", True),
@@ -153,6 +160,23 @@ def test_every_train_step_maker_is_scoped(default_flags):
 
 
 def test_has_float64_looks_at_every_array_leaf():
+    """(In 64-bit mode, as the suite runs; without it jit makes float64 float32, and nothing counts.)"""
     assert not _step_jit.has_float64((jnp.ones(2, jnp.float32), jax.random.key(0), np.int64(3), {"a": 1.0}))
     assert _step_jit.has_float64({"a": [jnp.ones(2, jnp.float32), np.ones(2)]})
     assert _step_jit.has_float64(np.complex128(1))
+
+
+def test_without_64_bit_mode_float64_numpy_batches_take_the_tuned_step():
+    with jax.enable_x64(False):
+        assert not _step_jit.has_float64(np.ones(3))
+
+
+def test_a_scoped_step_traces_and_copies_as_a_jitted_function_does(default_flags):
+    import copy
+
+    model, state, x, y = _state_and_batch(jnp.float32)
+    step = train.make_train_step(model, gradients="manual")
+    assert "conv" in str(step.trace(state, x, y).jaxpr) and step.eval_shape(state, x, y)[1]["loss"].shape == ()
+    assert copy.copy(step).tuned is step.tuned
+    step.clear_cache()
+    assert step._cache_size() == 0

@@ -50,8 +50,15 @@ def step_compiler_options() -> dict[str, str] | None:
 
 
 def has_float64(tree: Any) -> bool:
-    """Whether any array leaf of ``tree`` is float64 or complex128 (Python scalars do not count)."""
-    return any(getattr(leaf, "dtype", None) in _WIDE for leaf in jax.tree.leaves(tree) if hasattr(leaf, "dtype"))
+    """Whether a jitted call on ``tree`` computes in float64: 64-bit mode is on (``jax_enable_x64``; without it
+    jit makes float64 arrays float32) and an array leaf is float64 or complex128 (Python scalars do not count)."""
+    if not jax.config.jax_enable_x64:
+        return False
+    for leaf in jax.tree.leaves(tree):
+        dtype = getattr(leaf, "dtype", None)
+        if isinstance(dtype, np.dtype) and dtype in _WIDE:  # (np.dtype("float64") == None is True)
+            return True
+    return False
 
 
 class ScopedStep:
@@ -74,18 +81,34 @@ class ScopedStep:
         """``jax.jit(...).lower`` of the function these arguments run."""
         return self.pick(*args, **kwargs).lower(*args, **kwargs)
 
+    def trace(self, *args: Any, **kwargs: Any) -> Any:
+        """``jax.jit(...).trace`` of the function these arguments run."""
+        return self.pick(*args, **kwargs).trace(*args, **kwargs)
+
+    def eval_shape(self, *args: Any, **kwargs: Any) -> Any:
+        """``jax.jit(...).eval_shape`` of the function these arguments run."""
+        return self.pick(*args, **kwargs).eval_shape(*args, **kwargs)
+
+    def clear_cache(self) -> None:
+        """Drop both functions' compiled executables."""
+        self.plain.clear_cache()
+        self.tuned.clear_cache()
+
     def _cache_size(self) -> int:
         """Executables compiled so far, both ways together (``jax.jit``'s own counter)."""
         return self.plain._cache_size() + self.tuned._cache_size()
 
     def __getattr__(self, name: str) -> Any:
+        if name in ("plain", "tuned") or name.startswith("__"):  # not set yet (copy, pickle): no recursion
+            raise AttributeError(name)
         return getattr(self.plain, name)
 
 
 def jit_train_step(step: Callable, **jit_kwargs: Any) -> Callable:
     """``jax.jit(step, **jit_kwargs)``, and on XLA:CPU (by default, see :mod:`jaxcnn._xla_flags`) a
     :class:`ScopedStep` whose float32/bfloat16 calls compile with the train steps' compile options, traced with
-    ``dw_method="auto"`` forming the conv weight gradient as one convolution."""
+    ``dw_method="auto"`` forming the conv weight gradient as one convolution. It asks JAX for its default backend,
+    which starts it (set ``XLA_FLAGS`` and call ``jax.distributed.initialize`` before making a step)."""
     plain = jax.jit(step, **jit_kwargs)
     options = step_compiler_options()
     if options is None:

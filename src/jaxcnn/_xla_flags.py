@@ -75,9 +75,9 @@ def apply() -> str:
     ``off`` or ``steps``: none) to ``XLA_FLAGS``, leaving out those the user's ``XLA_FLAGS`` names; returns what
     was added."""
     wanted = os.environ.get(ENV, STEPS).strip()
-    if wanted in (*OFF, STEPS):
+    if wanted.lower() in (*OFF, STEPS):
         wanted = ""
-    elif wanted == "recommended":
+    elif wanted.lower() == "recommended":
         wanted = RECOMMENDED_CPU_FLAGS
     if _state["original"] is not None or not wanted.strip() or _backend_started():
         return _state["added"] or ""
@@ -94,7 +94,8 @@ def apply() -> str:
 def revert() -> bool:
     """Turn jaxcnn's XLA:CPU flags off (the CLI's ``--no-xla-cpu-flags``): ``JAXCNN_XLA_CPU_FLAGS=off`` from now on
     (the train steps compiled after this get no compile option) and what :func:`apply` added taken back out of
-    ``XLA_FLAGS``; True when that still takes effect (no backend started yet), False when it is too late."""
+    ``XLA_FLAGS``; True when that still takes effect (no backend started yet), False when it is too late for
+    ``XLA_FLAGS`` (the steps compiled from now on get no compile option either way)."""
     os.environ[ENV] = "off"
     if _state["original"] is None or not _state["added"]:
         return True
@@ -125,9 +126,11 @@ YNN_FUSION_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 
 def steps_scoped() -> bool:
     """Whether jaxcnn's float32/bfloat16 train steps compile with :data:`STEP_COMPILER_OPTIONS` on XLA:CPU:
-    ``JAXCNN_XLA_CPU_FLAGS`` unset or ``steps``, and ``XLA_FLAGS`` not naming the YNNPACK fusion flag (the user's
-    own setting wins; so does ``recommended``, which sets that flag process-wide)."""
-    if os.environ.get(ENV, STEPS).strip() != STEPS:
+    ``JAXCNN_XLA_CPU_FLAGS`` unset, ``steps`` or ``recommended``, and ``XLA_FLAGS`` not naming the YNNPACK fusion
+    flag (the user's own setting wins, and ``recommended`` normally puts it there, process-wide)."""
+    # "recommended" puts the flag in XLA_FLAGS (then this says False); where it came too late for that (a backend
+    # had started before jaxcnn was imported), the steps still get it per compile
+    if os.environ.get(ENV, STEPS).strip().lower() not in (STEPS, "recommended"):
         return False
     return YNN_FUSION_FLAG not in _names(os.environ.get("XLA_FLAGS", ""))
 

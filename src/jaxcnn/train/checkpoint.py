@@ -136,10 +136,9 @@ class Checkpointer:
         line, when it failed (its temporary directory is not a checkpoint; the earlier ones are kept)."""
         if self._writing is None:
             return
-        step, self._writing = self._writing, None
-        writer, self._writer = self._writer, None
-        if writer is not None:
-            writer.join()
+        if self._writer is not None:
+            self._writer.join()  # before the fields are cleared: an interrupted join leaves the write tracked
+        step, self._writing, self._writer = self._writing, None, None
         error, self._write_error = self._write_error, None
         if error is not None:
             self._write_failed(step, error)
@@ -170,6 +169,8 @@ class Checkpointer:
             self._close_manager()
 
     def _close_manager(self) -> None:
+        if self._writer is not None:  # a write still in flight (its finish() was interrupted): let it end first
+            self._writer.join()
         if self._manager is not None:
             # the clean-up of a previous run's temporary directories runs in a thread that orbax awaits only at
             # the next save: await it here, or the interpreter's exit interrupts it with a traceback
