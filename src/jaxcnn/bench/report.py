@@ -79,7 +79,7 @@ def markdown(result: dict[str, Any]) -> str:
         + (f", XLA_FLAGS={settings['xla_flags']}" if settings.get("xla_flags") else "")
         + (f", jaxcnn's XLA:CPU flags {settings['jaxcnn_cpu_flags']}" if settings.get("jaxcnn_cpu_flags") else "")
         + (
-            f", jaxcnn's float32 train steps compiled with {settings['jaxcnn_step_options']}"
+            f", jaxcnn's float32/bfloat16 train steps compiled with {settings['jaxcnn_step_options']}"
             if settings.get("jaxcnn_step_options")
             else ""
         ),

@@ -37,9 +37,6 @@ def _quiet_orbax() -> Any:
     _silence_closed_loop_noise()
     for name in ("absl", "orbax", "orbax.checkpoint"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    absl = logging.getLogger("absl")
-    if not any(isinstance(f, _BackgroundSaveErrors) for f in absl.filters):
-        absl.addFilter(_BackgroundSaveErrors())
     _drop_thread_tracebacks()
     import orbax.checkpoint as ocp
 
@@ -104,9 +101,8 @@ class Checkpointer:
         self.read_only = read_only  # a reader (eval, restore) never creates, cleans up or deletes anything
         self.background = background
         self._manager = None
-        self._writing: int | None = None  # the step of a save still being written in the background
-        self._writer: threading.Thread | None = None  # the thread writing it
-        self._write_error: Exception | None = None  # what that write raised
+        self._writing: tuple[int, threading.Thread | None] | None = None  # (step, its writer thread) of a save
+        self._write_error: Exception | None = None  # what that save raised
 
     def _check_directory(self) -> None:
         if self.directory.exists() and not self.directory.is_dir():
@@ -136,9 +132,10 @@ class Checkpointer:
         line, when it failed (its temporary directory is not a checkpoint; the earlier ones are kept)."""
         if self._writing is None:
             return
-        if self._writer is not None:
-            self._writer.join()  # before the fields are cleared: an interrupted join leaves the write tracked
-        step, self._writing, self._writer = self._writing, None, None
+        step, writer = self._writing
+        if writer is not None:
+            writer.join()  # before the field is cleared: an interrupted join leaves the write tracked
+        self._writing = None
         error, self._write_error = self._write_error, None
         if error is not None:
             self._write_failed(step, error)
@@ -169,8 +166,8 @@ class Checkpointer:
             self._close_manager()
 
     def _close_manager(self) -> None:
-        if self._writer is not None:  # a write still in flight (its finish() was interrupted): let it end first
-            self._writer.join()
+        if self._writing is not None and self._writing[1] is not None:  # its finish() was interrupted: let it end
+            self._writing[1].join()
         if self._manager is not None:
             # the clean-up of a previous run's temporary directories runs in a thread that orbax awaits only at
             # the next save: await it here, or the interpreter's exit interrupts it with a traceback
@@ -242,16 +239,15 @@ class Checkpointer:
         manager = self._open()
         args = ocp.args.Composite(state=ocp.args.StandardSave(payload), meta=ocp.args.JsonSave(record))
         if self.background:  # not a daemon: an exiting interpreter waits for the write
-            self._writing = step
-            self._writer = threading.Thread(
+            writer = threading.Thread(
                 target=self._write, args=(manager, step, args, ranked), name=f"jaxcnn-checkpoint-{step}"
             )
-            self._writer.start()
-            return self.path(step)
-        self._write(manager, step, args, ranked)
-        error, self._write_error = self._write_error, None
-        if error is not None:  # a full disk, a file-size limit: orbax leaves only a temporary directory
-            self._write_failed(step, error)
+            self._writing = (step, writer)
+            writer.start()
+        else:
+            self._writing = (step, None)
+            self._write(manager, step, args, ranked)
+            self.finish()  # a full disk, a file-size limit: orbax leaves only a temporary directory
         return self.path(step)
 
     def _steps_on_disk(self) -> list[int]:
@@ -391,16 +387,6 @@ def _silence_closed_loop_noise() -> None:
 
     hook._jaxcnn_filter = True
     sys.unraisablehook = hook
-
-
-class _BackgroundSaveErrors(logging.Filter):
-    """Drops orbax's log record (with its traceback) of a background save that failed: the one-line
-    :class:`CheckpointError` that :meth:`Checkpointer.finish` raises says what happened."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        text = str(record.msg).lower()
-        from_orbax = "orbax" in str(getattr(record, "pathname", ""))
-        return not (from_orbax and "save" in text and "fail" in text)
 
 
 class _UnretrievedWriteErrors(logging.Filter):
