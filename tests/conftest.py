@@ -82,6 +82,15 @@ def _environment_is_put_back():
     assert not changed, f"the test left the environment changed (before, after): {changed}"
 
 
+def unset_env(monkeypatch, *names: str) -> None:
+    """Unset ``names`` for this test and have them put back after it, also where the code under test writes
+    ``os.environ`` itself (jaxcnn._xla_flags does): ``setenv`` first, so that monkeypatch records the old state
+    even of an unset variable (``delenv`` alone records nothing then, and a value the test left leaked)."""
+    for name in names:
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+
+
 # max relative error (max |a - b| / max |b|) allowed between a hand rule and jax.vjp, per dtype
 TOLERANCE = {jnp.float64: 1e-10, jnp.float32: 1e-4}
 DTYPES = [jnp.float64, jnp.float32]

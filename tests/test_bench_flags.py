@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from conftest import unset_env
 from jaxcnn import _xla_flags, bench, cli
 from jaxcnn.bench import flagsets
 from jaxcnn.functional import conv
@@ -150,11 +151,7 @@ def fresh_flags(monkeypatch):
     monkeypatch.setattr(_xla_flags, "_state", {"original": None, "added": ""})
     monkeypatch.setattr(_xla_flags, "_backend_started", lambda: False)
     monkeypatch.setattr(_xla_flags, "RECOMMENDED_CPU_FLAGS", "--xla_cpu_a=1 --xla_cpu_b=2")
-    for name in (_xla_flags.ENV, "XLA_FLAGS"):
-        # apply() writes os.environ itself: setenv first, so that monkeypatch records (and restores) the old state
-        # even where the variable was unset (delenv alone records nothing then, and the test's value leaked)
-        monkeypatch.setenv(name, "")
-        monkeypatch.delenv(name)
+    unset_env(monkeypatch, _xla_flags.ENV, "XLA_FLAGS")
     return monkeypatch
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import optax
 import pytest
 
+from conftest import unset_env
 from jaxcnn import _step_jit, _xla_flags, nn, train
 from jaxcnn.functional import conv
 from jaxcnn.train.step import StepOptions, train_step_function
@@ -32,9 +33,7 @@ def _model() -> nn.Sequential:
 @pytest.fixture
 def default_flags(monkeypatch):
     """The default setting: JAXCNN_XLA_CPU_FLAGS unset, no XLA_FLAGS naming YNNPACK's fusions."""
-    for name in (_xla_flags.ENV, "XLA_FLAGS", "JAXCNN_DW_METHOD"):
-        monkeypatch.setenv(name, "")
-        monkeypatch.delenv(name)
+    unset_env(monkeypatch, _xla_flags.ENV, "XLA_FLAGS", "JAXCNN_DW_METHOD")
     return monkeypatch
 
 
